@@ -1,0 +1,88 @@
+//! Builds the two native parts of the crate:
+//! - `bridge/*.cpp`: the C++ side of the custom autograd functions, compiled against the
+//!   libtorch headers of the torch venv (see scripts/env.sh).
+//! - `cuda/*.cu`: CUDA kernels compiled ahead of time into cubins (sm_90a and sm_80) when
+//!   the pinned nvcc is present; the cubin paths are exported to the crate at compile time.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn torch_root() -> PathBuf {
+    if let Ok(lib) = std::env::var("SPARSE_TRAIN_TORCH_LIB") {
+        if !lib.is_empty() {
+            return Path::new(&lib).parent().unwrap().to_path_buf();
+        }
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
+        .output()
+        .expect("python3 with torch is needed to build sparse-kernels (source scripts/env.sh)");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn sources(dir: &str, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.extension().is_some_and(|e| e == ext));
+    v.sort();
+    v
+}
+
+fn build_bridge() {
+    let cpp = sources("bridge", "cpp");
+    println!("cargo:rerun-if-changed=bridge");
+    if cpp.is_empty() {
+        return;
+    }
+    let torch = torch_root();
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .flag("-w")
+        .opt_level(2);
+    for f in &cpp {
+        b.file(f);
+    }
+    b.compile("sparse_bridge");
+}
+
+fn build_cubins() {
+    println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rerun-if-env-changed=SPARSE_TRAIN_NVCC");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let nvcc = std::env::var("SPARSE_TRAIN_NVCC").ok().filter(|p| Path::new(p).exists());
+    let cu = sources("cuda", "cu");
+    let mut manifest = String::new();
+    for src in &cu {
+        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+        for (arch, code) in [("compute_90a", "sm_90a"), ("compute_80", "sm_80")] {
+            let cubin = out_dir.join(format!("{stem}.{code}.cubin"));
+            if let Some(nvcc) = &nvcc {
+                let inc = Path::new(nvcc).parent().unwrap().parent().unwrap().join("include");
+                let status = Command::new(nvcc)
+                    .args(["-cubin", "-O3", "-std=c++17", "-lineinfo"])
+                    .arg(format!("-gencode=arch={arch},code={code}"))
+                    .arg("-I")
+                    .arg(&inc)
+                    .arg("-I")
+                    .arg(inc.join("cccl"))
+                    .arg("-o")
+                    .arg(&cubin)
+                    .arg(src)
+                    .status()
+                    .expect("failed to run nvcc");
+                assert!(status.success(), "nvcc failed on {} for {code}", src.display());
+                manifest.push_str(&format!("{stem} {code} {}\n", cubin.display()));
+            }
+        }
+    }
+    std::fs::write(out_dir.join("cubins.txt"), manifest).unwrap();
+}
+
+fn main() {
+    build_bridge();
+    build_cubins();
+}

@@ -1,0 +1,1 @@
+//! TensorBoard event-file writer.

@@ -170,7 +170,9 @@ pub enum CheckpointError {
 pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
 /// Attaches a path to an I/O error.
-pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+pub(crate) fn io_err(
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,

@@ -225,10 +225,7 @@ pub(crate) fn parse_versioned<T: DeserializeOwned>(path: &Path, bytes: &[u8]) ->
 }
 
 /// Parses a safetensors file's bytes into owned tensors.
-pub(crate) fn parse_safetensors(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<BTreeMap<String, RawTensor>> {
+pub(crate) fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>> {
     let parsed = safetensors::SafeTensors::deserialize(bytes).map_err(|source| {
         CheckpointError::Safetensors {
             path: path.to_path_buf(),

@@ -76,7 +76,12 @@ fn load_dir(dir: &Path) -> Result<Checkpoint> {
     // Verify every file before parsing any, so a damaged file is reported as damaged rather
     // than as a parse error. Entries for files this version does not know are ignored.
     let mut verified = BTreeMap::new();
-    for name in [MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, HF_CONFIG_FILE] {
+    for name in [
+        MODEL_FILE,
+        OPTIMIZER_FILE,
+        TRAINER_STATE_FILE,
+        HF_CONFIG_FILE,
+    ] {
         if let Some(entry) = manifest.files.get(name) {
             let path = dir.join(name);
             let map = read_verified(&path, *entry)?;
@@ -95,15 +100,16 @@ fn load_dir(dir: &Path) -> Result<Checkpoint> {
 
     let (path, bytes) = required(TRAINER_STATE_FILE)?;
     let state: TrainerStateFile = parse_versioned(path, bytes)?;
-    let hf_config = match verified.get(HF_CONFIG_FILE) {
-        Some((path, bytes)) => Some(serde_json::from_slice(&bytes[..]).map_err(|source| {
-            CheckpointError::Json {
-                path: path.clone(),
-                source,
-            }
-        })?),
-        None => None,
-    };
+    let hf_config =
+        match verified.get(HF_CONFIG_FILE) {
+            Some((path, bytes)) => Some(serde_json::from_slice(&bytes[..]).map_err(|source| {
+                CheckpointError::Json {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     let (path, bytes) = required(MODEL_FILE)?;
     let weights = parse_safetensors(path, bytes)?;
     let (path, bytes) = required(OPTIMIZER_FILE)?;

@@ -6,9 +6,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, Result};
-use crate::format::{
-    validate_tensors, write_json, write_safetensors, Manifest, TrainerStateFile,
-};
+use crate::format::{validate_tensors, write_json, write_safetensors, Manifest, TrainerStateFile};
 use crate::{
     checkpoint_dir_name, parse_checkpoint_dir_name, Checkpoint, CHECKPOINTS_DIR, FORMAT_VERSION,
     HF_CONFIG_FILE, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TMP_PREFIX,
@@ -25,7 +23,12 @@ use crate::{
 /// all), never the one `latest` names. Temporary directories left by an interrupted save are
 /// removed first. One process at a time may save into a run directory; the call blocks for the
 /// whole write, so run it on a background thread to overlap it with training.
-pub fn save(run_dir: &Path, step: u64, checkpoint: &Checkpoint, keep_last: usize) -> Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    step: u64,
+    checkpoint: &Checkpoint,
+    keep_last: usize,
+) -> Result<PathBuf> {
     validate_tensors(MODEL_FILE, &checkpoint.weights)?;
     validate_tensors(OPTIMIZER_FILE, &checkpoint.optimizer)?;
 

@@ -15,21 +15,41 @@ fn tensor(dtype: Dtype, shape: &[usize], seed: u8) -> RawTensor {
     RawTensor {
         dtype,
         shape: shape.to_vec(),
-        data: (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect(),
+        data: (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect(),
     }
 }
 
 fn sample(step: u64) -> Checkpoint {
     let seed = step as u8;
     let weights = BTreeMap::from([
-        ("model.embed_tokens.weight".to_string(), tensor(Dtype::BF16, &[16, 8], seed)),
-        ("model.layers.0.mlp.gate_proj.weight".to_string(), tensor(Dtype::F32, &[32, 8], seed)),
-        ("model.norm.weight".to_string(), tensor(Dtype::F16, &[8], seed)),
-        ("lm_head.weight".to_string(), tensor(Dtype::BF16, &[16, 8], seed)),
+        (
+            "model.embed_tokens.weight".to_string(),
+            tensor(Dtype::BF16, &[16, 8], seed),
+        ),
+        (
+            "model.layers.0.mlp.gate_proj.weight".to_string(),
+            tensor(Dtype::F32, &[32, 8], seed),
+        ),
+        (
+            "model.norm.weight".to_string(),
+            tensor(Dtype::F16, &[8], seed),
+        ),
+        (
+            "lm_head.weight".to_string(),
+            tensor(Dtype::BF16, &[16, 8], seed),
+        ),
     ]);
     let optimizer = BTreeMap::from([
-        ("model.norm.weight.exp_avg".to_string(), tensor(Dtype::F32, &[8], seed)),
-        ("model.norm.weight.exp_avg_sq".to_string(), tensor(Dtype::F32, &[8], seed)),
+        (
+            "model.norm.weight.exp_avg".to_string(),
+            tensor(Dtype::F32, &[8], seed),
+        ),
+        (
+            "model.norm.weight.exp_avg_sq".to_string(),
+            tensor(Dtype::F32, &[8], seed),
+        ),
         ("step".to_string(), tensor(Dtype::I64, &[], seed)),
         ("ffn_layout".to_string(), tensor(Dtype::U8, &[3], seed)),
     ]);
@@ -52,7 +72,8 @@ fn rewrite_with_valid_manifest(dir: &Path, file: &str, contents: &[u8]) {
     let manifest_path = dir.join(MANIFEST_FILE);
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
-    manifest["files"][file] = json!({ "bytes": contents.len(), "crc32": crc32fast::hash(contents) });
+    manifest["files"][file] =
+        json!({ "bytes": contents.len(), "crc32": crc32fast::hash(contents) });
     fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
 }
 
@@ -102,8 +123,15 @@ fn weights_are_readable_by_the_safetensors_crate() {
     let view = st.tensor("model.layers.0.mlp.gate_proj.weight").unwrap();
     assert_eq!(view.dtype(), safetensors::Dtype::F32);
     assert_eq!(view.shape(), &[32, 8]);
-    assert_eq!(view.data(), &sample(7).weights["model.layers.0.mlp.gate_proj.weight"].data[..]);
-    assert_eq!(view.data().as_ptr() as usize % 4, 0, "f32 data is 4-byte aligned");
+    assert_eq!(
+        view.data(),
+        &sample(7).weights["model.layers.0.mlp.gate_proj.weight"].data[..]
+    );
+    assert_eq!(
+        view.data().as_ptr() as usize % 4,
+        0,
+        "f32 data is 4-byte aligned"
+    );
 }
 
 #[test]
@@ -125,7 +153,10 @@ fn truncated_file_is_a_size_mismatch() {
     match load(&dir) {
         Err(err @ CheckpointError::SizeMismatch { .. }) => {
             let msg = err.to_string();
-            assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
+            assert!(
+                msg.contains("model.safetensors") && msg.contains("truncated"),
+                "{msg}"
+            );
         }
         other => panic!("expected SizeMismatch, got {other:?}"),
     }
@@ -150,9 +181,17 @@ fn unknown_format_version_is_reported() {
     let (_run, dir) = saved_run();
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = fs::read_to_string(&manifest_path).unwrap();
-    fs::write(&manifest_path, text.replace("\"format_version\": 1", "\"format_version\": 99")).unwrap();
+    fs::write(
+        &manifest_path,
+        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+    )
+    .unwrap();
     match load(&dir) {
-        Err(CheckpointError::UnsupportedFormatVersion { path, found: 99, supported: 1 }) => {
+        Err(CheckpointError::UnsupportedFormatVersion {
+            path,
+            found: 99,
+            supported: 1,
+        }) => {
             assert_eq!(path, manifest_path)
         }
         other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
@@ -211,7 +250,10 @@ fn dangling_latest_is_reported() {
 fn empty_run_dir_has_no_checkpoint() {
     let run = tempfile::tempdir().unwrap();
     assert_eq!(latest_checkpoint(run.path()).unwrap(), None);
-    assert!(matches!(load(run.path()), Err(CheckpointError::NotACheckpoint { .. })));
+    assert!(matches!(
+        load(run.path()),
+        Err(CheckpointError::NotACheckpoint { .. })
+    ));
     assert!(matches!(
         load(&run.path().join("nope")),
         Err(CheckpointError::MissingFile { .. })
@@ -229,13 +271,19 @@ fn check_tensors_names_missing_and_mismatched_tensors() {
         ],
     )
     .unwrap();
-    match check_tensors(&ckpt, &[("model.layers.1.mlp.up_proj.weight", Dtype::F32, &[32, 8])]) {
+    match check_tensors(
+        &ckpt,
+        &[("model.layers.1.mlp.up_proj.weight", Dtype::F32, &[32, 8])],
+    ) {
         Err(CheckpointError::MissingTensor { name }) => {
             assert_eq!(name, "model.layers.1.mlp.up_proj.weight")
         }
         other => panic!("expected MissingTensor, got {other:?}"),
     }
-    match check_tensors(&ckpt, &[("model.layers.0.mlp.gate_proj.weight", Dtype::F32, &[8, 32])]) {
+    match check_tensors(
+        &ckpt,
+        &[("model.layers.0.mlp.gate_proj.weight", Dtype::F32, &[8, 32])],
+    ) {
         Err(err @ CheckpointError::TensorMismatch { .. }) => {
             let msg = err.to_string();
             assert!(msg.contains("[8, 32]") && msg.contains("[32, 8]"), "{msg}");
@@ -248,10 +296,17 @@ fn check_tensors_names_missing_and_mismatched_tensors() {
 fn save_rejects_data_that_does_not_match_the_shape() {
     let run = tempfile::tempdir().unwrap();
     let mut ckpt = sample(1);
-    ckpt.weights.get_mut("model.norm.weight").unwrap().data.pop();
+    ckpt.weights
+        .get_mut("model.norm.weight")
+        .unwrap()
+        .data
+        .pop();
     assert!(matches!(
         save(run.path(), 1, &ckpt, 1),
-        Err(CheckpointError::InvalidTensorData { file: "model.safetensors", .. })
+        Err(CheckpointError::InvalidTensorData {
+            file: "model.safetensors",
+            ..
+        })
     ));
     assert_eq!(latest_checkpoint(run.path()).unwrap(), None);
 }
@@ -263,10 +318,16 @@ fn retention_keeps_the_last_n() {
         save(run.path(), step * 10, &sample(step), 3).unwrap();
     }
     for step in 1..=3 {
-        assert!(!ckpt_dir(run.path(), step * 10).exists(), "step {step}0 kept");
+        assert!(
+            !ckpt_dir(run.path(), step * 10).exists(),
+            "step {step}0 kept"
+        );
     }
     for step in 4..=6 {
-        assert!(ckpt_dir(run.path(), step * 10).exists(), "step {step}0 deleted");
+        assert!(
+            ckpt_dir(run.path(), step * 10).exists(),
+            "step {step}0 deleted"
+        );
     }
     assert_eq!(load(run.path()).unwrap(), sample(6));
 }
@@ -279,7 +340,10 @@ fn retention_never_deletes_the_latest_target() {
     }
     // Resumed from an older point: the new `latest` is the oldest step on disk.
     save(run.path(), 5, &sample(5), 2).unwrap();
-    assert_eq!(latest_checkpoint(run.path()).unwrap(), Some(ckpt_dir(run.path(), 5)));
+    assert_eq!(
+        latest_checkpoint(run.path()).unwrap(),
+        Some(ckpt_dir(run.path(), 5))
+    );
     assert_eq!(load(run.path()).unwrap(), sample(5));
     assert!(!ckpt_dir(run.path(), 10).exists());
 }
@@ -290,7 +354,9 @@ fn saving_an_existing_step_replaces_it() {
     save(run.path(), 10, &sample(1), 0).unwrap();
     save(run.path(), 10, &sample(2), 0).unwrap();
     assert_eq!(load(run.path()).unwrap(), sample(2));
-    let entries = fs::read_dir(run.path().join(CHECKPOINTS_DIR)).unwrap().count();
+    let entries = fs::read_dir(run.path().join(CHECKPOINTS_DIR))
+        .unwrap()
+        .count();
     assert_eq!(entries, 2, "step_00000010 and latest only");
 }
 

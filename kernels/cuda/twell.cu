@@ -1,0 +1,658 @@
+// TwELL inference kernels for the sparse gated FFN  h = relu(x Wg^T) * (x Wu^T),  y = h Wd^T.
+//
+// Layout (TwELL, per token row, per 256-column tile of H): TW 32-bit words (TW = 256 / C);
+// word 0 = number of positives in the tile; words 1..count = entries, entry = (bf16 bits of the
+// value << 16) | global column index. Entries are sorted by column (deterministic). Capacity of a
+// tile is CAP = TW - 1. A tile with more positives is SPILLED, exactly: word 0 keeps the true
+// count, word 1 holds a slot index into `spill` (256 entries per slot, sorted by column), the
+// other words are zero. If the spill buffer is full, word 1 = 0xFFFFFFFF and ctrl[CTRL_STATUS]
+// gets STATUS_SPILL_FULL: the caller must check the status word (or size the spill buffer for
+// the worst case, N * ceil(H / 256) slots) before trusting the output.
+//
+// Shapes: x [N, D], Wg/Wu/WdT [H, D] row-major bf16; y [N, D] bf16. N >= 1, D % 64 == 0,
+// D <= 8192, H <= 65536 (16-bit column index), any H (last tile masked).
+//
+// Kernels (extern "C"):
+//   twell_gate_gemm_tw{32,64,128}  tensor-core (mma.sync, sm_80+) GEMM relu(x W^T), epilogue
+//                                  packs each 128 x 256 output tile into TwELL (+ spill).
+//   twell_gate_skinny              decode gate (N <= 64 per blockIdx.y chunk): relu(x W^T) as
+//                                  bf16 into a small scratch [N, ntiles*256] (L2-resident).
+//   twell_pack_tw{32,64,128}       packs such a dense bf16 matrix into TwELL (+ spill).
+//   twell_plan                     per-token active counts, splits heavy tokens into chunks.
+//   twell_updown_gated[_wide]      fused  u_j = x.Wu[j], h_j = g_j u_j, y = sum h_j WdT[j]
+//   twell_down[_wide]              non-gated  y = sum h_j WdT[j]  (h packed by the gate GEMM on Wu)
+//   The updown kernels are persistent; items (token, chunk) are taken from an atomic counter,
+//   heavy tokens' extra chunks first; partial sums of split tokens are combined by the last
+//   chunk to arrive, in chunk order (deterministic).
+//
+// ctrl: int[8]; the caller zeroes ctrl[0..1] before the gate kernel and ctrl[2..7] before twell_plan.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define DEV __device__ __forceinline__
+
+enum { CTRL_SPILL = 0, CTRL_STATUS = 1, CTRL_NEXTRA = 2, CTRL_NSLOTS = 3, CTRL_NEXT = 4 };
+#define STATUS_SPILL_FULL 1
+#define TILE_COLS 256
+#define SPILL_NONE 0xFFFFFFFFu
+
+// ------------------------------------------------------------------------------------------
+// small PTX helpers
+DEV uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+DEV void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+DEV void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+DEV void mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+DEV float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
+DEV float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+DEV uint32_t pack_bf2_relu(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(fmaxf(a, 0.f), fmaxf(b, 0.f));
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+DEV uint32_t pack_bf2(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ------------------------------------------------------------------------------------------
+// Packs one row of one 256-column tile (src: 256 bf16 values already relu'd, 16-B aligned,
+// generic pointer: shared or global) into its TwELL words `out` (TW words), spilling exactly
+// when the tile holds more than TW-1 positives. Called by one full warp. `stg`: TW words of
+// shared memory private to the warp.
+template <int TW>
+DEV void pack_tile_row(const __nv_bfloat16* src, int col_base, uint32_t* out, uint32_t* stg, uint32_t* spill,
+                       int spill_cap, int* ctrl, int lane) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src + lane * 8);
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  uint32_t mask = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const uint32_t bits = (w[e >> 1] >> (16 * (e & 1))) & 0xFFFFu;
+    if ((int16_t)bits > 0) mask |= 1u << e;
+  }
+  const int n = __popc(mask);
+  int incl = n;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += y;
+  }
+  const int total = __shfl_sync(0xffffffffu, incl, 31);
+  int k = incl - n;
+  const int col0 = col_base + lane * 8;
+  if (total <= TW - 1) {
+#pragma unroll
+    for (int i = lane; i < TW; i += 32) stg[i] = 0;
+    __syncwarp();
+    if (lane == 0) stg[0] = (uint32_t)total;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (mask & (1u << e)) {
+        const uint32_t bits = (w[e >> 1] >> (16 * (e & 1))) & 0xFFFFu;
+        stg[1 + k++] = (bits << 16) | (uint32_t)(col0 + e);
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = lane; i < TW; i += 32) out[i] = stg[i];
+    __syncwarp();
+  } else {
+    uint32_t slot = 0;
+    if (lane == 0) {
+      slot = (uint32_t)atomicAdd(&ctrl[CTRL_SPILL], 1);
+      if (slot >= (uint32_t)spill_cap) {
+        slot = SPILL_NONE;
+        atomicOr(&ctrl[CTRL_STATUS], STATUS_SPILL_FULL);
+      }
+    }
+    slot = __shfl_sync(0xffffffffu, slot, 0);
+    if (slot != SPILL_NONE) {
+      uint32_t* sp = spill + (size_t)slot * TILE_COLS;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (mask & (1u << e)) {
+          const uint32_t bits = (w[e >> 1] >> (16 * (e & 1))) & 0xFFFFu;
+          sp[k++] = (bits << 16) | (uint32_t)(col0 + e);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = lane; i < TW; i += 32) out[i] = i == 0 ? (uint32_t)total : (i == 1 ? slot : 0u);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Gate GEMM, mma.sync m16n8k16, CTA tile 128 x 256 x 32, 8 warps (2 x 4, warp tile 64 x 64),
+// 4-stage cp.async pipeline, XOR-swizzled 64-B smem rows (conflict-free ldmatrix).
+namespace gemm {
+constexpr int BM = 128, BN = 256, BK = 32, STAGES = 4, THREADS = 256;
+constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // 98304
+constexpr int CS = BN + 8;                         // epilogue tile row stride (bf16 elements)
+static_assert(BM * CS * 2 + 8 * 128 * 4 <= SMEM_BYTES, "epilogue does not fit");
+
+DEV uint32_t swz(int row, int chunk) { return (uint32_t)(row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4)); }
+}  // namespace gemm
+
+template <int TW>
+DEV void gate_gemm_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ W, uint32_t* twell,
+                        uint32_t* spill, int spill_cap, int* ctrl, int N, int D, int H) {
+  using namespace gemm;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp & 1, wn = warp >> 1;
+  const int tile = blockIdx.x, ntiles = gridDim.x;
+  const int m0 = blockIdx.y * BM, n0 = tile * BN;
+  const int KT = D / BK;
+  const uint32_t sbase = smem_u32(smem);
+
+  auto load_stage = [&](int stage, int kt) {
+    const uint32_t sa = sbase + stage * STAGE_BYTES, sb = sa + A_BYTES;
+    const int k0 = kt * BK;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int idx = tid + i * THREADS, row = idx >> 2, ch = idx & 3;
+      const int gr = m0 + row;
+      const bool ok = gr < N;
+      cp_async16(sa + swz(row, ch), x + (size_t)(ok ? gr : 0) * D + k0 + ch * 8, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = tid + i * THREADS, row = idx >> 2, ch = idx & 3;
+      const int gr = n0 + row;
+      const bool ok = gr < H;
+      cp_async16(sb + swz(row, ch), W + (size_t)(ok ? gr : 0) * D + k0 + ch * 8, ok ? 16 : 0);
+    }
+  };
+
+  float acc[4][8][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const int nk = kt + STAGES - 1;
+      if (nk < KT) load_stage(nk % STAGES, nk);
+      cp_async_commit();
+    }
+    const int stage = kt % STAGES;
+    const uint32_t sa = sbase + stage * STAGE_BYTES, sb = sa + A_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t af[4][4], bfr[8][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int row = wm * 64 + mi * 16 + (lane & 15);
+        const int ch = kk * 2 + (lane >> 4);
+        ldsm_x4(af[mi][0], af[mi][1], af[mi][2], af[mi][3], sa + swz(row, ch));
+      }
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj) {
+        const int row = wn * 64 + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int ch = kk * 2 + ((lane >> 3) & 1);
+        ldsm_x4(bfr[2 * nj][0], bfr[2 * nj][1], bfr[2 * nj + 1][0], bfr[2 * nj + 1][1], sb + swz(row, ch));
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni)
+          mma16816(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bfr[ni][0], bfr[ni][1]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // epilogue: relu -> bf16 tile in smem -> per-row TwELL packing
+  __nv_bfloat16* Ct = reinterpret_cast<__nv_bfloat16*>(smem);
+  uint32_t* stg = reinterpret_cast<uint32_t*>(smem + BM * CS * 2) + warp * 128;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 8; ++ni) {
+      const int row = wm * 64 + mi * 16 + g, col = wn * 64 + ni * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(Ct + row * CS + col) = pack_bf2_relu(acc[mi][ni][0], acc[mi][ni][1]);
+      *reinterpret_cast<uint32_t*>(Ct + (row + 8) * CS + col) = pack_bf2_relu(acc[mi][ni][2], acc[mi][ni][3]);
+    }
+  __syncthreads();
+  for (int r = warp * 16; r < warp * 16 + 16; ++r) {
+    const int grow = m0 + r;
+    if (grow >= N) break;
+    uint32_t* out = twell + ((size_t)grow * ntiles + tile) * TW;
+    pack_tile_row<TW>(Ct + r * CS, n0, out, stg, spill, spill_cap, ctrl, lane);
+  }
+}
+
+#define GATE_GEMM_ENTRY(TW)                                                                                      \
+  extern "C" __global__ void __launch_bounds__(gemm::THREADS, 1)                                                 \
+      twell_gate_gemm_tw##TW(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ W,          \
+                             uint32_t* twell, uint32_t* spill, int spill_cap, int* ctrl, int N, int D, int H) { \
+    gate_gemm_body<TW>(x, W, twell, spill, spill_cap, ctrl, N, D, H);                                            \
+  }
+GATE_GEMM_ENTRY(32)
+GATE_GEMM_ENTRY(64)
+GATE_GEMM_ENTRY(128)
+
+// ------------------------------------------------------------------------------------------
+// Decode gate: G[tok, n] = bf16(relu(x[tok] . W[n])) for tok in the 64-token chunk blockIdx.y,
+// n in [blockIdx.x*32, +32). 4 warps split K (interleaved 32-wide blocks), each warp computes
+// the 32 x 64 block with mma.sync with W as the M operand (neurons) and x as N (tokens). The
+// fragments are loaded straight from global memory, 16 B per lane, with K permuted inside each
+// 32-wide block identically for both operands (a dot product does not care about K order).
+// G has row stride ldg = ntiles*256; columns in [H, ldg) are written as zero.
+extern "C" __global__ void __launch_bounds__(128) twell_gate_skinny(const __nv_bfloat16* __restrict__ x,
+                                                                     const __nv_bfloat16* __restrict__ W,
+                                                                     __nv_bfloat16* G, int N, int D, int H,
+                                                                     int ldg) {
+  __shared__ float red[4][2][8][4][32];  // [warp][mi][nt][r][lane] = 32 KB
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 32;
+  const int tb = blockIdx.y * 64;
+  const int ntok = min(64, N - tb);
+  const int NT = (ntok + 7) >> 3;
+  float acc[2][8][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][nt][r] = 0.f;
+
+  const __nv_bfloat16* wrow[2][2];
+  bool wok[2][2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + mi * 16 + h * 8 + g;
+      wok[mi][h] = n < H;
+      wrow[mi][h] = W + (size_t)(wok[mi][h] ? n : 0) * D + 8 * t;
+    }
+  const int KB = D / 32;
+#pragma unroll 2
+  for (int kb = warp; kb < KB; kb += 4) {
+    const int k0 = kb * 32;
+    uint4 ra[2][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        ra[mi][h] = wok[mi][h] ? __ldg(reinterpret_cast<const uint4*>(wrow[mi][h] + k0)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      if (nt < NT) {
+        const int tok = tb + nt * 8 + g;
+        const uint4 xb = tok < N ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * D + k0 + 8 * t))
+                                 : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          mma16816(acc[mi][nt], ra[mi][0].x, ra[mi][1].x, ra[mi][0].y, ra[mi][1].y, xb.x, xb.y);
+          mma16816(acc[mi][nt], ra[mi][0].z, ra[mi][1].z, ra[mi][0].w, ra[mi][1].w, xb.z, xb.w);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red[warp][mi][nt][r][lane] = acc[mi][nt][r];
+  __syncthreads();
+  // warp w finalises token tiles nt = 2w, 2w+1
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int nt = warp * 2 + q;
+    if (nt >= NT) continue;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      float s[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        s[r] = red[0][mi][nt][r][lane] + red[1][mi][nt][r][lane] + red[2][mi][nt][r][lane] + red[3][mi][nt][r][lane];
+      // c0,c1: neuron n0+mi*16+g, tokens 2t, 2t+1; c2,c3: neuron +8
+      const int tok = tb + nt * 8 + 2 * t;
+      const int na = n0 + mi * 16 + g, nb = na + 8;
+      if (tok < N) {
+        G[(size_t)tok * ldg + na] = __float2bfloat16_rn(fmaxf(s[0], 0.f));
+        G[(size_t)tok * ldg + nb] = __float2bfloat16_rn(fmaxf(s[2], 0.f));
+      }
+      if (tok + 1 < N) {
+        G[(size_t)(tok + 1) * ldg + na] = __float2bfloat16_rn(fmaxf(s[1], 0.f));
+        G[(size_t)(tok + 1) * ldg + nb] = __float2bfloat16_rn(fmaxf(s[3], 0.f));
+      }
+    }
+  }
+}
+
+// Packs G [N, ldg] (relu'd bf16, ldg = ntiles*256) into TwELL. One warp per (row, tile).
+template <int TW>
+DEV void pack_body(const __nv_bfloat16* G, int ldg, uint32_t* twell, uint32_t* spill, int spill_cap, int* ctrl,
+                   int N, int ntiles) {
+  __shared__ uint32_t stg[8][TW];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long w = (long long)blockIdx.x * 8 + warp;
+  if (w >= (long long)N * ntiles) return;
+  const int row = (int)(w / ntiles), tile = (int)(w % ntiles);
+  pack_tile_row<TW>(G + (size_t)row * ldg + tile * TILE_COLS, tile * TILE_COLS, twell + (size_t)w * TW, stg[warp],
+                    spill, spill_cap, ctrl, lane);
+}
+#define PACK_ENTRY(TW)                                                                                      \
+  extern "C" __global__ void __launch_bounds__(256) twell_pack_tw##TW(                                      \
+      const __nv_bfloat16* G, int ldg, uint32_t* twell, uint32_t* spill, int spill_cap, int* ctrl, int N,  \
+      int ntiles) {                                                                                         \
+    pack_body<TW>(G, ldg, twell, spill, spill_cap, ctrl, N, ntiles);                                        \
+  }
+PACK_ENTRY(32)
+PACK_ENTRY(64)
+PACK_ENTRY(128)
+
+// ------------------------------------------------------------------------------------------
+// Plan: one warp per token. tokinfo[t] = {count, nchunks, slot_base, 0}; a token with
+// count > chunk gets ceil(count/chunk) chunks (if part slots remain, else it stays one item);
+// chunks 1.. are appended to `items` as {t, k, slot_base, 0}.
+extern "C" __global__ void __launch_bounds__(256) twell_plan(const uint32_t* twell, int N, int ntiles, int TW,
+                                                              int chunk, int4* tokinfo, int4* items, int slot_cap,
+                                                              int* ctrl) {
+  const int lane = threadIdx.x & 31;
+  const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (t >= N) return;
+  int c = 0;
+  for (int i = lane; i < ntiles; i += 32) c += (int)twell[((size_t)t * ntiles + i) * TW];
+#pragma unroll
+  for (int off = 16; off; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
+  if (lane == 0) {
+    const int nch = (c + chunk - 1) / chunk;
+    int4 info = make_int4(c, 1, 0, 0);
+    if (nch > 1) {
+      const int base = atomicAdd(&ctrl[CTRL_NSLOTS], nch);
+      if (base + nch <= slot_cap) {
+        const int e = atomicAdd(&ctrl[CTRL_NEXTRA], nch - 1);
+        for (int k = 1; k < nch; ++k) items[e + k - 1] = make_int4(t, k, base, 0);
+        info = make_int4(c, nch, base, 0);
+      }
+    }
+    tokinfo[t] = info;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Fused up + down (GATED) / down only (!GATED). Persistent CTAs of 256 threads.
+namespace ud {
+constexpr int THREADS = 256, WARPS = 8, LCAP = 256, MAXTILES = 256;
+}
+
+// GPT: 16-byte granules of y per thread; D <= GPT * 256 * 8.
+template <bool GATED, int GPT>
+DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __restrict__ twell,
+                     const uint32_t* __restrict__ spill, const __nv_bfloat16* __restrict__ Wu,
+                     const __nv_bfloat16* __restrict__ WdT, __nv_bfloat16* y, const int4* __restrict__ tokinfo,
+                     const int4* __restrict__ items, float* part, int* arrive, int* ctrl, int N, int D, int ntiles,
+                     int TW, int chunk) {
+  using namespace ud;
+  extern __shared__ __align__(16) unsigned char dsm[];
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(dsm);  // D bf16
+  __shared__ int s_item, s_last;
+  __shared__ int cnt[MAXTILES], pre[MAXTILES + 1];
+  __shared__ int lcol[LCAP];
+  __shared__ float lh[LCAP];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G8 = D / 8;  // 16-byte granules per row
+  const int CAP = TW - 1;
+  const int n_extra = __ldcg(&ctrl[CTRL_NEXTRA]);
+  const int total_items = n_extra + N;
+
+  for (;;) {
+    if (tid == 0) s_item = atomicAdd(&ctrl[CTRL_NEXT], 1);
+    __syncthreads();
+    const int item = s_item;
+    if (item >= total_items) break;
+    int t, k;
+    if (item < n_extra) {
+      const int4 it = __ldcg(&items[item]);
+      t = it.x;
+      k = it.y;
+    } else {
+      t = item - n_extra;
+      k = 0;
+    }
+    const int4 info = __ldcg(&tokinfo[t]);
+    const int count = info.x, nch = info.y, base = info.z;
+    const int a0 = k * chunk;
+    const int a1 = nch == 1 ? count : min(count, a0 + chunk);
+
+    if (GATED) {
+      const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)t * D);
+      for (int i = tid; i < G8; i += THREADS) reinterpret_cast<uint4*>(xs)[i] = __ldg(xr + i);
+    }
+    const uint32_t* trow = twell + (size_t)t * ntiles * TW;
+    for (int i = tid; i < ntiles; i += THREADS) cnt[i] = (int)__ldg(trow + (size_t)i * TW);
+    __syncthreads();
+    if (warp == 0) {
+      int carry = 0;
+      for (int i0 = 0; i0 < ntiles; i0 += 32) {
+        const int i = i0 + lane;
+        const int c = i < ntiles ? cnt[i] : 0;
+        int incl = c;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const int yv = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += yv;
+        }
+        if (i < ntiles) pre[i] = carry + incl - c;
+        carry += __shfl_sync(0xffffffffu, incl, 31);
+      }
+      if (lane == 0) pre[ntiles] = carry;
+    }
+    __syncthreads();
+
+    float acc[GPT][8];
+#pragma unroll
+    for (int q = 0; q < GPT; ++q)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[q][e] = 0.f;
+
+    for (int s0 = a0; s0 < a1; s0 += LCAP) {
+      const int L = min(LCAP, a1 - s0);
+      // gather the entries [s0, s0+L) of the token (tile-major, column-sorted within a tile)
+      for (int idx = tid; idx < L; idx += THREADS) {
+        const int a = s0 + idx;
+        int lo = 0, hi = ntiles - 1;  // last tile with pre[i] <= a
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (pre[mid] <= a) lo = mid; else hi = mid - 1;
+        }
+        const int e = a - pre[lo];
+        const uint32_t* tw = trow + (size_t)lo * TW;
+        uint32_t ent;
+        if (cnt[lo] <= CAP) {
+          ent = __ldg(tw + 1 + e);
+        } else {
+          const uint32_t slot = __ldg(tw + 1);
+          ent = slot == SPILL_NONE ? 0u : __ldg(spill + (size_t)slot * TILE_COLS + e);
+        }
+        lcol[idx] = (int)(ent & 0xFFFFu);
+        lh[idx] = bf_hi(ent);
+      }
+      __syncthreads();
+      if (GATED) {
+        // u_j = x . Wu[j]; one warp per entry, two entries in flight
+        for (int idx = warp; idx < L; idx += 2 * WARPS) {
+          const int idx2 = idx + WARPS;
+          const bool two = idx2 < L;
+          const uint4* w1 = reinterpret_cast<const uint4*>(Wu + (size_t)lcol[idx] * D);
+          const uint4* w2 = reinterpret_cast<const uint4*>(Wu + (size_t)lcol[two ? idx2 : idx] * D);
+          float s1 = 0.f, s2 = 0.f;
+#pragma unroll 4
+          for (int gi = lane; gi < G8; gi += 32) {
+            const uint4 xa = reinterpret_cast<const uint4*>(xs)[gi];
+            const uint4 p = __ldg(w1 + gi);
+            const uint4 q = __ldg(w2 + gi);
+            const uint32_t xw[4] = {xa.x, xa.y, xa.z, xa.w};
+            const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
+            const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float xl = bf_lo(xw[j]), xh = bf_hi(xw[j]);
+              s1 = fmaf(xl, bf_lo(pw[j]), s1);
+              s1 = fmaf(xh, bf_hi(pw[j]), s1);
+              s2 = fmaf(xl, bf_lo(qw[j]), s2);
+              s2 = fmaf(xh, bf_hi(qw[j]), s2);
+            }
+          }
+#pragma unroll
+          for (int off = 16; off; off >>= 1) {
+            s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+            s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+          }
+          if (lane == 0) {
+            lh[idx] *= s1;
+            if (two) lh[idx2] *= s2;
+          }
+        }
+        __syncthreads();
+      }
+      // y[d] += h_j * WdT[j, d]; thread owns granules tid + q*256
+#pragma unroll
+      for (int q = 0; q < GPT; ++q) {
+        const int gi = tid + q * THREADS;
+        if (gi < G8) {
+          int idx = 0;
+          for (; idx + 4 <= L; idx += 4) {
+            uint4 w[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+              w[u] = __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx + u] * D) + gi);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const float h = lh[idx + u];
+              const uint32_t ww[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                acc[q][2 * j] = fmaf(h, bf_lo(ww[j]), acc[q][2 * j]);
+                acc[q][2 * j + 1] = fmaf(h, bf_hi(ww[j]), acc[q][2 * j + 1]);
+              }
+            }
+          }
+          for (; idx < L; ++idx) {
+            const uint4 w = __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx] * D) + gi);
+            const float h = lh[idx];
+            const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              acc[q][2 * j] = fmaf(h, bf_lo(ww[j]), acc[q][2 * j]);
+              acc[q][2 * j + 1] = fmaf(h, bf_hi(ww[j]), acc[q][2 * j + 1]);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    if (nch == 1) {
+#pragma unroll
+      for (int q = 0; q < GPT; ++q) {
+        const int gi = tid + q * THREADS;
+        if (gi < G8) {
+          uint4 o;
+          o.x = pack_bf2(acc[q][0], acc[q][1]);
+          o.y = pack_bf2(acc[q][2], acc[q][3]);
+          o.z = pack_bf2(acc[q][4], acc[q][5]);
+          o.w = pack_bf2(acc[q][6], acc[q][7]);
+          reinterpret_cast<uint4*>(y + (size_t)t * D)[gi] = o;
+        }
+      }
+    } else {
+      float* p = part + (size_t)(base + k) * D;
+#pragma unroll
+      for (int q = 0; q < GPT; ++q) {
+        const int gi = tid + q * THREADS;
+        if (gi < G8) {
+          __stcg(reinterpret_cast<float4*>(p) + 2 * gi, make_float4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]));
+          __stcg(reinterpret_cast<float4*>(p) + 2 * gi + 1, make_float4(acc[q][4], acc[q][5], acc[q][6], acc[q][7]));
+        }
+      }
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) s_last = atomicAdd(&arrive[base], 1) == nch - 1;
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+#pragma unroll
+        for (int q = 0; q < GPT; ++q) {
+          const int gi = tid + q * THREADS;
+          if (gi < G8) {
+            float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int c = 0; c < nch; ++c) {
+              const float4* pc = reinterpret_cast<const float4*>(part + (size_t)(base + c) * D);
+              const float4 u0 = __ldcg(pc + 2 * gi), u1 = __ldcg(pc + 2 * gi + 1);
+              s[0] += u0.x; s[1] += u0.y; s[2] += u0.z; s[3] += u0.w;
+              s[4] += u1.x; s[5] += u1.y; s[6] += u1.z; s[7] += u1.w;
+            }
+            uint4 o;
+            o.x = pack_bf2(s[0], s[1]);
+            o.y = pack_bf2(s[2], s[3]);
+            o.z = pack_bf2(s[4], s[5]);
+            o.w = pack_bf2(s[6], s[7]);
+            reinterpret_cast<uint4*>(y + (size_t)t * D)[gi] = o;
+          }
+        }
+        if (tid == 0) arrive[base] = 0;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+#define UPDOWN_ARGS                                                                                              \
+  const __nv_bfloat16 *__restrict__ x, const uint32_t *__restrict__ twell, const uint32_t *__restrict__ spill,   \
+      const __nv_bfloat16 *__restrict__ Wu, const __nv_bfloat16 *__restrict__ WdT, __nv_bfloat16 *y,             \
+      const int4 *__restrict__ tokinfo, const int4 *__restrict__ items, float *part, int *arrive, int *ctrl, int N, \
+      int D, int ntiles, int TW, int chunk
+#define UPDOWN_PASS x, twell, spill, Wu, WdT, y, tokinfo, items, part, arrive, ctrl, N, D, ntiles, TW, chunk
+
+// D <= 2048: twell_updown_gated / twell_down (64 registers, 4 CTAs per SM);
+// D <= 8192: the *_wide variants.
+extern "C" __global__ void __launch_bounds__(ud::THREADS, 4) twell_updown_gated(UPDOWN_ARGS) {
+  updown_body<true, 1>(UPDOWN_PASS);
+}
+extern "C" __global__ void __launch_bounds__(ud::THREADS, 2) twell_updown_gated_wide(UPDOWN_ARGS) {
+  updown_body<true, 4>(UPDOWN_PASS);
+}
+// Non-gated: h = relu(x W1^T) packed in twell by the gate kernel run on W1; x and Wu unused.
+extern "C" __global__ void __launch_bounds__(ud::THREADS, 4) twell_down(UPDOWN_ARGS) { updown_body<false, 1>(UPDOWN_PASS); }
+extern "C" __global__ void __launch_bounds__(ud::THREADS, 2) twell_down_wide(UPDOWN_ARGS) {
+  updown_body<false, 4>(UPDOWN_PASS);
+}

@@ -15,6 +15,7 @@
 // Kernels (extern "C"):
 //   twell_gate_gemm_tw{32,64,128}  tensor-core (mma.sync, sm_80+) GEMM relu(x W^T), epilogue
 //                                  packs each 128 x 256 output tile into TwELL (+ spill).
+//   twell_gate_wgmma_tw{32,64,128} sm_90a version: TMA + wgmma m64n256k16, warp-specialised.
 //   twell_gate_skinny              decode gate (N <= 64 per blockIdx.y chunk): relu(x W^T) as
 //                                  bf16 into a small scratch [N, ntiles*256] (L2-resident).
 //   twell_pack_tw{32,64,128}       packs such a dense bf16 matrix into TwELL (+ spill).
@@ -25,7 +26,10 @@
 //   heavy tokens' extra chunks first; partial sums of split tokens are combined by the last
 //   chunk to arrive, in chunk order (deterministic).
 //
-// ctrl: int[8]; the caller zeroes ctrl[0..1] before the gate kernel and ctrl[2..7] before twell_plan.
+// ctrl: int[8], zeroed once at allocation; the kernels keep it consistent across forwards:
+//   [0] spill slots taken, [1] status (gate/pack), [2] extra items, [3] part slots, [4] next item;
+//   every gate kernel zeroes [2..4]; twell_plan copies [1] -> [5] and [0] -> [6] (status and
+//   spill use of this forward, for the caller to read) and zeroes [0..1] for the next forward.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -164,6 +168,7 @@ DEV void gate_gemm_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16
   const int m0 = blockIdx.y * BM, n0 = tile * BN;
   const int KT = D / BK;
   const uint32_t sbase = smem_u32(smem);
+  if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 3) ctrl[2 + tid] = 0;
 
   auto load_stage = [&](int stage, int kt) {
     const uint32_t sa = sbase + stage * STAGE_BYTES, sb = sa + A_BYTES;
@@ -265,6 +270,152 @@ GATE_GEMM_ENTRY(64)
 GATE_GEMM_ENTRY(128)
 
 // ------------------------------------------------------------------------------------------
+// Gate GEMM for sm_90a: TMA (128-B swizzle, zero fill past N and H) into a 4-stage mbarrier
+// queue, wgmma m64n256k16 from shared memory, 3 warpgroups (1 TMA producer with 40 registers,
+// 2 consumers x 64 rows with 232), CTA tile 128 x 256 x 64; same TwELL epilogue as above.
+// Tensor maps (built on the host with cuTensorMapEncodeTiled, bf16, 128B swizzle):
+//   tmA over x  [N, D]: dims {D, N}, box {64, 128};  tmB over W [H, D]: dims {D, H}, box {64, 256}.
+// On sm_80 builds the kernel body is empty (never launch it there).
+struct __align__(64) TmapParam { unsigned long long w[16]; };
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TWELL_SM90A 1
+#endif
+
+#ifdef TWELL_SM90A
+DEV void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+DEV void mbar_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+DEV void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t ok = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!ok);
+}
+DEV void tma_load_2d(uint32_t dst, const TmapParam* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"((unsigned long long)map), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+DEV uint64_t wg_desc(uint32_t saddr) {
+  uint64_t d = (uint64_t)((saddr & 0x3FFFF) >> 4);
+  d |= (uint64_t)1 << 16;             // leading byte offset (unused with 128-B swizzle, K-major)
+  d |= (uint64_t)(1024 >> 4) << 32;   // stride byte offset: 8 rows x 128 B
+  d |= (uint64_t)1 << 62;             // 128-B swizzle
+  return d;
+}
+DEV void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db));
+}
+#endif
+
+namespace wg {
+constexpr int BM = 128, BN = 256, BK = 64, ST = 4;
+constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+constexpr int CS = BN + 8;
+static_assert(BM * CS * 2 + 8 * 128 * 4 <= ST * STAGE_BYTES, "epilogue does not fit");
+}  // namespace wg
+
+template <int TW>
+DEV void gate_wgmma_body(const TmapParam* tmA, const TmapParam* tmB, uint32_t* twell, uint32_t* spill,
+                         int spill_cap, int* ctrl, int N, int D, int H) {
+#ifdef TWELL_SM90A
+  using namespace wg;
+  extern __shared__ unsigned char dsm[];
+  __shared__ __align__(8) uint64_t fullb[ST], emptyb[ST];
+  const uint32_t raw = smem_u32(dsm);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* gbase = dsm + (base - raw);
+  const int tid = threadIdx.x, wgi = tid >> 7;
+  const int tile = blockIdx.x, ntiles = gridDim.x;
+  const int m0 = blockIdx.y * BM, n0 = tile * BN;
+  const int KT = D / BK;
+  if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 3) ctrl[2 + tid] = 0;
+  if (tid == 0) {
+    for (int s = 0; s < ST; ++s) {
+      mbar_init(smem_u32(&fullb[s]), 1);
+      mbar_init(smem_u32(&emptyb[s]), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (wgi == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (tid == 0) {
+      for (int kt = 0; kt < KT; ++kt) {
+        const int s = kt % ST;
+        if (kt >= ST) mbar_wait(smem_u32(&emptyb[s]), ((kt / ST) - 1) & 1);
+        const uint32_t fb = smem_u32(&fullb[s]);
+        mbar_expect_tx(fb, STAGE_BYTES);
+        tma_load_2d(base + s * STAGE_BYTES, tmA, fb, kt * BK, m0);
+        tma_load_2d(base + s * STAGE_BYTES + A_BYTES, tmB, fb, kt * BK, n0);
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = wgi - 1, ltid = tid - 128, lane = tid & 31, cwarp = ltid >> 5;
+    float d[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) d[i] = 0.f;
+    for (int kt = 0; kt < KT; ++kt) {
+      const int s = kt % ST;
+      mbar_wait(smem_u32(&fullb[s]), (kt / ST) & 1);
+      const uint32_t a = base + s * STAGE_BYTES + cw * 64 * 128, b = base + s * STAGE_BYTES + A_BYTES;
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16(d, wg_desc(a + kk * 32), wg_desc(b + kk * 32));
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      if (lane == 0) mbar_arrive(smem_u32(&emptyb[s]));
+    }
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    __nv_bfloat16* Ct = reinterpret_cast<__nv_bfloat16*>(gbase);
+    uint32_t* stg = reinterpret_cast<uint32_t*>(gbase + BM * CS * 2) + cwarp * 128;
+    const int g = lane >> 2, t = lane & 3, w4 = cwarp & 3;
+    const int row = cw * 64 + w4 * 16 + g;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int col = j * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(Ct + row * CS + col) = pack_bf2_relu(d[4 * j], d[4 * j + 1]);
+      *reinterpret_cast<uint32_t*>(Ct + (row + 8) * CS + col) = pack_bf2_relu(d[4 * j + 2], d[4 * j + 3]);
+    }
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    for (int r = cwarp * 16; r < cwarp * 16 + 16; ++r) {
+      const int grow = m0 + r;
+      if (grow >= N) break;
+      uint32_t* out = twell + ((size_t)grow * ntiles + tile) * TW;
+      pack_tile_row<TW>(Ct + r * CS, n0, out, stg, spill, spill_cap, ctrl, lane);
+    }
+  }
+#endif
+}
+
+#define GATE_WGMMA_ENTRY(TW)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                          \
+      twell_gate_wgmma_tw##TW(const __grid_constant__ TmapParam tmA, const __grid_constant__ TmapParam tmB,     \
+                              uint32_t* twell, uint32_t* spill, int spill_cap, int* ctrl, int N, int D, int H) { \
+    gate_wgmma_body<TW>(&tmA, &tmB, twell, spill, spill_cap, ctrl, N, D, H);                                    \
+  }
+GATE_WGMMA_ENTRY(32)
+GATE_WGMMA_ENTRY(64)
+GATE_WGMMA_ENTRY(128)
+
+// ------------------------------------------------------------------------------------------
 // Decode gate: G[tok, n] = bf16(relu(x[tok] . W[n])) for tok in the 64-token chunk blockIdx.y,
 // n in [blockIdx.x*32, +32). 4 warps split K (interleaved 32-wide blocks), each warp computes
 // the 32 x 64 block with mma.sync with W as the M operand (neurons) and x as N (tokens). The
@@ -274,7 +425,8 @@ GATE_GEMM_ENTRY(128)
 extern "C" __global__ void __launch_bounds__(128) twell_gate_skinny(const __nv_bfloat16* __restrict__ x,
                                                                      const __nv_bfloat16* __restrict__ W,
                                                                      __nv_bfloat16* G, int N, int D, int H,
-                                                                     int ldg) {
+                                                                     int ldg, int* ctrl) {
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < 3) ctrl[2 + threadIdx.x] = 0;
   __shared__ float red[4][2][8][4][32];  // [warp][mi][nt][r][lane] = 32 KB
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -388,6 +540,12 @@ extern "C" __global__ void __launch_bounds__(256) twell_plan(const uint32_t* twe
                                                               int* ctrl) {
   const int lane = threadIdx.x & 31;
   const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    ctrl[5] = ctrl[CTRL_STATUS];
+    ctrl[6] = ctrl[CTRL_SPILL];
+    ctrl[CTRL_STATUS] = 0;
+    ctrl[CTRL_SPILL] = 0;
+  }
   if (t >= N) return;
   int c = 0;
   for (int i = lane; i < ntiles; i += 32) c += (int)twell[((size_t)t * ntiles + i) * TW];

@@ -74,13 +74,40 @@ def memset0(t):
 
 
 GEMM_SMEM = 4 * (128 * 32 * 2 + 256 * 32 * 2)
+WGMMA_SMEM = 4 * (128 * 64 * 2 + 256 * 64 * 2) + 1024
+
+
+class Tmap(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_uint64 * 16)]
+
+
+_tmaps = {}
+
+
+def tmap(t, rows, cols, box_rows):
+    """2-D bf16 tensor map, 128-B swizzle, box {64, box_rows}; OOB rows read as zero."""
+    key = (t.data_ptr(), rows, cols, box_rows)
+    if key not in _tmaps:
+        raw = ctypes.create_string_buffer(128 + 64)
+        addr = (ctypes.addressof(raw) + 63) & ~63
+        dims = (ctypes.c_uint64 * 2)(cols, rows)
+        strides = (ctypes.c_uint64 * 1)(cols * 2)
+        box = (ctypes.c_uint32 * 2)(64, box_rows)
+        es = (ctypes.c_uint32 * 2)(1, 1)
+        _ck(_cu.cuTensorMapEncodeTiled(ctypes.c_void_p(addr), 9, 2, ctypes.c_void_p(t.data_ptr()), dims, strides, box, es,
+                                       0, 3, 2, 0), "cuTensorMapEncodeTiled")
+        m = Tmap.from_buffer_copy(ctypes.string_at(addr, 128))
+        _tmaps[key] = (m, t)
+    return _tmaps[key][0]
 
 
 class Twell:
     """Buffers and launch sequence of one TwELL FFN forward for fixed N, D, H."""
 
-    def __init__(self, mod, N, D, H, tw=32, chunk=128, spill_cap=None, slot_cap=8192, gated=True, sms=None):
+    def __init__(self, mod, N, D, H, tw=32, chunk=128, spill_cap=None, slot_cap=8192, gated=True, sms=None,
+                 wgmma=None):
         sms = sms or torch.cuda.get_device_properties(0).multi_processor_count
+        self.wgmma = (torch.cuda.get_device_capability(0) == (9, 0)) if wgmma is None else wgmma
         self.mod, self.N, self.D, self.H, self.tw, self.chunk, self.gated = mod, N, D, H, tw, chunk, gated
         self.ntiles = (H + TILE - 1) // TILE
         dev = "cuda"
@@ -100,22 +127,27 @@ class Twell:
 
     def gate(self, x, W):
         N, D, H = self.N, self.D, self.H
-        memset0(self.ctrl[0:2])
         if self.skinny:
             launch(self.mod.fn("twell_gate_skinny"), ((self.ntiles * TILE) // 32, (N + 63) // 64), 128, 0,
-                   [P(x), P(W), P(self.G), I(N), I(D), I(H), I(self.ntiles * TILE)])
+                   [P(x), P(W), P(self.G), I(N), I(D), I(H), I(self.ntiles * TILE), P(self.ctrl)])
             warps = N * self.ntiles
             launch(self.mod.fn(f"twell_pack_tw{self.tw}"), ((warps + 7) // 8,), 256, 0,
                    [P(self.G), I(self.ntiles * TILE), P(self.twell), P(self.spill), I(self.spill_cap), P(self.ctrl),
                     I(N), I(self.ntiles)])
+        elif self.wgmma:
+            launch(self.mod.fn(f"twell_gate_wgmma_tw{self.tw}", WGMMA_SMEM), (self.ntiles, (N + 127) // 128), 384,
+                   WGMMA_SMEM,
+                   [tmap(x, N, D, 128), tmap(W, H, D, 256), P(self.twell), P(self.spill), I(self.spill_cap),
+                    P(self.ctrl), I(N), I(D), I(H)])
         else:
             launch(self.mod.fn(f"twell_gate_gemm_tw{self.tw}", GEMM_SMEM), (self.ntiles, (N + 127) // 128), 256,
                    GEMM_SMEM,
                    [P(x), P(W), P(self.twell), P(self.spill), I(self.spill_cap), P(self.ctrl), I(N), I(D), I(H)])
 
-    def updown(self, x, Wu, WdT, y):
+    def updown(self, x, Wu, WdT, y, standalone=False):
         N, D = self.N, self.D
-        memset0(self.ctrl[2:])
+        if standalone:  # timing without the gate kernel that normally zeroes ctrl[2..4]
+            memset0(self.ctrl[2:5])
         launch(self.mod.fn("twell_plan"), ((N + 7) // 8,), 256, 0,
                [P(self.twell), I(N), I(self.ntiles), I(self.tw), I(self.chunk), P(self.tokinfo), P(self.items),
                 I(self.slot_cap), P(self.ctrl)])
@@ -219,18 +251,24 @@ def dense_torch(x, Wg, Wu, WdT):
 
 # ----------------------------------------------------------------------------------------------
 def check(mod, name, N, D, H, s, tw, chunk, heavy=True, gated=True, seed=1, force_full=0, slot_cap=8192,
-          spill_cap=None, tol=1e-2):
+          spill_cap=None, tol=1e-2, wgmma=None):
     x, Wg, Wu, WdT = make_layer(N, D, H, s, seed, heavy)
     if force_full:
         # make the first `force_full` tokens fire on every unit of tile 0 (all 256 active)
         x[:force_full, D - 2] = 60.0
-    tw_ = Twell(mod, N, D, H, tw=tw, chunk=chunk, gated=gated, slot_cap=slot_cap, spill_cap=spill_cap)
+    tw_ = Twell(mod, N, D, H, tw=tw, chunk=chunk, gated=gated, slot_cap=slot_cap, spill_cap=spill_cap, wgmma=wgmma)
     y = torch.full((N, D), float("nan"), dtype=torch.bfloat16, device="cuda")
+    tw_.twell.fill_(-0x55555556)
+    tw_.forward(x, Wg, Wu, WdT, y)
+    torch.cuda.synchronize()
+    # second forward on the same buffers (self-resetting control words), output poisoned again
+    y.fill_(float("nan"))
     tw_.twell.fill_(-0x55555556)
     tw_.forward(x, Wg, Wu, WdT, y)
     torch.cuda.synchronize()
     ref, gref = reference(x, Wg, Wu, WdT, gated)
     ctrl = tw_.ctrl.tolist()
+    ctrl[0], ctrl[1] = ctrl[6], ctrl[5]  # this forward's spill use and status
     if ctrl[1] != 0:
         print(f"  {name:34s} N={N:6d} status {ctrl[1]} (spill buffer full: {ctrl[0]} tiles wanted, cap "
               f"{tw_.spill_cap}) -> caller must fall back", flush=True)
@@ -269,9 +307,9 @@ def median_ms(fn, reps, nlayers):
     return statistics.median(a.elapsed_time(b) for a, b in ev)
 
 
-def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, label=""):
+def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, label="", wgmma=None):
     layers = [make_layer(N, D, H, s, 100 + i, heavy) for i in range(4)]
-    tws = [Twell(mod, N, D, H, tw=tw, chunk=chunk) for _ in range(4)]
+    tws = [Twell(mod, N, D, H, tw=tw, chunk=chunk, wgmma=wgmma) for _ in range(4)]
     ys = [torch.empty(N, D, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
 
     def dense(i):
@@ -292,7 +330,7 @@ def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, l
 
     def sparse_ud(i):
         x, Wg, Wu, WdT = layers[i]
-        tws[i].updown(x, Wu, WdT, ys[i])
+        tws[i].updown(x, Wu, WdT, ys[i], standalone=True)
 
     if graph:
         # capture each layer's call in a CUDA graph (launch gaps out of the numbers)
@@ -309,17 +347,18 @@ def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, l
 
         try:
             dense_fn, sparse_fn = mk(dense), mk(sparse)
+            gate_fn, sg_fn, su_fn = mk(gate_only), mk(sparse_gate), mk(sparse_ud)
         except Exception as e:  # noqa: BLE001
             print("   graph capture failed:", e)
-            dense_fn, sparse_fn = dense, sparse
+            dense_fn, sparse_fn, gate_fn, sg_fn, su_fn = dense, sparse, gate_only, sparse_gate, sparse_ud
     else:
-        dense_fn, sparse_fn = dense, sparse
+        dense_fn, sparse_fn, gate_fn, sg_fn, su_fn = dense, sparse, gate_only, sparse_gate, sparse_ud
     td = median_ms(dense_fn, reps, 4)
     ts = median_ms(sparse_fn, reps, 4)
-    tg = median_ms(gate_only, reps, 4)
-    tsg = median_ms(sparse_gate, reps, 4)
-    # updown timed after a fresh gate per layer (twell buffers stay valid between calls)
-    tsu = median_ms(sparse_ud, reps, 4)
+    tg = median_ms(gate_fn, reps, 4)
+    tsg = median_ms(sg_fn, reps, 4)
+    # updown timed alone (twell buffers stay valid between calls)
+    tsu = median_ms(su_fn, reps, 4)
     sparse(0)
     torch.cuda.synchronize()
     nnz = tws[0].tokinfo.view(N, 4)[:, 0].float()
@@ -351,6 +390,9 @@ def main():
     D, H = 2048, 5632
     cases = [
         ("99.5% heavy-tailed (realistic)", 16384, D, H, 0.995, 32, 128, {}),
+        ("99.5% mma.sync gate (sm_80 path)", 4096, D, H, 0.995, 32, 128, dict(wgmma=False)),
+        ("95% mma.sync gate tw64", 2048, D, H, 0.95, 64, 512, dict(wgmma=False)),
+        ("N=1000 H=1000 mma.sync gate", 1000, D, 1000, 0.99, 32, 64, dict(wgmma=False)),
         ("99% heavy-tailed", 4096, D, H, 0.99, 32, 128, {}),
         ("95% heavy-tailed tw32 (spills)", 4096, D, H, 0.95, 32, 512, {}),
         ("95% heavy-tailed tw128", 4096, D, H, 0.95, 128, 512, {}),
@@ -394,6 +436,7 @@ def main():
     plan = [
         (16384, 0.995, 32, 128, {}),
         (16384, 0.995, 32, 128, dict(heavy=False, label="99.5% unif")),
+        (16384, 0.995, 32, 128, dict(wgmma=False, label="99.5% mma.sync")),
         (16384, 0.99, 32, 128, {}),
         (16384, 0.95, 64, 512, {}),
         (16384, 0.90, 128, 1024, {}),

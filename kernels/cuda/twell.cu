@@ -58,7 +58,7 @@ DEV void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_
 }
 
 DEV void mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -453,26 +453,36 @@ extern "C" __global__ void __launch_bounds__(128) twell_gate_skinny(const __nv_b
       wrow[mi][h] = W + (size_t)(wok[mi][h] ? n : 0) * D + 8 * t;
     }
   const int KB = D / 32;
-#pragma unroll 2
-  for (int kb = warp; kb < KB; kb += 4) {
-    const int k0 = kb * 32;
-    uint4 ra[2][2];
+  // two 32-wide K blocks per iteration, all A loads issued before the first mma
+  for (int kb = warp; kb < KB; kb += 8) {
+    const bool two = kb + 4 < KB;
+    uint4 ra[2][2][2];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int b = 0; b < 2; ++b)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        ra[mi][h] = wok[mi][h] ? __ldg(reinterpret_cast<const uint4*>(wrow[mi][h] + k0)) : make_uint4(0, 0, 0, 0);
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          ra[b][mi][h] = (wok[mi][h] && (b == 0 || two))
+                             ? __ldg(reinterpret_cast<const uint4*>(wrow[mi][h] + (kb + 4 * b) * 32))
+                             : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       if (nt < NT) {
         const int tok = tb + nt * 8 + g;
-        const uint4 xb = tok < N ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * D + k0 + 8 * t))
-                                 : make_uint4(0, 0, 0, 0);
+        uint4 xb[2];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          mma16816(acc[mi][nt], ra[mi][0].x, ra[mi][1].x, ra[mi][0].y, ra[mi][1].y, xb.x, xb.y);
-          mma16816(acc[mi][nt], ra[mi][0].z, ra[mi][1].z, ra[mi][0].w, ra[mi][1].w, xb.z, xb.w);
-        }
+        for (int b = 0; b < 2; ++b)
+          xb[b] = (tok < N && (b == 0 || two))
+                      ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * D + (kb + 4 * b) * 32 + 8 * t))
+                      : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma16816(acc[mi][nt], ra[b][mi][0].x, ra[b][mi][1].x, ra[b][mi][0].y, ra[b][mi][1].y, xb[b].x, xb[b].y);
+            mma16816(acc[mi][nt], ra[b][mi][0].z, ra[b][mi][1].z, ra[b][mi][0].w, ra[b][mi][1].w, xb[b].z, xb[b].w);
+          }
       }
     }
   }

@@ -105,7 +105,7 @@ class Twell:
     """Buffers and launch sequence of one TwELL FFN forward for fixed N, D, H."""
 
     def __init__(self, mod, N, D, H, tw=32, chunk=128, spill_cap=None, slot_cap=8192, gated=True, sms=None,
-                 wgmma=None):
+                 wgmma=None, skinny_max=64):
         sms = sms or torch.cuda.get_device_properties(0).multi_processor_count
         self.wgmma = (torch.cuda.get_device_capability(0) == (9, 0)) if wgmma is None else wgmma
         self.mod, self.N, self.D, self.H, self.tw, self.chunk, self.gated = mod, N, D, H, tw, chunk, gated
@@ -120,7 +120,7 @@ class Twell:
         self.items = torch.empty(slot_cap * 4, dtype=torch.int32, device=dev)
         self.part = torch.empty(slot_cap * D, dtype=torch.float32, device=dev)
         self.arrive = torch.zeros(slot_cap, dtype=torch.int32, device=dev)
-        self.skinny = N <= 64
+        self.skinny = N <= skinny_max
         if self.skinny:
             self.G = torch.empty(N, self.ntiles * TILE, dtype=torch.bfloat16, device=dev)
         self.grid_ud = max(1, min(sms * 8, N * 16))
@@ -307,9 +307,9 @@ def median_ms(fn, reps, nlayers):
     return statistics.median(a.elapsed_time(b) for a, b in ev)
 
 
-def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, label="", wgmma=None):
+def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, label="", wgmma=None, skinny_max=64):
     layers = [make_layer(N, D, H, s, 100 + i, heavy) for i in range(4)]
-    tws = [Twell(mod, N, D, H, tw=tw, chunk=chunk, wgmma=wgmma) for _ in range(4)]
+    tws = [Twell(mod, N, D, H, tw=tw, chunk=chunk, wgmma=wgmma, skinny_max=skinny_max) for _ in range(4)]
     ys = [torch.empty(N, D, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
 
     def dense(i):
@@ -443,8 +443,11 @@ def main():
         (4096, 0.995, 32, 128, {}),
         (4096, 0.99, 32, 128, {}),
         (64, 0.995, 32, 8, dict(graph=True, label="99.5% graph")),
+        (64, 0.995, 32, 8, dict(graph=True, skinny_max=0, label="graph wgmma")),
+        (8, 0.995, 32, 8, dict(graph=True, skinny_max=0, label="graph wgmma")),
         (8, 0.995, 32, 8, dict(graph=True, label="99.5% graph")),
         (1, 0.995, 32, 8, dict(graph=True, label="99.5% graph")),
+        (1, 0.995, 32, 32, dict(graph=True, label="graph ch32")),
     ]
     if args.quick:
         plan = plan[:1]

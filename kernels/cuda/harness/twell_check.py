@@ -105,7 +105,7 @@ class Twell:
     """Buffers and launch sequence of one TwELL FFN forward for fixed N, D, H."""
 
     def __init__(self, mod, N, D, H, tw=32, chunk=128, spill_cap=None, slot_cap=8192, gated=True, sms=None,
-                 wgmma=None, skinny_max=64):
+                 wgmma=None, skinny_max=16):
         sms = sms or torch.cuda.get_device_properties(0).multi_processor_count
         self.wgmma = (torch.cuda.get_device_capability(0) == (9, 0)) if wgmma is None else wgmma
         self.mod, self.N, self.D, self.H, self.tw, self.chunk, self.gated = mod, N, D, H, tw, chunk, gated
@@ -120,7 +120,7 @@ class Twell:
         self.items = torch.empty(slot_cap * 4, dtype=torch.int32, device=dev)
         self.part = torch.empty(slot_cap * D, dtype=torch.float32, device=dev)
         self.arrive = torch.zeros(slot_cap, dtype=torch.int32, device=dev)
-        self.skinny = N <= skinny_max
+        self.skinny = N <= skinny_max  # decode: skinny gate + pack; above: the tiled GEMM
         if self.skinny:
             self.G = torch.empty(N, self.ntiles * TILE, dtype=torch.bfloat16, device=dev)
         self.grid_ud = max(1, min(sms * 8, N * 16))
@@ -251,12 +251,13 @@ def dense_torch(x, Wg, Wu, WdT):
 
 # ----------------------------------------------------------------------------------------------
 def check(mod, name, N, D, H, s, tw, chunk, heavy=True, gated=True, seed=1, force_full=0, slot_cap=8192,
-          spill_cap=None, tol=1e-2, wgmma=None):
+          spill_cap=None, tol=1e-2, wgmma=None, skinny_max=16):
     x, Wg, Wu, WdT = make_layer(N, D, H, s, seed, heavy)
     if force_full:
         # make the first `force_full` tokens fire on every unit of tile 0 (all 256 active)
         x[:force_full, D - 2] = 60.0
-    tw_ = Twell(mod, N, D, H, tw=tw, chunk=chunk, gated=gated, slot_cap=slot_cap, spill_cap=spill_cap, wgmma=wgmma)
+    tw_ = Twell(mod, N, D, H, tw=tw, chunk=chunk, gated=gated, slot_cap=slot_cap, spill_cap=spill_cap, wgmma=wgmma,
+                skinny_max=skinny_max)
     y = torch.full((N, D), float("nan"), dtype=torch.bfloat16, device="cuda")
     tw_.twell.fill_(-0x55555556)
     tw_.forward(x, Wg, Wu, WdT, y)
@@ -307,7 +308,7 @@ def median_ms(fn, reps, nlayers):
     return statistics.median(a.elapsed_time(b) for a, b in ev)
 
 
-def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, label="", wgmma=None, skinny_max=64):
+def bench(mod, N, s, tw, chunk, reps, D=2048, H=5632, heavy=True, graph=False, label="", wgmma=None, skinny_max=16):
     layers = [make_layer(N, D, H, s, 100 + i, heavy) for i in range(4)]
     tws = [Twell(mod, N, D, H, tw=tw, chunk=chunk, wgmma=wgmma, skinny_max=skinny_max) for _ in range(4)]
     ys = [torch.empty(N, D, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
@@ -403,7 +404,9 @@ def main():
         ("H=5000 (not % 256), D=1024", 777, 1024, 5000, 0.99, 32, 64, {}),
         ("N=1 decode", 1, D, H, 0.995, 32, 8, {}),
         ("N=8 decode", 8, D, H, 0.995, 32, 8, {}),
-        ("N=64 decode", 64, D, H, 0.995, 32, 8, {}),
+        ("N=64 decode (gemm path)", 64, D, H, 0.995, 32, 8, {}),
+        ("N=64 decode (skinny path)", 64, D, H, 0.995, 32, 8, dict(skinny_max=64)),
+        ("N=16 decode (skinny path)", 16, D, H, 0.995, 32, 8, {}),
         ("N=64 decode, heavy token", 64, D, H, 0.995, 32, 8, dict(force_full=1)),
         ("N=65 (gemm, 1 row tile)", 65, D, H, 0.99, 32, 16, {}),
         ("spill buffer too small -> status", 1000, D, H, 0.95, 32, 256, dict(spill_cap=4)),
@@ -443,11 +446,8 @@ def main():
         (4096, 0.995, 32, 128, {}),
         (4096, 0.99, 32, 128, {}),
         (64, 0.995, 32, 8, dict(graph=True, label="99.5% graph")),
-        (64, 0.995, 32, 8, dict(graph=True, skinny_max=0, label="graph wgmma")),
-        (8, 0.995, 32, 8, dict(graph=True, skinny_max=0, label="graph wgmma")),
         (8, 0.995, 32, 8, dict(graph=True, label="99.5% graph")),
         (1, 0.995, 32, 8, dict(graph=True, label="99.5% graph")),
-        (1, 0.995, 32, 32, dict(graph=True, label="graph ch32")),
     ]
     if args.quick:
         plan = plan[:1]

@@ -297,7 +297,8 @@ def x_postgresql_doc(r):
 
 
 def x_lilypond_doc(r):
-    return _html_glob(r, "lilypond-doc-html", ["usr/share/doc/lilypond/html/**/*.html"], _LANG_SUFFIX)
+    return _html_glob(r, "lilypond-doc-html", ["usr/share/doc/lilypond/html/**/*.html"],
+                      _LANG_SUFFIX + r"|-big-page\.html$")  # big pages repeat the split pages
 
 
 def x_sqlite_doc(r):

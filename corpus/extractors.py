@@ -244,13 +244,22 @@ _BLOCK_TAGS = {
 }
 _VOID_TAGS = {"br", "img", "hr", "meta", "link", "input", "area", "base", "col", "embed", "param", "source", "track", "wbr"}
 _SKIP_TAGS = {"script", "style", "pre", "nav", "head", "noscript", "svg", "math", "button", "select", "textarea", "header", "footer", "iframe", "object", "map"}
-_SKIP_CLASS_RE = re.compile(
-    r"(^|[\s_-])(nav|navigation|navbar|navheader|navfooter|sidebar|sphinxsidebar|related|footer|header|"
-    r"breadcrumbs?|menu|toc|highlight|highlight-\w+|programlisting|screen|synopsis|literallayout|"
-    r"sourceCode|example-contents|headerlink|copyright|search|cookie|skip|doc-?nav|"
-    r"chapter-nav|nav-wrapper|nav-chapters|mobile-nav-chapters)($|[\s_-])",
-    re.IGNORECASE,
+_SKIP_CLASS_TOKENS = frozenset(
+    "nav navigation navbar navheader navfooter nav-wrapper nav-chapters mobile-nav-chapters doc-nav chapter-nav "
+    "sphinxsidebar sphinxsidebarwrapper bodysidebar related footer header breadcrumb breadcrumbs "
+    "menu menu-bar menu-title left-buttons right-buttons toc toctree-wrapper localtoc sidetoc "
+    "highlight programlisting screen synopsis literallayout sourcecode sourceCode example-contents "
+    "headerlink copyright search searchbar searchbox cookie skip skiplink skip-link "
+    "lilypond-snippet lilypond-example example-lilypond contents-list".split()
 )
+
+
+def _skip_class(value: str) -> bool:
+    for tok in value.split():
+        t = tok.lower()
+        if t in _SKIP_CLASS_TOKENS or t.startswith(("highlight-", "navbar-", "nav-")):
+            return True
+    return False
 
 
 class _HTMLText(html.parser.HTMLParser):
@@ -267,11 +276,10 @@ class _HTMLText(html.parser.HTMLParser):
             return True
         if self.drop_code and tag == "code" and self.stack and self.stack[-1][0] in ("div", "pre", "td"):
             return True
+        if tag in ("html", "body"):
+            return False
         a = dict(attrs)
-        cls = " ".join(filter(None, [a.get("class") or "", a.get("id") or "", a.get("role") or ""]))
-        if cls and _SKIP_CLASS_RE.search(cls):
-            return True
-        return False
+        return any(_skip_class(a.get(k) or "") for k in ("class", "id", "role"))
 
     def handle_starttag(self, tag, attrs):
         if tag == "html":
@@ -313,10 +321,14 @@ class _HTMLText(html.parser.HTMLParser):
             self.parts.append(data.replace("\n", " "))
 
 
+_PRESTRIP = re.compile(r"<(script|style|pre|svg|math|noscript)\b[^>]*>.*?</\1\s*>", re.S | re.I)
+
+
 def html_to_text(raw: str, min_words: int = 4, drop_code: bool = True) -> tuple[str, str]:
     """HTML page -> plain text. Drops head, scripts, styles, <pre> and code blocks, navigation,
     headers/footers/sidebars and lines of fewer than `min_words` words. Returns (text, lang)."""
     p = _HTMLText(drop_code)
+    raw = _PRESTRIP.sub(" ", raw)  # cheap: these elements are always dropped, skip parsing them
     try:
         p.feed(raw)
         p.close()

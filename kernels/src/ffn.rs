@@ -1,6 +1,8 @@
 //! The sparse gated FFN op: one interface, several paths.
 use tch::{Kind, Tensor};
 
+use crate::autograd::{self, FfnError, SparseFfnConfig, SparseFormat};
+
 /// Which implementation runs a layer's FFN. Every path computes the same function up to
 /// floating-point rounding; `Dense` is the oracle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,7 +41,9 @@ impl std::str::FromStr for FfnPath {
             "dense" => Ok(FfnPath::Dense),
             "twell" => Ok(FfnPath::Twell),
             "hybrid" => Ok(FfnPath::Hybrid),
-            other => Err(format!("unknown FFN path `{other}` (expected dense, twell or hybrid)")),
+            other => Err(format!(
+                "unknown FFN path `{other}` (expected dense, twell or hybrid)"
+            )),
         }
     }
 }
@@ -66,12 +70,35 @@ pub struct FfnOutput {
     pub active_per_token: Tensor,
     /// Tokens on which each unit fired, `[H]` int64, no grad.
     pub active_per_unit: Tensor,
+    /// `[2]` int64, no grad: token rows the packed format had to store whole in its dense
+    /// part (TwELL overflow rows / hybrid tail rows), and how many of those lay beyond the
+    /// configured tail capacity (always 0 for TwELL, whose overflow part is unbounded).
+    /// Nothing is ever dropped; zeros on the dense path.
+    pub overflow_rows: Tensor,
 }
 
-/// Runs the gated FFN on `x: [N, D]`.
+/// Runs the gated FFN on `x: [N, D]` with the default format parameters.
+///
+/// # Panics
+/// On the errors of [`try_sparse_ffn`] (bad shapes or dtypes, unsupported device, an `H`
+/// beyond TwELL's 16-bit column indices).
 pub fn sparse_ffn(x: &Tensor, w: &FfnWeights, path: FfnPath) -> FfnOutput {
+    try_sparse_ffn(x, w, path, &SparseFfnConfig::default())
+        .unwrap_or_else(|e| panic!("{} FFN failed: {e}", path.name()))
+}
+
+/// Runs the gated FFN on `x: [N, D]`. `Twell` and `Hybrid` go through the `SparseFfn`
+/// autograd function with the formats of `config`; `Dense` is [`dense_ffn`].
+pub fn try_sparse_ffn(
+    x: &Tensor,
+    w: &FfnWeights,
+    path: FfnPath,
+    config: &SparseFfnConfig,
+) -> Result<FfnOutput, FfnError> {
     match path {
-        FfnPath::Dense | FfnPath::Twell | FfnPath::Hybrid => dense_ffn(x, w),
+        FfnPath::Dense => Ok(dense_ffn(x, w)),
+        FfnPath::Twell => autograd::apply(x, w, SparseFormat::Twell, config),
+        FfnPath::Hybrid => autograd::apply(x, w, SparseFormat::Hybrid, config),
     }
 }
 
@@ -89,5 +116,12 @@ pub fn dense_ffn(x: &Tensor, w: &FfnWeights) -> FfnOutput {
             active.sum_dim_intlist(0, false, Kind::Int64),
         )
     });
-    FfnOutput { y, l1_sum, active_per_token, active_per_unit }
+    let overflow_rows = Tensor::zeros([2], (Kind::Int64, x.device()));
+    FfnOutput {
+        y,
+        l1_sum,
+        active_per_token,
+        active_per_unit,
+        overflow_rows,
+    }
 }

@@ -7,6 +7,15 @@
 //!
 //! [`ffn::sparse_ffn`] is the one entry point; it runs the `dense`, `twell` or `hybrid` path
 //! and callers never branch on the device.
+//!
+//! Modules: [`twell`] and [`hybrid`] are the packed formats of the gate activations,
+//! [`reference`] the CPU reference computed from them, [`autograd`] the `SparseFfn` custom
+//! autograd function (C++ side in `bridge/`) that the sparse paths run through.
+pub mod autograd;
 pub mod ffn;
+pub mod hybrid;
+pub mod reference;
+pub mod twell;
 
-pub use ffn::{sparse_ffn, FfnOutput, FfnPath, FfnWeights};
+pub use autograd::{FfnError, SparseFfnConfig};
+pub use ffn::{sparse_ffn, try_sparse_ffn, FfnOutput, FfnPath, FfnWeights};

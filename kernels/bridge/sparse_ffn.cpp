@@ -1,0 +1,116 @@
+// C++ side of the SparseFfn autograd function (see kernels/src/autograd.rs).
+//
+// A torch::autograd::Function whose forward and backward call Rust callbacks. Tensors cross
+// the boundary as torch::Tensor* (tch's C_tensor*): pointers handed to Rust are fresh heap
+// handles that Rust owns; pointers Rust hands back are heap handles this side takes over.
+// Rust keeps its per-call state (the packed activations) behind an opaque pointer stored in
+// the autograd context; the holder's destructor hands it back to Rust to free.
+#include <torch/torch.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+extern "C" {
+// inputs: x, Wg, Wu, Wd^T (owned by Rust once passed).
+// outputs: y, l1_sum, active_per_token, active_per_unit, overflow_rows (owned by C++).
+typedef int (*sparse_ffn_forward_fn)(const void* op, torch::Tensor** inputs,
+                                     torch::Tensor** outputs, void** state, char* err,
+                                     size_t err_len);
+// inputs: x, Wg, Wu, Wd^T, dy, dl1 (owned by Rust once passed).
+// outputs: dx, dWg, dWu, dWd^T (owned by C++).
+typedef int (*sparse_ffn_backward_fn)(void* state, torch::Tensor** inputs,
+                                      torch::Tensor** outputs, char* err, size_t err_len);
+typedef void (*sparse_ffn_drop_fn)(void* state);
+
+struct SparseFfnCallbacks {
+  const void* op;
+  sparse_ffn_forward_fn forward;
+  sparse_ffn_backward_fn backward;
+  sparse_ffn_drop_fn drop;
+};
+}
+
+namespace {
+
+constexpr size_t kErrLen = 1024;
+
+struct RustState : torch::CustomClassHolder {
+  void* state;
+  sparse_ffn_backward_fn backward;
+  sparse_ffn_drop_fn drop;
+  RustState(void* s, sparse_ffn_backward_fn b, sparse_ffn_drop_fn d)
+      : state(s), backward(b), drop(d) {}
+  ~RustState() override { drop(state); }
+};
+
+torch::Tensor take(torch::Tensor* p) {
+  torch::Tensor t = std::move(*p);
+  delete p;
+  return t;
+}
+
+struct SparseFfnFunction : public torch::autograd::Function<SparseFfnFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const torch::Tensor& x, const torch::Tensor& wg,
+                                                const torch::Tensor& wu, const torch::Tensor& wdt,
+                                                const SparseFfnCallbacks* cb) {
+    torch::Tensor* inputs[4] = {new torch::Tensor(x), new torch::Tensor(wg),
+                                new torch::Tensor(wu), new torch::Tensor(wdt)};
+    torch::Tensor* outputs[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    void* state = nullptr;
+    char err[kErrLen] = {0};
+    if (cb->forward(cb->op, inputs, outputs, &state, err, kErrLen) != 0) {
+      throw std::runtime_error(err);
+    }
+    ctx->saved_data["state"] = c10::IValue::make_capsule(
+        c10::make_intrusive<RustState>(state, cb->backward, cb->drop));
+    ctx->save_for_backward({x, wg, wu, wdt});
+    torch::autograd::variable_list out;
+    for (auto* p : outputs) out.push_back(take(p));
+    ctx->mark_non_differentiable({out[2], out[3], out[4]});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto holder = ctx->saved_data["state"].toCapsule();
+    auto* rs = static_cast<RustState*>(holder.get());
+    auto saved = ctx->get_saved_variables();
+    torch::Tensor* inputs[6] = {new torch::Tensor(saved[0]), new torch::Tensor(saved[1]),
+                                new torch::Tensor(saved[2]), new torch::Tensor(saved[3]),
+                                new torch::Tensor(grads[0]), new torch::Tensor(grads[1])};
+    torch::Tensor* outputs[4] = {nullptr, nullptr, nullptr, nullptr};
+    char err[kErrLen] = {0};
+    if (rs->backward(rs->state, inputs, outputs, err, kErrLen) != 0) {
+      throw std::runtime_error(err);
+    }
+    torch::autograd::variable_list out;
+    for (auto* p : outputs) out.push_back(take(p));
+    out.push_back(torch::Tensor());
+    return out;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+// Applies SparseFfn. `inputs` are tch tensors (borrowed); `outputs` receive 5 new handles that
+// the caller owns. Returns 0, or 1 with a message in `err`.
+int sparse_ffn_apply(const SparseFfnCallbacks* cb, torch::Tensor* const* inputs,
+                     torch::Tensor** outputs, char* err, size_t err_len) {
+  try {
+    auto out = SparseFfnFunction::apply(*inputs[0], *inputs[1], *inputs[2], *inputs[3], cb);
+    for (size_t i = 0; i < out.size(); ++i) outputs[i] = new torch::Tensor(out[i]);
+    return 0;
+  } catch (const c10::Error& e) {
+    std::strncpy(err, e.what_without_backtrace(), err_len - 1);
+    err[err_len - 1] = 0;
+    return 1;
+  } catch (const std::exception& e) {
+    std::strncpy(err, e.what(), err_len - 1);
+    err[err_len - 1] = 0;
+    return 1;
+  }
+}
+}

@@ -1,0 +1,312 @@
+//! CPU reference of the sparse gated FFN, computed from the non-zeros of the packed gate
+//! activations only.
+//!
+//! With `P = relu(x Wg^T)` (the packed gate activations, `[N, H]`), `u_tj = x_t . Wu_j` and
+//! `h_tj = P_tj * u_tj`, for every stored entry `(t, j)`:
+//!
+//! - forward: `y_t += h_tj Wd^T_j`, `l1_sum += |h_tj|`;
+//! - backward, given `dy: [N, D]` and `dl1` (the upstream gradient of `l1_sum`):
+//!   `dh_tj = dy_t . Wd^T_j + dl1 * sign(h_tj)`, `du_tj = dh_tj * P_tj` (gradient of `u`),
+//!   `dg_tj = dh_tj * u_tj` (gradient of the gate pre-activation; stored entries are exactly
+//!   the positions where `g > 0`), then
+//!   `dx_t += du_tj Wu_j + dg_tj Wg_j` (row pass over `P`) and
+//!   `dWu_j += du_tj x_t`, `dWg_j += dg_tj x_t`, `dWd^T_j += h_tj dy_t` (unit pass over the
+//!   transposed pattern `P^T: [H, N]`, so every weight-gradient row is a gather, as on the GPU).
+//!
+//! `u`, `h` and `dh` are recomputed per entry in each pass instead of being stored: the
+//! reference keeps no state besides the packed pattern. All arithmetic is f32 except the
+//! scalar `l1_sum`, accumulated in f64 and returned as f32.
+use half::bf16;
+use thiserror::Error;
+
+/// A scalar a format can be packed from.
+pub trait Element: Copy {
+    fn to_f32(self) -> f32;
+    fn to_bf16(self) -> bf16;
+    fn is_zero(self) -> bool;
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+    fn is_zero(self) -> bool {
+        self == 0.0
+    }
+}
+
+impl Element for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn to_bf16(self) -> bf16 {
+        self
+    }
+    fn is_zero(self) -> bool {
+        self.to_bits() & 0x7fff == 0
+    }
+}
+
+/// Row-wise read access to a sparse `[rows, cols]` matrix: what the reference computes from.
+/// Every packed format implements it, whatever its physical layout.
+pub trait SparseRows {
+    fn n_rows(&self) -> usize;
+    fn n_cols(&self) -> usize;
+    /// Calls `f(col, value)` for every stored entry of `row`, in increasing column order.
+    fn for_each_in_row<F: FnMut(usize, f32)>(&self, row: usize, f: F);
+}
+
+/// Errors of the CPU reference: inconsistent shapes.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReferenceError {
+    #[error("{name} has {len} elements, expected {rows} x {cols} = {}", rows * cols)]
+    Length {
+        name: &'static str,
+        len: usize,
+        rows: usize,
+        cols: usize,
+    },
+    #[error("{name} is [{rows}, {cols}], expected [{want_rows}, {want_cols}]")]
+    PatternShape {
+        name: &'static str,
+        rows: usize,
+        cols: usize,
+        want_rows: usize,
+        want_cols: usize,
+    },
+}
+
+/// The dense operands of one FFN call, row-major f32: `x: [N, D]`, `Wg, Wu, Wd^T: [H, D]`.
+#[derive(Clone, Copy, Debug)]
+pub struct FfnProblem<'a> {
+    x: &'a [f32],
+    gate: &'a [f32],
+    up: &'a [f32],
+    down_t: &'a [f32],
+    n: usize,
+    d: usize,
+    h: usize,
+}
+
+/// Forward results: `y: [N, D]`, `l1_sum`, and the active-unit counts (`h != 0`) per token
+/// (`[N]`) and per unit (`[H]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardResult {
+    pub y: Vec<f32>,
+    pub l1_sum: f32,
+    pub active_per_token: Vec<i64>,
+    pub active_per_unit: Vec<i64>,
+}
+
+/// Backward results: `dx: [N, D]`, `dWg, dWu, dWd^T: [H, D]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FfnGrads {
+    pub dx: Vec<f32>,
+    pub d_gate: Vec<f32>,
+    pub d_up: Vec<f32>,
+    pub d_down_t: Vec<f32>,
+}
+
+/// What one stored entry `(t, j)` contributes in the backward.
+struct EntryGrad {
+    h: f32,
+    du: f32,
+    dg: f32,
+}
+
+fn check_len(
+    name: &'static str,
+    v: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<(), ReferenceError> {
+    if v.len() == rows * cols {
+        Ok(())
+    } else {
+        Err(ReferenceError::Length {
+            name,
+            len: v.len(),
+            rows,
+            cols,
+        })
+    }
+}
+
+fn check_pattern<S: SparseRows>(
+    name: &'static str,
+    s: &S,
+    rows: usize,
+    cols: usize,
+) -> Result<(), ReferenceError> {
+    if s.n_rows() == rows && s.n_cols() == cols {
+        Ok(())
+    } else {
+        Err(ReferenceError::PatternShape {
+            name,
+            rows: s.n_rows(),
+            cols: s.n_cols(),
+            want_rows: rows,
+            want_cols: cols,
+        })
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn axpy(acc: &mut [f32], alpha: f32, v: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(v) {
+        *a += alpha * b;
+    }
+}
+
+fn sign(v: f32) -> f32 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+impl<'a> FfnProblem<'a> {
+    /// Checks every length against `x: [n, d]` and the weights `[h, d]`.
+    pub fn new(
+        x: &'a [f32],
+        gate: &'a [f32],
+        up: &'a [f32],
+        down_t: &'a [f32],
+        n: usize,
+        d: usize,
+        h: usize,
+    ) -> Result<Self, ReferenceError> {
+        check_len("x", x, n, d)?;
+        check_len("Wg", gate, h, d)?;
+        check_len("Wu", up, h, d)?;
+        check_len("Wd^T", down_t, h, d)?;
+        Ok(FfnProblem {
+            x,
+            gate,
+            up,
+            down_t,
+            n,
+            d,
+            h,
+        })
+    }
+
+    fn x_row(&self, t: usize) -> &[f32] {
+        &self.x[t * self.d..(t + 1) * self.d]
+    }
+
+    fn w_row<'b>(&self, w: &'b [f32], j: usize) -> &'b [f32] {
+        &w[j * self.d..(j + 1) * self.d]
+    }
+
+    /// The dense gate GEMM, `relu(x Wg^T): [N, H]`: the one product a sparse FFN cannot skip.
+    pub fn gate_activations(&self) -> Vec<f32> {
+        let mut p = vec![0.0f32; self.n * self.h];
+        for t in 0..self.n {
+            let xt = self.x_row(t);
+            for j in 0..self.h {
+                p[t * self.h + j] = dot(xt, self.w_row(self.gate, j)).max(0.0);
+            }
+        }
+        p
+    }
+
+    /// Forward from the packed gate activations `p: [N, H]`.
+    pub fn forward<S: SparseRows>(&self, p: &S) -> Result<ForwardResult, ReferenceError> {
+        check_pattern("P", p, self.n, self.h)?;
+        let mut y = vec![0.0f32; self.n * self.d];
+        let mut l1 = 0.0f64;
+        let mut active_per_token = vec![0i64; self.n];
+        let mut active_per_unit = vec![0i64; self.h];
+        for t in 0..self.n {
+            let xt = self.x_row(t);
+            let yt = &mut y[t * self.d..(t + 1) * self.d];
+            p.for_each_in_row(t, |j, pv| {
+                let h = pv * dot(xt, self.w_row(self.up, j));
+                if h != 0.0 {
+                    axpy(yt, h, self.w_row(self.down_t, j));
+                    l1 += f64::from(h.abs());
+                    active_per_token[t] += 1;
+                    active_per_unit[j] += 1;
+                }
+            });
+        }
+        Ok(ForwardResult {
+            y,
+            l1_sum: l1 as f32,
+            active_per_token,
+            active_per_unit,
+        })
+    }
+
+    fn entry_grad(&self, t: usize, j: usize, pv: f32, dy: &[f32], dl1: f32) -> EntryGrad {
+        let u = dot(self.x_row(t), self.w_row(self.up, j));
+        let h = pv * u;
+        let dh = dot(
+            &dy[t * self.d..(t + 1) * self.d],
+            self.w_row(self.down_t, j),
+        ) + dl1 * sign(h);
+        EntryGrad {
+            h,
+            du: dh * pv,
+            dg: dh * u,
+        }
+    }
+
+    /// Backward from the packed gate activations `p: [N, H]` and their transpose
+    /// `p_t: [H, N]` (same entries), given `dy: [N, D]` and `dl1`.
+    pub fn backward<S: SparseRows, T: SparseRows>(
+        &self,
+        p: &S,
+        p_t: &T,
+        dy: &[f32],
+        dl1: f32,
+    ) -> Result<FfnGrads, ReferenceError> {
+        check_pattern("P", p, self.n, self.h)?;
+        check_pattern("P^T", p_t, self.h, self.n)?;
+        check_len("dy", dy, self.n, self.d)?;
+        let d = self.d;
+        let mut dx = vec![0.0f32; self.n * d];
+        for t in 0..self.n {
+            let dxt = &mut dx[t * d..(t + 1) * d];
+            p.for_each_in_row(t, |j, pv| {
+                let e = self.entry_grad(t, j, pv, dy, dl1);
+                axpy(dxt, e.du, self.w_row(self.up, j));
+                axpy(dxt, e.dg, self.w_row(self.gate, j));
+            });
+        }
+        let mut d_gate = vec![0.0f32; self.h * d];
+        let mut d_up = vec![0.0f32; self.h * d];
+        let mut d_down_t = vec![0.0f32; self.h * d];
+        for j in 0..self.h {
+            let rows = j * d..(j + 1) * d;
+            let (dg_j, du_j, dd_j) = (
+                &mut d_gate[rows.clone()],
+                &mut d_up[rows.clone()],
+                &mut d_down_t[rows],
+            );
+            p_t.for_each_in_row(j, |t, pv| {
+                let e = self.entry_grad(t, j, pv, dy, dl1);
+                let xt = self.x_row(t);
+                axpy(dg_j, e.dg, xt);
+                axpy(du_j, e.du, xt);
+                axpy(dd_j, e.h, &dy[t * d..(t + 1) * d]);
+            });
+        }
+        Ok(FfnGrads {
+            dx,
+            d_gate,
+            d_up,
+            d_down_t,
+        })
+    }
+}

@@ -2,14 +2,14 @@
 //!
 //! tch has no custom autograd functions, so `bridge/sparse_ffn.cpp` defines a
 //! `torch::autograd::Function` whose forward and backward call back into this module
-//! ([`forward_cb`], [`backward_cb`]). Tensors cross as `torch::Tensor*` (tch's `C_tensor*`).
+//! (`forward_cb`, `backward_cb`). Tensors cross as `torch::Tensor*` (tch's `C_tensor*`).
 //! The forward returns `y: [N, D]` and `l1_sum` (differentiable) plus three no-grad
-//! statistics, and keeps the packed gate activations in a Rust [`Saved`] value owned by the
+//! statistics, and keeps the packed gate activations in a Rust `Saved` value owned by the
 //! autograd context until the graph is freed.
 //!
-//! Devices are dispatched in one place each way ([`forward`] on the input device, [`backward`]
+//! Devices are dispatched in one place each way (`forward` on the input device, `backward`
 //! on what the forward saved): CPU tensors run the CPU reference on the TwELL or hybrid
-//! format; CUDA tensors currently run the same function with dense tch ops ([`dense`]). All
+//! format; CUDA tensors currently run the same function with dense tch ops (`dense`). All
 //! math is f32; `y` and the gradients come back in their input's dtype, `l1_sum` as f32.
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -245,7 +245,8 @@ struct Inputs<'a> {
 }
 
 /// The forward's device dispatch: `[y, l1_sum, active_per_token, active_per_unit,
-/// overflow_rows]` and the state for the backward.
+/// overflow_rows]` and the state for the backward. CUDA kernels replace the `Cuda` arm (with
+/// their own `Saved` variant, which `backward` then dispatches on).
 fn forward(op: &Op, t: &Inputs) -> Result<([Tensor; 5], Saved), FfnError> {
     match t.x.device() {
         Device::Cpu => cpu::forward(op, t),

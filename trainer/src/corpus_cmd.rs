@@ -33,7 +33,9 @@ fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("SPARSE_TRAIN_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("sparse-train")
 }
 
@@ -52,12 +54,17 @@ fn script() -> PathBuf {
     if let Some(p) = std::env::var_os("SPARSE_TRAIN_CORPUS_SCRIPT").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("corpus").join("build_corpus.py")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("corpus")
+        .join("build_corpus.py")
 }
 
 fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     eprintln!("[corpus] {what}: {cmd:?}");
-    let status = cmd.status().with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
@@ -70,13 +77,19 @@ fn train_inputs(out: &Path) -> Result<Vec<PathBuf>> {
     let manifest_path = out.join("manifest.json");
     let mut inputs = Vec::new();
     if manifest_path.is_file() {
-        let text = std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
-        let manifest: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?;
+        let manifest: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", manifest_path.display()))?;
         let files = |key: &str| -> Vec<PathBuf> {
             manifest[key]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()).map(|s| out.join(s)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str())
+                        .map(|s| out.join(s))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         inputs.extend(files("train_files"));
@@ -93,36 +106,58 @@ fn train_inputs(out: &Path) -> Result<Vec<PathBuf>> {
     }
     inputs.retain(|p| p.is_file());
     if inputs.is_empty() {
-        bail!("no training text found under {}", out.join("train").display());
+        bail!(
+            "no training text found under {}",
+            out.join("train").display()
+        );
     }
     Ok(inputs)
 }
 
 /// Runs the corpus build: Python text builder, then `prepare` for train and validation shards.
 pub fn run(args: &CorpusBuildArgs) -> Result<()> {
-    let cache = args.cache.clone().unwrap_or_else(|| cache_root().join("corpus-downloads"));
+    let cache = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| cache_root().join("corpus-downloads"));
     let script = script();
     if !script.is_file() {
-        bail!("corpus builder not found at {} (set SPARSE_TRAIN_CORPUS_SCRIPT)", script.display());
+        bail!(
+            "corpus builder not found at {} (set SPARSE_TRAIN_CORPUS_SCRIPT)",
+            script.display()
+        );
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
 
     let mut build = Command::new(python());
-    build.arg(&script).arg("--out").arg(&args.out).arg("--cache").arg(&cache);
+    build
+        .arg(&script)
+        .arg("--out")
+        .arg(&args.out)
+        .arg("--cache")
+        .arg(&cache);
     if args.extended {
         build.arg("--extended");
     }
     run_checked(&mut build, "building corpus text")?;
 
     if args.no_tokenize {
-        eprintln!("[corpus] text ready in {} (tokenizing skipped)", args.out.display());
+        eprintln!(
+            "[corpus] text ready in {} (tokenizing skipped)",
+            args.out.display()
+        );
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the sparse-train executable")?;
 
     let train = train_inputs(&args.out)?;
     let mut prep = Command::new(&exe);
-    prep.arg("prepare").arg("--input").args(&train).arg("--out").arg(args.out.join("shards").join("train"));
+    prep.arg("prepare")
+        .arg("--input")
+        .args(&train)
+        .arg("--out")
+        .arg(args.out.join("shards").join("train"));
     run_checked(&mut prep, "tokenizing training text")?;
 
     let val = args.out.join("val").join("bbc.jsonl");
@@ -130,7 +165,11 @@ pub fn run(args: &CorpusBuildArgs) -> Result<()> {
         bail!("validation text missing: {}", val.display());
     }
     let mut prep = Command::new(&exe);
-    prep.arg("prepare").arg("--input").arg(&val).arg("--out").arg(args.out.join("shards").join("val"));
+    prep.arg("prepare")
+        .arg("--input")
+        .arg(&val)
+        .arg("--out")
+        .arg(args.out.join("shards").join("val"));
     run_checked(&mut prep, "tokenizing validation text")?;
 
     eprintln!(
@@ -150,7 +189,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("corpus-cmd-test-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("train")).unwrap();
         for f in ["a", "b"] {
-            std::fs::write(dir.join("train").join(format!("{f}.jsonl")), "{\"text\":\"x\"}\n").unwrap();
+            std::fs::write(
+                dir.join("train").join(format!("{f}.jsonl")),
+                "{\"text\":\"x\"}\n",
+            )
+            .unwrap();
         }
         std::fs::write(
             dir.join("manifest.json"),
@@ -158,7 +201,10 @@ mod tests {
         )
         .unwrap();
         let got = train_inputs(&dir).unwrap();
-        let names: Vec<_> = got.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        let names: Vec<_> = got
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names, ["a.jsonl", "b.jsonl", "a.jsonl"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -13,7 +13,10 @@ fn torch_root() -> PathBuf {
         }
     }
     let out = Command::new("python3")
-        .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
+        .args([
+            "-c",
+            "import torch,os;print(os.path.dirname(torch.__file__))",
+        ])
         .output()
         .expect("python3 with torch is needed to build sparse-kernels (source scripts/env.sh)");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
@@ -53,7 +56,9 @@ fn build_cubins() {
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-env-changed=SPARSE_TRAIN_NVCC");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    let nvcc = std::env::var("SPARSE_TRAIN_NVCC").ok().filter(|p| Path::new(p).exists());
+    let nvcc = std::env::var("SPARSE_TRAIN_NVCC")
+        .ok()
+        .filter(|p| Path::new(p).exists());
     let cu = sources("cuda", "cu");
     let mut manifest = String::new();
     for src in &cu {
@@ -61,7 +66,12 @@ fn build_cubins() {
         for (arch, code) in [("compute_90a", "sm_90a"), ("compute_80", "sm_80")] {
             let cubin = out_dir.join(format!("{stem}.{code}.cubin"));
             if let Some(nvcc) = &nvcc {
-                let inc = Path::new(nvcc).parent().unwrap().parent().unwrap().join("include");
+                let inc = Path::new(nvcc)
+                    .parent()
+                    .unwrap()
+                    .parent()
+                    .unwrap()
+                    .join("include");
                 let status = Command::new(nvcc)
                     .args(["-cubin", "-O3", "-std=c++17", "-lineinfo"])
                     .arg(format!("-gencode=arch={arch},code={code}"))
@@ -74,7 +84,11 @@ fn build_cubins() {
                     .arg(src)
                     .status()
                     .expect("failed to run nvcc");
-                assert!(status.success(), "nvcc failed on {} for {code}", src.display());
+                assert!(
+                    status.success(),
+                    "nvcc failed on {} for {code}",
+                    src.display()
+                );
                 manifest.push_str(&format!("{stem} {code} {}\n", cubin.display()));
             }
         }

@@ -1,0 +1,97 @@
+//! Training end to end on the shipped tiny corpus (CPU).
+use sparse_train_tests::{assert_success, losses, run, step_records};
+
+#[test]
+fn tiny_training_loss_falls() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    assert_success(&run(&[
+        "--config",
+        "configs/tiny.yaml",
+        "--max-steps",
+        "40",
+        "--out-dir",
+        out,
+    ]));
+    let l = losses(dir.path());
+    assert_eq!(l.len(), 40);
+    let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = l[35..].iter().sum::<f64>() / 5.0;
+    assert!(
+        last < first - 2.0,
+        "loss did not fall: first {first:.3}, last {last:.3}"
+    );
+}
+
+#[test]
+fn same_seed_gives_identical_losses() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    for d in [&a, &b] {
+        let o = d.path().to_str().unwrap();
+        assert_success(&run(&[
+            "--config",
+            "configs/tiny.yaml",
+            "--max-steps",
+            "6",
+            "--out-dir",
+            o,
+        ]));
+    }
+    let (la, lb) = (losses(a.path()), losses(b.path()));
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, lb, "two runs with one seed differ");
+    assert_eq!(
+        step_records(a.path())[5]["grad_norm"],
+        step_records(b.path())[5]["grad_norm"]
+    );
+}
+
+#[test]
+fn bad_config_fails_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    let text =
+        std::fs::read_to_string(sparse_train_tests::repo().join("configs/tiny.yaml")).unwrap();
+    std::fs::write(&cfg, text.replace("num_heads: 4", "num_heads: 5")).unwrap();
+    let out = run(&["--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml") && err.contains("model.hidden_size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_shard_fails_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    let src = sparse_train_tests::repo().join("data/shards/tiny/train/shard_00000.bin");
+    let bytes = std::fs::read(src).unwrap();
+    std::fs::write(shards.join("shard_00000.bin"), &bytes[..bytes.len() / 2]).unwrap();
+    let cfg = dir.path().join("c.yaml");
+    let text =
+        std::fs::read_to_string(sparse_train_tests::repo().join("configs/tiny.yaml")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "train: data/shards/tiny/train",
+            &format!("train: {}", shards.display()),
+        ),
+    )
+    .unwrap();
+    let out = run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-dir",
+        dir.path().join("run").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("shard_00000.bin") && err.contains("truncated"),
+        "{err}"
+    );
+}

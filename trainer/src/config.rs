@@ -1,0 +1,579 @@
+//! Typed run configuration, read from YAML and validated once at start.
+//!
+//! Every field has its default written here, in one place. Unknown fields are rejected, and
+//! every error names the file and the field at fault.
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("config {file}: field `{field}`: {message}")]
+    Invalid {
+        file: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub sparsity: SparsityConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Llama-style decoder shape.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    #[serde(default)]
+    pub num_kv_heads: Option<usize>,
+    pub max_seq_len: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub tie_embeddings: bool,
+    #[serde(default = "default_init_std")]
+    pub init_std: f64,
+}
+
+impl ModelConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_kv_heads.unwrap_or(self.num_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+    /// Parameter count (embeddings counted once when tied).
+    pub fn num_params(&self) -> usize {
+        let d = self.hidden_size;
+        let kv = self.kv_heads() * self.head_dim();
+        let attn = d * d * 2 + 2 * d * kv;
+        let ffn = 3 * d * self.intermediate_size;
+        let layer = attn + ffn + 2 * d;
+        let emb = self.vocab_size * d;
+        let head = if self.tie_embeddings { 0 } else { emb };
+        emb + head + self.num_layers * layer + d
+    }
+    /// Training FLOPs per token: 6 * params + attention (12 * L * D * T), the usual MFU
+    /// convention (embedding lookups included in params, as anchors.md measures).
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        6.0 * self.num_params() as f64
+            + 12.0 * (self.num_layers * self.hidden_size * seq_len) as f64
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp32 everywhere.
+    Fp32,
+    /// bf16 autocast over fp32 master weights (GPU only; CPU runs fall back to fp32).
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when available, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub seed: u64,
+    /// Optimizer steps.
+    pub max_steps: usize,
+    /// Global batch in sequences (over all data-parallel ranks and accumulation steps).
+    pub batch_size: usize,
+    /// Sequences per rank per forward; accumulation = batch / (micro * data ranks).
+    pub micro_batch_size: usize,
+    /// Tokens per sequence (<= model.max_seq_len).
+    pub seq_len: usize,
+    pub lr: f64,
+    /// Final LR as a fraction of `lr` at the end of the cosine.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+    pub precision: Precision,
+    pub device: DeviceChoice,
+    pub log_every: usize,
+    /// Evaluate on the validation set every N steps (0: never).
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    /// Consecutive non-finite steps after which the run stops.
+    pub max_skipped_steps: usize,
+    /// Where runs write logs, TensorBoard files and checkpoints.
+    pub out_dir: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            seed: 42,
+            max_steps: 1000,
+            batch_size: 8,
+            micro_batch_size: 8,
+            seq_len: 128,
+            lr: 1e-3,
+            min_lr_ratio: 0.0,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            precision: Precision::Bf16,
+            device: DeviceChoice::Auto,
+            log_every: 10,
+            eval_every: 0,
+            eval_batches: 8,
+            max_skipped_steps: 10,
+            out_dir: PathBuf::from("runs/default"),
+        }
+    }
+}
+
+/// The L1 penalty on the FFN hidden activations and the sparse-path scheduler.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SparsityConfig {
+    /// Target lambda. loss = CE + lambda * L1, L1 = mean over layers of
+    /// (1/N_global) * sum over tokens and hidden units of |h|.
+    pub l1_coeff: f64,
+    /// lambda is 0 before this optimizer step...
+    pub l1_start_step: usize,
+    /// ...and ramps linearly to `l1_coeff` at this step (== start: constant from start).
+    pub l1_end_step: usize,
+    /// FFN path: `dense`, `twell`, `hybrid`, or `auto` (per layer, from measured non-zeros).
+    pub ffn_path: String,
+    /// In `auto`, a layer runs sparse when its mean active units per token is below this.
+    pub l0_cutoff: f64,
+    /// In `auto`, the per-layer decision is re-taken every this many optimizer steps.
+    pub switch_period: usize,
+    /// A unit is dead after not firing for this many tokens (global).
+    pub tokens_until_dead: u64,
+    /// Re-initialise the gate row of dead units (0 disables).
+    pub reinit_dead: bool,
+}
+
+impl Default for SparsityConfig {
+    fn default() -> Self {
+        SparsityConfig {
+            l1_coeff: 0.0,
+            l1_start_step: 0,
+            l1_end_step: 0,
+            ffn_path: "dense".into(),
+            l0_cutoff: 50.0,
+            switch_period: 20,
+            tokens_until_dead: 1 << 20,
+            reinit_dead: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Shard directory (or one shard file) of the training set, relative to the config
+    /// file's directory's parent when relative (the repository root for `configs/*.yaml`).
+    pub train: Option<PathBuf>,
+    pub val: Option<PathBuf>,
+    /// Uniform random tokens instead of a corpus (throughput benchmarks only).
+    pub synthetic: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    pub data: usize,
+    pub tensor: usize,
+    pub zero1: bool,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig {
+            data: 1,
+            tensor: 1,
+            zero1: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every N optimizer steps (0: only at the end and on a stop signal).
+    pub every: usize,
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every: 0,
+            keep_last: 3,
+        }
+    }
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_rms_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_init_std() -> f64 {
+    0.02
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative data paths are resolved against
+    /// the repository root guess: the config file's parent's parent for `configs/x.yaml`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text, path)?;
+        let base = path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+            .unwrap_or_default();
+        for p in [&mut cfg.data.train, &mut cfg.data.val]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() && !p.exists() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates YAML text; `file` is used in error messages only.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            field,
+            message,
+        };
+        let m = &self.model;
+        let positive = [
+            ("model.vocab_size", m.vocab_size),
+            ("model.hidden_size", m.hidden_size),
+            ("model.intermediate_size", m.intermediate_size),
+            ("model.num_layers", m.num_layers),
+            ("model.num_heads", m.num_heads),
+            ("model.max_seq_len", m.max_seq_len),
+            ("train.batch_size", self.train.batch_size),
+            ("train.micro_batch_size", self.train.micro_batch_size),
+            ("train.seq_len", self.train.seq_len),
+            ("train.max_steps", self.train.max_steps),
+            ("train.log_every", self.train.log_every),
+            ("parallel.data", self.parallel.data),
+            ("parallel.tensor", self.parallel.tensor),
+            ("checkpoint.keep_last", self.checkpoint.keep_last),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(bad(field, "must be > 0".into()));
+            }
+        }
+        if m.hidden_size % m.num_heads != 0 {
+            return Err(bad(
+                "model.hidden_size",
+                format!(
+                    "{} is not divisible by model.num_heads = {}",
+                    m.hidden_size, m.num_heads
+                ),
+            ));
+        }
+        if m.head_dim() % 2 != 0 {
+            return Err(bad(
+                "model.num_heads",
+                "head dimension must be even for RoPE".into(),
+            ));
+        }
+        if m.num_heads % m.kv_heads() != 0 {
+            return Err(bad(
+                "model.num_kv_heads",
+                format!(
+                    "{} does not divide model.num_heads = {}",
+                    m.kv_heads(),
+                    m.num_heads
+                ),
+            ));
+        }
+        if !(m.rope_theta > 0.0) {
+            return Err(bad("model.rope_theta", "must be > 0".into()));
+        }
+        if !(m.rms_norm_eps > 0.0) {
+            return Err(bad("model.rms_norm_eps", "must be > 0".into()));
+        }
+        if !(m.init_std > 0.0) {
+            return Err(bad("model.init_std", "must be > 0".into()));
+        }
+        let t = &self.train;
+        if t.seq_len > m.max_seq_len {
+            return Err(bad(
+                "train.seq_len",
+                format!(
+                    "{} exceeds model.max_seq_len = {}",
+                    t.seq_len, m.max_seq_len
+                ),
+            ));
+        }
+        let per_step = t.micro_batch_size * self.parallel.data;
+        if t.batch_size % per_step != 0 {
+            return Err(bad(
+                "train.batch_size",
+                format!(
+                    "{} is not a multiple of train.micro_batch_size ({}) x parallel.data ({})",
+                    t.batch_size, t.micro_batch_size, self.parallel.data
+                ),
+            ));
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(bad(
+                "train.lr",
+                format!("{} must be a positive number", t.lr),
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(bad("train.min_lr_ratio", "must be in [0, 1]".into()));
+        }
+        if !(0.0..1.0).contains(&t.beta1) {
+            return Err(bad("train.beta1", "must be in [0, 1)".into()));
+        }
+        if !(0.0..1.0).contains(&t.beta2) {
+            return Err(bad("train.beta2", "must be in [0, 1)".into()));
+        }
+        if !(t.eps > 0.0) {
+            return Err(bad("train.eps", "must be > 0".into()));
+        }
+        if t.weight_decay < 0.0 {
+            return Err(bad("train.weight_decay", "must be >= 0".into()));
+        }
+        if t.grad_clip < 0.0 {
+            return Err(bad("train.grad_clip", "must be >= 0 (0 disables)".into()));
+        }
+        if t.max_skipped_steps == 0 {
+            return Err(bad("train.max_skipped_steps", "must be > 0".into()));
+        }
+        let s = &self.sparsity;
+        if !(s.l1_coeff >= 0.0 && s.l1_coeff.is_finite()) {
+            return Err(bad(
+                "sparsity.l1_coeff",
+                "must be a finite number >= 0".into(),
+            ));
+        }
+        if s.l1_end_step < s.l1_start_step {
+            return Err(bad(
+                "sparsity.l1_end_step",
+                format!(
+                    "{} is before sparsity.l1_start_step = {}",
+                    s.l1_end_step, s.l1_start_step
+                ),
+            ));
+        }
+        if s.ffn_path != "auto" && s.ffn_path.parse::<sparse_kernels::FfnPath>().is_err() {
+            return Err(bad(
+                "sparsity.ffn_path",
+                format!("`{}`: expected dense, twell, hybrid or auto", s.ffn_path),
+            ));
+        }
+        if s.switch_period == 0 {
+            return Err(bad("sparsity.switch_period", "must be > 0".into()));
+        }
+        if self.data.synthetic == self.data.train.is_some() {
+            return Err(bad(
+                "data.train",
+                "set exactly one of data.train (a shard directory) or data.synthetic: true".into(),
+            ));
+        }
+        let p = &self.parallel;
+        if m.num_heads % p.tensor != 0 || m.kv_heads() % p.tensor != 0 {
+            return Err(bad(
+                "parallel.tensor",
+                format!(
+                    "{} does not divide the attention heads ({})",
+                    p.tensor, m.num_heads
+                ),
+            ));
+        }
+        if m.intermediate_size % p.tensor != 0 {
+            return Err(bad(
+                "parallel.tensor",
+                format!("{} does not divide model.intermediate_size", p.tensor),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "model: {vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4, max_seq_len: 16}\ntrain: {batch_size: 4, micro_batch_size: 2, seq_len: 16}\ndata: {synthetic: true}\n";
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("cfg.yaml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn base_config_parses_with_defaults() {
+        let c = Config::parse(BASE, Path::new("cfg.yaml")).unwrap();
+        assert_eq!(c.model.kv_heads(), 4);
+        assert_eq!(c.train.lr, 1e-3);
+        assert_eq!(c.sparsity.ffn_path, "dense");
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_the_file() {
+        let e = err(&BASE.replace("max_seq_len: 16}", "max_seq_len: 16, hiden: 3}"));
+        assert!(e.contains("cfg.yaml") && e.contains("hiden"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = err(&BASE.replace("num_layers: 2", "num_layers: two"));
+        assert!(e.contains("cfg.yaml") && e.contains("num_layers"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let e = err(&BASE.replace("num_heads: 4, ", ""));
+        assert!(e.contains("num_heads"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases = [
+            (
+                BASE.replace("hidden_size: 32", "hidden_size: 30"),
+                "model.hidden_size",
+            ),
+            (
+                BASE.replace("size: 2, seq_len: 16}", "size: 2, seq_len: 32}"),
+                "train.seq_len",
+            ),
+            (
+                BASE.replace("micro_batch_size: 2", "micro_batch_size: 3"),
+                "train.batch_size",
+            ),
+            (
+                BASE.replace("num_layers: 2", "num_layers: 0"),
+                "model.num_layers",
+            ),
+            (
+                format!("{BASE}sparsity: {{ffn_path: sparse}}\n"),
+                "sparsity.ffn_path",
+            ),
+            (
+                format!("{BASE}sparsity: {{l1_coeff: -1.0}}\n"),
+                "sparsity.l1_coeff",
+            ),
+            (
+                format!("{BASE}sparsity: {{l1_start_step: 5, l1_end_step: 2}}\n"),
+                "sparsity.l1_end_step",
+            ),
+            (
+                format!("{BASE}parallel: {{tensor: 3}}\n"),
+                "parallel.tensor",
+            ),
+            (
+                BASE.replace("data: {synthetic: true}", "data: {}"),
+                "data.train",
+            ),
+            (
+                BASE.replace("size: 2, seq_len: 16}", "size: 2, seq_len: 16, lr: 0.0}"),
+                "train.lr",
+            ),
+            (
+                BASE.replace(
+                    "size: 2, seq_len: 16}",
+                    "size: 2, seq_len: 16, precision: fp16}",
+                ),
+                "precision",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = err(&text);
+            assert!(
+                e.contains("cfg.yaml") && e.contains(field),
+                "expected `{field}` in: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(Path::new("/nonexistent/x.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/x.yaml"), "{e}");
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "expected the six shipped configs, found {n}");
+    }
+}

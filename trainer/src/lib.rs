@@ -1,0 +1,10 @@
+//! sparse-train: configs, model, data, optimizer, sparsity scheduler and the training loop.
+pub mod config;
+pub mod corpus_cmd;
+pub mod data;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod prepare;
+pub mod scheduler;
+pub mod train;

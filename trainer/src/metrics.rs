@@ -1,0 +1,139 @@
+//! Training metrics: per-layer FFN activity kept on the device between logs, and the sinks
+//! (progress line, `metrics.jsonl`).
+use crate::model::LayerStats;
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// Per-layer FFN activity, accumulated on the device over a log interval.
+pub struct LayerActivity {
+    active_sum: Vec<Tensor>,
+    active_max: Vec<Tensor>,
+    l1_sum: Vec<Tensor>,
+    tokens: u64,
+    /// Tokens since each unit last fired, `[H]` per layer (persists across intervals).
+    pub tokens_since_fired: Vec<Tensor>,
+    step_fired: Vec<Option<Tensor>>,
+}
+
+/// What a layer did over a log interval.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerSummary {
+    pub nnz_mean: f64,
+    pub nnz_max: i64,
+    pub sparsity: f64,
+    pub l1: f64,
+    pub dead: i64,
+}
+
+impl LayerActivity {
+    pub fn new(layers: usize, hidden: usize, device: Device) -> Self {
+        let z = || Tensor::zeros([], (Kind::Int64, device));
+        LayerActivity {
+            active_sum: (0..layers).map(|_| z()).collect(),
+            active_max: (0..layers).map(|_| z()).collect(),
+            l1_sum: (0..layers)
+                .map(|_| Tensor::zeros([], (Kind::Float, device)))
+                .collect(),
+            tokens: 0,
+            tokens_since_fired: (0..layers)
+                .map(|_| Tensor::zeros([hidden as i64], (Kind::Int64, device)))
+                .collect(),
+            step_fired: (0..layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Adds one micro-batch's statistics (no host sync).
+    pub fn add(&mut self, stats: &[LayerStats]) {
+        for (l, s) in stats.iter().enumerate() {
+            self.active_sum[l] += s.active_per_token.sum(Kind::Int64);
+            self.active_max[l] = self.active_max[l].maximum(&s.active_per_token.max());
+            self.l1_sum[l] += &s.l1_sum;
+            let fired = s.active_per_unit.gt(0);
+            self.step_fired[l] = Some(match self.step_fired[l].take() {
+                None => fired,
+                Some(f) => f.logical_or(&fired),
+            });
+        }
+        if let Some(s) = stats.first() {
+            self.tokens += s.active_per_token.size()[0] as u64;
+        }
+    }
+
+    /// Ends an optimizer step covering `step_tokens` tokens: updates the dead-unit clocks.
+    pub fn end_step(&mut self, step_tokens: u64) {
+        for l in 0..self.step_fired.len() {
+            if let Some(fired) = self.step_fired[l].take() {
+                let advanced = &self.tokens_since_fired[l] + step_tokens as i64;
+                self.tokens_since_fired[l] =
+                    advanced.where_self(&fired.logical_not(), &advanced.zeros_like());
+            }
+        }
+    }
+
+    /// Reads and resets the interval's statistics (one host sync).
+    pub fn summarize(&mut self, hidden: usize, tokens_until_dead: u64) -> Vec<LayerSummary> {
+        let tokens = self.tokens.max(1) as f64;
+        let out = (0..self.active_sum.len())
+            .map(|l| {
+                let nnz_mean = self.active_sum[l].int64_value(&[]) as f64 / tokens;
+                LayerSummary {
+                    nnz_mean,
+                    nnz_max: self.active_max[l].int64_value(&[]),
+                    sparsity: 1.0 - nnz_mean / hidden as f64,
+                    l1: self.l1_sum[l].double_value(&[]) / tokens,
+                    dead: self.tokens_since_fired[l]
+                        .ge(tokens_until_dead as i64)
+                        .sum(Kind::Int64)
+                        .int64_value(&[]),
+                }
+            })
+            .collect();
+        for t in self.active_sum.iter_mut().chain(self.active_max.iter_mut()) {
+            let _ = t.zero_();
+        }
+        for t in &mut self.l1_sum {
+            let _ = t.zero_();
+        }
+        self.tokens = 0;
+        out
+    }
+}
+
+/// Appends one JSON object per line to `metrics.jsonl` in the run directory.
+pub struct JsonlSink {
+    file: std::fs::File,
+}
+
+impl JsonlSink {
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("metrics.jsonl"))?;
+        Ok(JsonlSink { file })
+    }
+
+    pub fn write(&mut self, value: &serde_json::Value) -> std::io::Result<()> {
+        writeln!(self.file, "{value}")
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Peak resident memory of this process in bytes (Linux), for CPU runs.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

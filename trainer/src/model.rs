@@ -1,0 +1,303 @@
+//! The Llama-style decoder with the ReLU-gated sparse FFN.
+//!
+//! Written for one device; parallelism is applied outside (see `parallel`). Parameters live
+//! in a `VarStore` under HF Llama names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
+//! except the down projection, kept transposed as `mlp.down_proj.weight_t: [H, D]` so the
+//! sparse kernels read contiguous rows of live units; checkpoints export it as HF's
+//! `mlp.down_proj.weight: [D, H]`.
+use crate::config::ModelConfig;
+use sparse_kernels::{sparse_ffn, FfnPath, FfnWeights};
+use tch::nn::{Init, Path, VarStore};
+use tch::{Device, Kind, Tensor};
+
+pub struct Block {
+    pub input_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub post_norm: Tensor,
+    /// `[H, D]`
+    pub gate: Tensor,
+    /// `[H, D]`
+    pub up: Tensor,
+    /// `[H, D]`
+    pub down_t: Tensor,
+}
+
+/// Per-layer FFN activity of one forward, as device tensors (read only when logged).
+pub struct LayerStats {
+    /// `sum_t sum_j |h_tj|`, detached.
+    pub l1_sum: Tensor,
+    /// Active units per token `[N]`.
+    pub active_per_token: Tensor,
+    /// Tokens each unit fired on `[H]`.
+    pub active_per_unit: Tensor,
+}
+
+pub struct ForwardOutput {
+    /// `[B, T, V]` (f32)
+    pub logits: Tensor,
+    /// Mean over layers of `sum_t sum_j |h|` (differentiable; divide by global tokens).
+    pub l1_sum: Tensor,
+    pub layers: Vec<LayerStats>,
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    /// `None` when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn linear(p: Path, out_dim: usize, in_dim: usize, std: f64, name: &str) -> Tensor {
+    p.var(
+        name,
+        &[out_dim as i64, in_dim as i64],
+        Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )
+}
+
+fn ones(p: Path, dim: usize) -> Tensor {
+    p.var("weight", &[dim as i64], Init::Const(1.0))
+}
+
+impl Llama {
+    /// Creates the parameters in `vs` (HF Llama init: N(0, init_std), norms 1).
+    pub fn new(vs: &VarStore, cfg: &ModelConfig) -> Llama {
+        let root = vs.root();
+        let m = root.clone() / "model";
+        let d = cfg.hidden_size;
+        let h = cfg.intermediate_size;
+        let kv = cfg.kv_heads() * cfg.head_dim();
+        let std = cfg.init_std;
+        let embed = (m.clone() / "embed_tokens").var(
+            "weight",
+            &[cfg.vocab_size as i64, d as i64],
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        );
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let l = m.clone() / "layers" / i;
+                let a = l.clone() / "self_attn";
+                let f = l.clone() / "mlp";
+                Block {
+                    input_norm: ones(l.clone() / "input_layernorm", d),
+                    q: linear(a.clone() / "q_proj", d, d, std, "weight"),
+                    k: linear(a.clone() / "k_proj", kv, d, std, "weight"),
+                    v: linear(a.clone() / "v_proj", kv, d, std, "weight"),
+                    o: linear(a / "o_proj", d, d, std, "weight"),
+                    post_norm: ones(l / "post_attention_layernorm", d),
+                    gate: linear(f.clone() / "gate_proj", h, d, std, "weight"),
+                    up: linear(f.clone() / "up_proj", h, d, std, "weight"),
+                    down_t: linear(f / "down_proj", h, d, std, "weight_t"),
+                }
+            })
+            .collect();
+        let norm = ones(m / "norm", d);
+        let lm_head = (!cfg.tie_embeddings)
+            .then(|| linear(root / "lm_head", cfg.vocab_size, d, std, "weight"));
+        let (cos, sin) = rope_tables(cfg, vs.device());
+        Llama {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        }
+    }
+
+    /// `tokens: [B, T]` int64 -> logits `[B, T, V]` and the L1 term; `paths[l]` picks each
+    /// layer's FFN implementation.
+    pub fn forward(&self, tokens: &Tensor, paths: &[FfnPath]) -> ForwardOutput {
+        let (b, t) = tokens.size2().expect("tokens must be [B, T]");
+        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
+        let mut l1_total: Option<Tensor> = None;
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (blk, &path) in self.blocks.iter().zip(paths) {
+            x = &x
+                + self.attention(
+                    blk,
+                    &rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps),
+                    t,
+                );
+            let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
+            let w = FfnWeights {
+                gate: &blk.gate,
+                up: &blk.up,
+                down_t: &blk.down_t,
+            };
+            let out = sparse_ffn(&hx.view([b * t, -1]), &w, path);
+            x = &x + out.y.view([b, t, -1]);
+            layers.push(LayerStats {
+                l1_sum: out.l1_sum.detach(),
+                active_per_token: out.active_per_token,
+                active_per_unit: out.active_per_unit,
+            });
+            l1_total = Some(match l1_total {
+                None => out.l1_sum,
+                Some(acc) => acc + out.l1_sum,
+            });
+        }
+        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = x.matmul(&head.tr()).to_kind(Kind::Float);
+        let l1_sum = l1_total.expect("at least one layer") / self.blocks.len() as f64;
+        ForwardOutput {
+            logits,
+            l1_sum,
+            layers,
+        }
+    }
+
+    fn attention(&self, blk: &Block, x: &Tensor, t: i64) -> Tensor {
+        let (b, _, d) = x.size3().unwrap();
+        let hd = self.cfg.head_dim() as i64;
+        let nh = self.cfg.num_heads as i64;
+        let nkv = self.cfg.kv_heads() as i64;
+        let q = x.matmul(&blk.q.tr()).view([b, t, nh, hd]).transpose(1, 2);
+        let k = x.matmul(&blk.k.tr()).view([b, t, nkv, hd]).transpose(1, 2);
+        let v = x.matmul(&blk.v.tr()).view([b, t, nkv, hd]).transpose(1, 2);
+        let cos = self.cos.narrow(0, 0, t);
+        let sin = self.sin.narrow(0, 0, t);
+        let q = apply_rope(&q, &cos, &sin);
+        let k = apply_rope(&k, &cos, &sin);
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            0.0,
+            true,
+            None,
+            nh != nkv,
+        );
+        y.transpose(1, 2)
+            .contiguous()
+            .view([b, t, d])
+            .matmul(&blk.o.tr())
+    }
+}
+
+/// RMSNorm computed in f32, cast back to the input dtype, then scaled (HF Llama order).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float);
+    let r = (xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + eps).rsqrt();
+    w * (xf * r).to_kind(kind)
+}
+
+/// cos/sin tables `[max_seq_len, head_dim]` in HF's rotate-half layout.
+fn rope_tables(cfg: &ModelConfig, device: Device) -> (Tensor, Tensor) {
+    let hd = cfg.head_dim() as i64;
+    let inv_freq = (Tensor::arange_start_step(0, hd, 2, (Kind::Float, device)) / hd as f64)
+        .multiply_scalar(cfg.rope_theta.ln())
+        .exp()
+        .reciprocal();
+    let pos = Tensor::arange(cfg.max_seq_len as i64, (Kind::Float, device));
+    let freqs = pos.outer(&inv_freq);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.cos(), emb.sin())
+}
+
+/// `x: [B, heads, T, hd]`
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let hd = x.size()[3];
+    let x1 = x.narrow(-1, 0, hd / 2);
+    let x2 = x.narrow(-1, hd / 2, hd / 2);
+    let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
+    let kind = x.kind();
+    (x * cos.to_kind(kind)) + rotated * sin.to_kind(kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_cfg() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: Some(2),
+            max_seq_len: 12,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            tie_embeddings: false,
+            init_std: 0.02,
+        }
+    }
+
+    #[test]
+    fn forward_shapes_and_hf_parameter_names() {
+        tch::manual_seed(0);
+        let vs = VarStore::new(Device::Cpu);
+        let cfg = tiny_cfg();
+        let m = Llama::new(&vs, &cfg);
+        let tokens = Tensor::randint(50, [3, 7], (Kind::Int64, Device::Cpu));
+        let out = m.forward(&tokens, &[FfnPath::Dense; 2]);
+        assert_eq!(out.logits.size(), [3, 7, 50]);
+        assert_eq!(out.layers.len(), 2);
+        assert_eq!(out.layers[0].active_per_token.size(), [21]);
+        assert_eq!(out.layers[0].active_per_unit.size(), [24]);
+        let vars = vs.variables();
+        for name in [
+            "model.embed_tokens.weight",
+            "model.layers.1.self_attn.k_proj.weight",
+            "model.layers.0.mlp.down_proj.weight_t",
+            "model.norm.weight",
+            "lm_head.weight",
+        ] {
+            assert!(vars.contains_key(name), "missing {name}");
+        }
+        assert_eq!(
+            vars["model.layers.1.self_attn.k_proj.weight"].size(),
+            [8, 16]
+        );
+        assert_eq!(
+            vars.values().map(|t| t.numel()).sum::<usize>(),
+            cfg.num_params()
+        );
+    }
+
+    #[test]
+    fn l1_and_l0_statistics_on_a_hand_made_ffn() {
+        // x = [[1, 0], [0, 1]]; g = x Wg^T, u = x Wu^T with Wg, Wu: [3, 2].
+        let x = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).view([2, 2]);
+        let wg = Tensor::from_slice(&[1.0f32, -1.0, -2.0, 3.0, 0.5, 0.5]).view([3, 2]);
+        let wu = Tensor::from_slice(&[2.0f32, 1.0, -1.0, -4.0, 0.0, 1.0]).view([3, 2]);
+        let wd = Tensor::ones([3, 2], (Kind::Float, Device::Cpu));
+        // token 0: g = [1, -2, 0.5] -> relu [1, 0, 0.5]; u = [2, -1, 0] -> h = [2, 0, 0]
+        // token 1: g = [-1, 3, 0.5] -> relu [0, 3, 0.5]; u = [1, -4, 1] -> h = [0, -12, 0.5]
+        let w = sparse_kernels::FfnWeights {
+            gate: &wg,
+            up: &wu,
+            down_t: &wd,
+        };
+        let out = sparse_kernels::sparse_ffn(&x, &w, FfnPath::Dense);
+        assert_eq!(out.l1_sum.double_value(&[]), 2.0 + 12.0 + 0.5);
+        assert_eq!(Vec::<i64>::try_from(&out.active_per_token).unwrap(), [1, 2]);
+        assert_eq!(
+            Vec::<i64>::try_from(&out.active_per_unit).unwrap(),
+            [1, 1, 1]
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(out.y.reshape([-1])).unwrap(),
+            [2.0, 2.0, -11.5, -11.5]
+        );
+    }
+}

@@ -1,0 +1,611 @@
+// Hybrid training kernels for the sparse gated FFN (forward AND backward), exact on every row.
+//
+//   g = x Wg^T, P = g > 0, u = x Wu^T at P, h = relu(g) * u, y = h WdT, l1_sum = sum |h|
+//   backward (dy, dl1): dh = dy . WdT[j] + dl1 sign(h) at P; du = dh g; dg = dh u;
+//   dx = du Wu + dg Wg; dWu[j] = sum_t du_tj x_t; dWg[j] = sum_t dg_tj x_t; dWdT[j] = sum_t h_tj dy_t.
+//
+// Format. The gate GEMM is twell.cu's (TwELL tiles + exact spill, C = 8). From it the forward
+// builds a compact, exact, token-major CSR of the actives (no fixed row width: a row can hold
+// all H units) and its unit-major transpose (CSC), both in a pool of `cap` entries:
+//   row_ptr [N+1]  entries of token t are e in [row_ptr[t], row_ptr[t+1]), sorted by column
+//   ecol [cap] int32 unit j, eg [cap] bf16 relu(g), eu [cap] fp32 u       (saved for backward)
+//   unit_ptr [H+1], csc [cap] int32 = e, entries of unit j sorted by token (deterministic:
+//   a counting sort whose rank inside a 32-token block comes from a bitmask, not atomics)
+//   uorder [H] units heaviest first (the weight-gradient kernel's schedule; numerics do not
+//   depend on it).
+// If the pool is too small (total actives > cap), hctrl[HC_STATUS] gets ST_NNZ_OVER, every
+// later kernel returns without touching memory, and the caller grows the pool and reruns
+// (hctrl[HC_NNZ] is the size needed). If the gate's spill buffer was full, ST_GATE_SPILL.
+// Nothing is ever dropped: either the result is exact or the status says rerun.
+//
+// Kernels (extern "C"), launch order:
+//   forward : twell gate -> hyb_count -> hyb_segscan -> hyb_unitscan -> hyb_scan -> hyb_fill
+//             -> hyb_fwd[_wide] -> hyb_l1
+//   backward: hyb_bwd_tok[_wide] (dh, du, dg per entry + dx) -> hyb_bwd_w (dWg, dWu, dWdT)
+// Shapes: x, dy [N, D]; Wg, Wu, WdT [H, D] row-major bf16; D % 8 == 0, D <= 2048 (<= 8192 with
+// the _wide variants); H <= 65536; N >= 1 (any). fp32 accumulation everywhere; deterministic.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define DEV __device__ __forceinline__
+
+enum { HC_STATUS = 0, HC_NNZ = 1, HC_GSPILL = 2, HC_ORDER = 4 };  // hctrl: int[16], HC_ORDER..+31 scratch
+#define ST_GATE_SPILL 1
+#define ST_NNZ_OVER 2
+#define TILE_COLS 256
+#define SPILL_NONE 0xFFFFFFFFu
+#define BLK 32     // tokens per counting-sort block (bitmask rank)
+#define SEG 16     // blocks per scan segment
+#define MAXTILES 256
+
+DEV float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
+DEV float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+DEV float bf16f(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
+DEV uint32_t pack_bf2(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ------------------------------------------------------------------------------------------
+// TwELL reading (one warp per token). Builds the warp-private prefix of tile counts `pre`
+// (ntiles+1 ints, shared) and returns the token's number of actives.
+DEV int tw_prefix(const uint32_t* __restrict__ twell, int t, int ntiles, int TW, int* pre, int lane) {
+  int carry = 0;
+  for (int i0 = 0; i0 < ntiles; i0 += 32) {
+    const int i = i0 + lane;
+    const int c = i < ntiles ? (int)__ldg(twell + ((size_t)t * ntiles + i) * TW) : 0;
+    int incl = c;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += y;
+    }
+    if (i < ntiles) pre[i] = carry + incl - c;
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0) pre[ntiles] = carry;
+  __syncwarp();
+  return carry;
+}
+// a-th active of token t (tile-major, column-sorted inside a tile => column-sorted overall).
+DEV uint32_t tw_entry(const uint32_t* __restrict__ twell, const uint32_t* __restrict__ spill, int t, int ntiles,
+                      int TW, const int* pre, int a) {
+  int lo = 0, hi = ntiles - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (pre[mid] <= a) lo = mid; else hi = mid - 1;
+  }
+  const int k = a - pre[lo], c = pre[lo + 1] - pre[lo];
+  const uint32_t* tw = twell + ((size_t)t * ntiles + lo) * TW;
+  if (c <= TW - 1) return __ldg(tw + 1 + k);
+  const uint32_t slot = __ldg(tw + 1);
+  return slot == SPILL_NONE ? 0u : __ldg(spill + (size_t)slot * TILE_COLS + k);
+}
+
+// Marks, for the block's 32 tokens, bit tl of mask[j] for every active (tl, j). Returns nothing;
+// row_cnt written when non-null. Block = 256 threads, warp w takes tokens w, w+8, w+16, w+24.
+DEV void block_masks(const uint32_t* __restrict__ twell, const uint32_t* __restrict__ spill, int N, int H,
+                     int ntiles, int TW, uint32_t* mask, int (*pre)[MAXTILES + 1], int* row_cnt) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t0 = blockIdx.x * BLK;
+  for (int j = tid; j < H; j += blockDim.x) mask[j] = 0;
+  __syncthreads();
+  for (int tl = warp; tl < BLK; tl += 8) {
+    const int t = t0 + tl;
+    if (t >= N) break;
+    const int total = tw_prefix(twell, t, ntiles, TW, pre[warp], lane);
+    if (row_cnt && lane == 0) row_cnt[t] = total;
+    for (int a = lane; a < total; a += 32) {
+      const uint32_t ent = tw_entry(twell, spill, t, ntiles, TW, pre[warp], a);
+      atomicOr(&mask[ent & 0xFFFFu], 1u << tl);
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+}
+
+// K1: per-token counts and per-(block, unit) counts (uint8, <= 32). Dynamic smem: H * 4 bytes.
+extern "C" __global__ void __launch_bounds__(256) hyb_count(const uint32_t* __restrict__ twell,
+                                                            const uint32_t* __restrict__ spill, int N, int H,
+                                                            int ntiles, int TW, int* row_cnt, uint8_t* blkcnt) {
+  extern __shared__ uint32_t mask[];
+  __shared__ int pre[8][MAXTILES + 1];
+  block_masks(twell, spill, N, H, ntiles, TW, mask, pre, row_cnt);
+  uint8_t* out = blkcnt + (size_t)blockIdx.x * H;
+  for (int j = threadIdx.x; j < H; j += blockDim.x) out[j] = (uint8_t)__popc(mask[j]);
+}
+
+// K2a: inside each segment of SEG blocks, exclusive offsets per unit (uint16) and segment totals.
+// grid (ceil(H/256), nseg), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) hyb_segscan(const uint8_t* __restrict__ blkcnt, uint16_t* boff,
+                                                              int* segtot, int nblk, int H) {
+  const int j = blockIdx.x * 256 + threadIdx.x, s = blockIdx.y;
+  if (j >= H) return;
+  const int b0 = s * SEG, b1 = min(nblk, b0 + SEG);
+  uint8_t c[SEG];
+#pragma unroll
+  for (int i = 0; i < SEG; ++i) c[i] = b0 + i < b1 ? blkcnt[(size_t)(b0 + i) * H + j] : 0;
+  int run = 0;
+#pragma unroll
+  for (int i = 0; i < SEG; ++i) {
+    if (b0 + i < b1) boff[(size_t)(b0 + i) * H + j] = (uint16_t)run;
+    run += c[i];
+  }
+  segtot[(size_t)s * H + j] = run;
+}
+
+// K2b: per unit, exclusive offsets of the segments (in place) and unit totals. Thread per unit.
+extern "C" __global__ void __launch_bounds__(256) hyb_unitscan(int* segoff, int* unit_cnt, int nseg, int H) {
+  const int j = blockIdx.x * 256 + threadIdx.x;
+  if (j >= H) return;
+  int run = 0;
+  int s = 0;
+  for (; s + 8 <= nseg; s += 8) {
+    int c[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = segoff[(size_t)(s + i) * H + j];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      segoff[(size_t)(s + i) * H + j] = run;
+      run += c[i];
+    }
+  }
+  for (; s < nseg; ++s) {
+    const int c = segoff[(size_t)s * H + j];
+    segoff[(size_t)s * H + j] = run;
+    run += c;
+  }
+  unit_cnt[j] = run;
+}
+
+// Exclusive scan of in[0..n) into out[0..n], out[n] = total, by one block of 1024 threads.
+DEV int block_scan(const int* in, int* out, int n, int* sh) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int per = (n + nt - 1) / nt;
+  const int a0 = min(n, tid * per), a1 = min(n, a0 + per);
+  int s = 0;
+  for (int i = a0; i < a1; ++i) s += in[i];
+  sh[tid] = s;
+  __syncthreads();
+  for (int off = 1; off < nt; off <<= 1) {
+    const int v = tid >= off ? sh[tid - off] : 0;
+    __syncthreads();
+    sh[tid] += v;
+    __syncthreads();
+  }
+  int run = sh[tid] - s;
+  const int total = sh[nt - 1];
+  for (int i = a0; i < a1; ++i) {
+    const int c = in[i];
+    out[i] = run;
+    run += c;
+  }
+  if (tid == 0) out[n] = total;
+  __syncthreads();
+  return total;
+}
+
+// K3: one block of 1024 threads. row_ptr, unit_ptr, capacity check, gate status, unit order.
+extern "C" __global__ void __launch_bounds__(1024) hyb_scan(const int* row_cnt, int* row_ptr, const int* unit_cnt,
+                                                            int* unit_ptr, int* uorder, int N, int H, int cap,
+                                                            int* gctrl, int* hctrl) {
+  __shared__ int sh[1024];
+  __shared__ int bcnt[32], bpos[32];
+  const int tid = threadIdx.x;
+  const int nnz = block_scan(row_cnt, row_ptr, N, sh);
+  block_scan(unit_cnt, unit_ptr, H, sh);
+  if (tid < 32) bcnt[tid] = 0;
+  if (tid == 0) {
+    int st = 0;
+    if (gctrl[1] != 0) st |= ST_GATE_SPILL;
+    if (nnz > cap) st |= ST_NNZ_OVER;
+    hctrl[HC_STATUS] = st;
+    hctrl[HC_NNZ] = nnz;
+    hctrl[HC_GSPILL] = gctrl[0];
+    gctrl[0] = 0;  // spill slot counter and status of the gate, for the next forward
+    gctrl[1] = 0;
+  }
+  __syncthreads();
+  // heaviest first: bucket = 31 - floor(log2(cnt + 1)); placement inside a bucket is by atomics
+  // (order of units does not change any result).
+  for (int j = tid; j < H; j += blockDim.x) atomicAdd(&bcnt[__clz(unit_cnt[j] + 1)], 1);
+  __syncthreads();
+  if (tid == 0) {
+    int run = 0;
+    for (int b = 0; b < 32; ++b) {
+      bpos[b] = run;
+      run += bcnt[b];
+    }
+  }
+  __syncthreads();
+  for (int j = tid; j < H; j += blockDim.x) uorder[atomicAdd(&bpos[__clz(unit_cnt[j] + 1)], 1)] = j;
+}
+
+// K4: fill CSR (ecol, eg) and CSC (csc = e). Grid nblk, 256 threads, dynamic smem H * 4.
+extern "C" __global__ void __launch_bounds__(256) hyb_fill(const uint32_t* __restrict__ twell,
+                                                           const uint32_t* __restrict__ spill, int N, int H,
+                                                           int ntiles, int TW, const int* __restrict__ row_ptr,
+                                                           const int* __restrict__ unit_ptr,
+                                                           const uint16_t* __restrict__ boff,
+                                                           const int* __restrict__ segoff, const int* hctrl,
+                                                           int* ecol, uint16_t* eg, int* csc) {
+  extern __shared__ uint32_t mask[];
+  __shared__ int pre[8][MAXTILES + 1];
+  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
+  block_masks(twell, spill, N, H, ntiles, TW, mask, pre, nullptr);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.x, t0 = b * BLK, s = b / SEG;
+  for (int tl = warp; tl < BLK; tl += 8) {
+    const int t = t0 + tl;
+    if (t >= N) break;
+    const int total = tw_prefix(twell, t, ntiles, TW, pre[warp], lane);
+    const int e0 = row_ptr[t];
+    const uint32_t below = (1u << tl) - 1u;
+    for (int a = lane; a < total; a += 32) {
+      const uint32_t ent = tw_entry(twell, spill, t, ntiles, TW, pre[warp], a);
+      const int j = (int)(ent & 0xFFFFu);
+      const int e = e0 + a;
+      ecol[e] = j;
+      eg[e] = (uint16_t)(ent >> 16);
+      const int pos = unit_ptr[j] + segoff[(size_t)s * H + j] + (int)boff[(size_t)b * H + j] +
+                      __popc(mask[j] & below);
+      csc[pos] = e;
+    }
+    __syncwarp();
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Token-major kernels: one CTA (256 threads) per token; the token's D-vector (x or dy) in shared
+// memory; entries in chunks of LCAP; phase 1: one warp per entry, a dot product with a gathered
+// weight row; phase 2: each thread owns 8 columns (x GPT) of the output row and streams gathered
+// weight rows (coalesced 16-B loads).
+namespace tk {
+constexpr int THREADS = 256, WARPS = 8, LCAP = 64;
+}
+
+// Two dot products of the shared vector vs with weight rows r1, r2 (warp; result in all lanes).
+DEV void warp_dot2(const __nv_bfloat16* vs, const __nv_bfloat16* __restrict__ r1,
+                   const __nv_bfloat16* __restrict__ r2, int G8, int lane, float& s1, float& s2) {
+  const uint4* w1 = reinterpret_cast<const uint4*>(r1);
+  const uint4* w2 = reinterpret_cast<const uint4*>(r2);
+  s1 = 0.f;
+  s2 = 0.f;
+#pragma unroll 4
+  for (int gi = lane; gi < G8; gi += 32) {
+    const uint4 xa = reinterpret_cast<const uint4*>(vs)[gi];
+    const uint4 p = __ldg(w1 + gi);
+    const uint4 q = __ldg(w2 + gi);
+    const uint32_t xw[4] = {xa.x, xa.y, xa.z, xa.w};
+    const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
+    const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float xl = bf_lo(xw[j]), xh = bf_hi(xw[j]);
+      s1 = fmaf(xl, bf_lo(pw[j]), s1);
+      s1 = fmaf(xh, bf_hi(pw[j]), s1);
+      s2 = fmaf(xl, bf_lo(qw[j]), s2);
+      s2 = fmaf(xh, bf_hi(qw[j]), s2);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off; off >>= 1) {
+    s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+    s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+  }
+}
+
+DEV void axpy8(float* acc, float a, uint4 w) {
+  const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    acc[2 * j] = fmaf(a, bf_lo(ww[j]), acc[2 * j]);
+    acc[2 * j + 1] = fmaf(a, bf_hi(ww[j]), acc[2 * j + 1]);
+  }
+}
+
+DEV void store_row(__nv_bfloat16* out, int gi, const float* a) {
+  uint4 o;
+  o.x = pack_bf2(a[0], a[1]);
+  o.y = pack_bf2(a[2], a[3]);
+  o.z = pack_bf2(a[4], a[5]);
+  o.w = pack_bf2(a[6], a[7]);
+  reinterpret_cast<uint4*>(out)[gi] = o;
+}
+
+// Forward: u, h, y, per-token l1. Saves eu.
+template <int GPT>
+DEV void fwd_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ Wu,
+                  const __nv_bfloat16* __restrict__ WdT, const int* __restrict__ row_ptr,
+                  const int* __restrict__ ecol, const uint16_t* __restrict__ eg, float* eu, __nv_bfloat16* y,
+                  float* l1_tok, const int* hctrl, int D) {
+  using namespace tk;
+  extern __shared__ __align__(16) unsigned char dsm[];
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(dsm);
+  __shared__ int lcol[LCAP];
+  __shared__ float lg[LCAP], lh[LCAP];
+  __shared__ float wl1[WARPS];
+  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t = blockIdx.x, G8 = D / 8;
+  const int p0 = row_ptr[t], p1 = row_ptr[t + 1];
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)t * D);
+  for (int i = tid; i < G8; i += THREADS) reinterpret_cast<uint4*>(xs)[i] = __ldg(xr + i);
+  float acc[GPT][8];
+#pragma unroll
+  for (int q = 0; q < GPT; ++q)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[q][e] = 0.f;
+  float l1 = 0.f;
+  for (int s0 = p0; s0 < p1; s0 += LCAP) {
+    const int L = min(LCAP, p1 - s0);
+    if (tid < L) {
+      lcol[tid] = __ldg(ecol + s0 + tid);
+      lg[tid] = bf16f(__ldg(eg + s0 + tid));
+    }
+    __syncthreads();
+    for (int idx = warp; idx < L; idx += 2 * WARPS) {
+      const int idx2 = idx + WARPS;
+      const bool two = idx2 < L;
+      float s1, s2;
+      warp_dot2(xs, Wu + (size_t)lcol[idx] * D, Wu + (size_t)lcol[two ? idx2 : idx] * D, G8, lane, s1, s2);
+      if (lane == 0) {
+        float h = lg[idx] * s1;
+        lh[idx] = h;
+        eu[s0 + idx] = s1;
+        l1 += fabsf(h);
+        if (two) {
+          h = lg[idx2] * s2;
+          lh[idx2] = h;
+          eu[s0 + idx2] = s2;
+          l1 += fabsf(h);
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < GPT; ++q) {
+      const int gi = tid + q * THREADS;
+      if (gi < G8) {
+        int idx = 0;
+        for (; idx + 4 <= L; idx += 4) {
+          uint4 w[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) w[u] = __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx + u] * D) + gi);
+#pragma unroll
+          for (int u = 0; u < 4; ++u) axpy8(acc[q], lh[idx + u], w[u]);
+        }
+        for (; idx < L; ++idx)
+          axpy8(acc[q], lh[idx], __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx] * D) + gi));
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int q = 0; q < GPT; ++q) {
+    const int gi = tid + q * THREADS;
+    if (gi < G8) store_row(y + (size_t)t * D, gi, acc[q]);
+  }
+  if (lane == 0) wl1[warp] = l1;
+  __syncthreads();
+  if (tid == 0) {
+    float s = 0.f;
+    for (int w = 0; w < WARPS; ++w) s += wl1[w];
+    l1_tok[t] = s;
+  }
+}
+
+#define FWD_ARGS                                                                                              \
+  const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ Wu,                                  \
+      const __nv_bfloat16 *__restrict__ WdT, const int *__restrict__ row_ptr, const int *__restrict__ ecol,     \
+      const uint16_t *__restrict__ eg, float *eu, __nv_bfloat16 *y, float *l1_tok, const int *hctrl, int D
+#define FWD_PASS x, Wu, WdT, row_ptr, ecol, eg, eu, y, l1_tok, hctrl, D
+extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_fwd(FWD_ARGS) { fwd_body<1>(FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_fwd_wide(FWD_ARGS) { fwd_body<4>(FWD_PASS); }
+
+// l1_sum = sum over tokens of l1_tok, fixed order (one block of 1024 threads).
+extern "C" __global__ void __launch_bounds__(1024) hyb_l1(const float* l1_tok, int N, float* out, const int* hctrl) {
+  __shared__ float sh[1024];
+  const int tid = threadIdx.x;
+  float s = 0.f;
+  for (int i = tid; i < N; i += 1024) s += l1_tok[i];
+  sh[tid] = s;
+  __syncthreads();
+  for (int off = 512; off; off >>= 1) {
+    if (tid < off) sh[tid] += sh[tid + off];
+    __syncthreads();
+  }
+  if (tid == 0) out[0] = (hctrl[HC_STATUS] & ST_NNZ_OVER) ? __int_as_float(0x7fc00000) : sh[0];
+}
+
+// Backward, token-major: dh (gathered WdT rows), du, dg, rec[e] = {du, dg, h, t}; then
+// dx_t = sum du Wu[j] + dg Wg[j] (gathered Wu, Wg rows). dl1: device scalar.
+template <int GPT>
+DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restrict__ dl1p,
+                      const __nv_bfloat16* __restrict__ Wg, const __nv_bfloat16* __restrict__ Wu,
+                      const __nv_bfloat16* __restrict__ WdT, const int* __restrict__ row_ptr,
+                      const int* __restrict__ ecol, const uint16_t* __restrict__ eg, const float* __restrict__ eu,
+                      float4* rec, __nv_bfloat16* dx, const int* hctrl, int D) {
+  using namespace tk;
+  extern __shared__ __align__(16) unsigned char dsm[];
+  __nv_bfloat16* ds = reinterpret_cast<__nv_bfloat16*>(dsm);
+  __shared__ int lcol[LCAP];
+  __shared__ float lg[LCAP], lu[LCAP], ldu[LCAP], ldg[LCAP];
+  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t = blockIdx.x, G8 = D / 8;
+  const float dl1 = *dl1p;
+  const int p0 = row_ptr[t], p1 = row_ptr[t + 1];
+  const uint4* dr = reinterpret_cast<const uint4*>(dy + (size_t)t * D);
+  for (int i = tid; i < G8; i += THREADS) reinterpret_cast<uint4*>(ds)[i] = __ldg(dr + i);
+  float acc[GPT][8];
+#pragma unroll
+  for (int q = 0; q < GPT; ++q)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[q][e] = 0.f;
+  for (int s0 = p0; s0 < p1; s0 += LCAP) {
+    const int L = min(LCAP, p1 - s0);
+    if (tid < L) {
+      lcol[tid] = __ldg(ecol + s0 + tid);
+      lg[tid] = bf16f(__ldg(eg + s0 + tid));
+      lu[tid] = __ldg(eu + s0 + tid);
+    }
+    __syncthreads();
+    for (int idx = warp; idx < L; idx += 2 * WARPS) {
+      const int idx2 = idx + WARPS;
+      const bool two = idx2 < L;
+      float s1, s2;
+      warp_dot2(ds, WdT + (size_t)lcol[idx] * D, WdT + (size_t)lcol[two ? idx2 : idx] * D, G8, lane, s1, s2);
+      if (lane < 2 && (lane == 0 || two)) {
+        const int i = lane == 0 ? idx : idx2;
+        const float d = lane == 0 ? s1 : s2;
+        const float g = lg[i], u = lu[i], h = g * u;
+        const float sg = h > 0.f ? 1.f : (h < 0.f ? -1.f : 0.f);
+        const float dh = d + dl1 * sg;
+        const float du = dh * g, dgv = dh * u;
+        ldu[i] = du;
+        ldg[i] = dgv;
+        rec[s0 + i] = make_float4(du, dgv, h, __int_as_float(t));
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < GPT; ++q) {
+      const int gi = tid + q * THREADS;
+      if (gi < G8) {
+        int idx = 0;
+        for (; idx + 2 <= L; idx += 2) {
+          uint4 a[2], b[2];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            a[u] = __ldg(reinterpret_cast<const uint4*>(Wu + (size_t)lcol[idx + u] * D) + gi);
+            b[u] = __ldg(reinterpret_cast<const uint4*>(Wg + (size_t)lcol[idx + u] * D) + gi);
+          }
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            axpy8(acc[q], ldu[idx + u], a[u]);
+            axpy8(acc[q], ldg[idx + u], b[u]);
+          }
+        }
+        for (; idx < L; ++idx) {
+          axpy8(acc[q], ldu[idx], __ldg(reinterpret_cast<const uint4*>(Wu + (size_t)lcol[idx] * D) + gi));
+          axpy8(acc[q], ldg[idx], __ldg(reinterpret_cast<const uint4*>(Wg + (size_t)lcol[idx] * D) + gi));
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int q = 0; q < GPT; ++q) {
+    const int gi = tid + q * THREADS;
+    if (gi < G8) store_row(dx + (size_t)t * D, gi, acc[q]);
+  }
+}
+
+#define BWT_ARGS                                                                                                 \
+  const __nv_bfloat16 *__restrict__ dy, const float *__restrict__ dl1p, const __nv_bfloat16 *__restrict__ Wg,     \
+      const __nv_bfloat16 *__restrict__ Wu, const __nv_bfloat16 *__restrict__ WdT, const int *__restrict__ row_ptr, \
+      const int *__restrict__ ecol, const uint16_t *__restrict__ eg, const float *__restrict__ eu, float4 *rec,     \
+      __nv_bfloat16 *dx, const int *hctrl, int D
+#define BWT_PASS dy, dl1p, Wg, Wu, WdT, row_ptr, ecol, eg, eu, rec, dx, hctrl, D
+extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_bwd_tok(BWT_ARGS) { bwd_tok_body<1>(BWT_PASS); }
+extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BWT_ARGS) {
+  bwd_tok_body<4>(BWT_PASS);
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward, unit-major weight gradients. Grid = nslices * H (slice-major, so the x and dy
+// columns in use, N x 256 x 2 x 2 B, stay in L2); CTA (unit uorder[i], 256-column slice),
+// 8 warps; warp w takes groups of 32 list entries (w, w+8, ...); lane l owns columns l*8..l*8+7
+// of the slice; per entry gathers 16 B of x_t and dy_t. Partial sums of the 8 warps are added
+// in warp order (deterministic). Every unit's rows are written (zeros for silent units).
+namespace wk {
+constexpr int THREADS = 256, WARPS = 8, SLICE = 256;
+}
+extern "C" __global__ void __launch_bounds__(wk::THREADS) hyb_bwd_w(const __nv_bfloat16* __restrict__ x,
+                                                                    const __nv_bfloat16* __restrict__ dy,
+                                                                    const int* __restrict__ unit_ptr,
+                                                                    const int* __restrict__ uorder,
+                                                                    const int* __restrict__ csc,
+                                                                    const float4* __restrict__ rec,
+                                                                    __nv_bfloat16* dWg, __nv_bfloat16* dWu,
+                                                                    __nv_bfloat16* dWdT, const int* hctrl, int D,
+                                                                    int H) {
+  using namespace wk;
+  __shared__ float red[WARPS][24][32];
+  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int slice = blockIdx.x / H;
+  const int j = uorder[blockIdx.x - slice * H];
+  const int c0 = slice * SLICE + lane * 8;
+  const bool colok = c0 < D;
+  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
+  float au[8], ag[8], ad[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
+  for (int k0 = p0 + warp * 32; k0 < p1; k0 += WARPS * 32) {
+    const int n = min(32, p1 - k0);
+    float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (lane < n) r = __ldg(rec + __ldg(csc + k0 + lane));
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+      float du[4], dg[4], hh[4];
+      uint4 xv[4], dv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        du[u] = __shfl_sync(0xffffffffu, r.x, i + u);
+        dg[u] = __shfl_sync(0xffffffffu, r.y, i + u);
+        hh[u] = __shfl_sync(0xffffffffu, r.z, i + u);
+        const int t = __float_as_int(__shfl_sync(0xffffffffu, r.w, i + u));
+        if (colok) {
+          xv[u] = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * D + c0));
+          dv[u] = __ldg(reinterpret_cast<const uint4*>(dy + (size_t)t * D + c0));
+        }
+      }
+      if (colok) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          axpy8(au, du[u], xv[u]);
+          axpy8(ag, dg[u], xv[u]);
+          axpy8(ad, hh[u], dv[u]);
+        }
+      }
+    }
+    for (; i < n; ++i) {
+      const float du = __shfl_sync(0xffffffffu, r.x, i);
+      const float dg = __shfl_sync(0xffffffffu, r.y, i);
+      const float hh = __shfl_sync(0xffffffffu, r.z, i);
+      const int t = __float_as_int(__shfl_sync(0xffffffffu, r.w, i));
+      if (colok) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * D + c0));
+        const uint4 dv = __ldg(reinterpret_cast<const uint4*>(dy + (size_t)t * D + c0));
+        axpy8(au, du, xv);
+        axpy8(ag, dg, xv);
+        axpy8(ad, hh, dv);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    red[warp][e][lane] = ag[e];
+    red[warp][8 + e][lane] = au[e];
+    red[warp][16 + e][lane] = ad[e];
+  }
+  __syncthreads();
+  // thread tid -> column slice*256 + tid (lane tid/8, element tid%8), three rows
+  const int col = slice * SLICE + tid;
+  if (col < D) {
+    const int l = tid >> 3, e = tid & 7;
+    float s[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      s[0] += red[w][e][l];
+      s[1] += red[w][8 + e][l];
+      s[2] += red[w][16 + e][l];
+    }
+    const size_t o = (size_t)j * D + col;
+    dWg[o] = __float2bfloat16_rn(s[0]);
+    dWu[o] = __float2bfloat16_rn(s[1]);
+    dWdT[o] = __float2bfloat16_rn(s[2]);
+  }
+}

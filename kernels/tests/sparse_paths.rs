@@ -304,6 +304,7 @@ fn bad_inputs_give_typed_errors() {
 #[test]
 fn cuda_tensors_match_dense_oracle() {
     if !tch::Cuda::is_available() {
+        eprintln!("cuda_tensors_match_dense_oracle: skipped, no CUDA device");
         return;
     }
     let dev = Device::Cuda(0);

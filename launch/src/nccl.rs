@@ -1,0 +1,286 @@
+//! NCCL communicator over the memory of tch CUDA tensors, through cudarc's `nccl` module.
+//!
+//! The 128-byte NCCL unique id is made on the group's rank 0 and broadcast over the group's
+//! MPI communicator, then every rank joins with `Comm::from_rank`. Collectives run on the
+//! device's legacy default stream, the stream tch enqueues its kernels on, so they are ordered
+//! after the kernels that produced the tensor and before the ones that read the result: no
+//! host synchronisation is needed. `Comm` is not `Send`; keep the group on the main thread.
+
+use std::{marker::PhantomData, sync::Arc};
+
+use cudarc::driver::{
+    sys::CUdeviceptr, CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop,
+};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator, Root};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::LaunchError;
+
+/// Bytes in an NCCL unique id.
+const NCCL_ID_BYTES: usize = 128;
+
+/// Runs `$body` with `$T` bound to the Rust element type of `$kind`, or evaluates `$unsupported`.
+macro_rules! with_nccl_type {
+    ($kind:expr, $T:ident => $body:expr, $unsupported:expr) => {
+        match $kind {
+            Kind::Float => {
+                type $T = f32;
+                $body
+            }
+            Kind::BFloat16 => {
+                type $T = half::bf16;
+                $body
+            }
+            Kind::Half => {
+                type $T = half::f16;
+                $body
+            }
+            Kind::Double => {
+                type $T = f64;
+                $body
+            }
+            Kind::Int64 => {
+                type $T = i64;
+                $body
+            }
+            Kind::Int => {
+                type $T = i32;
+                $body
+            }
+            Kind::Uint8 => {
+                type $T = u8;
+                $body
+            }
+            Kind::Int8 => {
+                type $T = i8;
+                $body
+            }
+            _ => $unsupported,
+        }
+    };
+}
+
+/// A borrowed view of a contiguous CUDA tensor's memory as `len` elements of `T`; owns nothing.
+/// Handing out the raw pointer records no event: the collective runs on the stream tch uses.
+struct TensorMem<'a, T> {
+    ptr: CUdeviceptr,
+    len: usize,
+    stream: &'a Arc<CudaStream>,
+    _borrow: PhantomData<(&'a Tensor, T)>,
+}
+
+impl<'a, T> TensorMem<'a, T> {
+    /// `tensor` must be contiguous, on this group's device, with elements of type `T`
+    /// (checked by the caller).
+    fn new(tensor: &'a Tensor, stream: &'a Arc<CudaStream>) -> Self {
+        Self {
+            ptr: tensor.data_ptr() as CUdeviceptr,
+            len: tensor.numel(),
+            stream,
+            _borrow: PhantomData,
+        }
+    }
+}
+
+impl<T> DeviceSlice<T> for TensorMem<'_, T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+}
+
+impl<T> DevicePtr<T> for TensorMem<'_, T> {
+    fn device_ptr<'b>(&'b self, _stream: &'b CudaStream) -> (CUdeviceptr, SyncOnDrop<'b>) {
+        (self.ptr, SyncOnDrop::Record(None))
+    }
+}
+
+impl<T> DevicePtrMut<T> for TensorMem<'_, T> {
+    fn device_ptr_mut<'b>(&'b mut self, _stream: &'b CudaStream) -> (CUdeviceptr, SyncOnDrop<'b>) {
+        (self.ptr, SyncOnDrop::Record(None))
+    }
+}
+
+/// One NCCL communicator for one group of ranks, on GPU `ordinal`.
+pub(crate) struct NcclGroup {
+    comm: Comm,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    world_rank: usize,
+}
+
+impl NcclGroup {
+    /// Joins the NCCL communicator of the ranks in `group` (collective over `group`).
+    pub(crate) fn new(
+        group: &SimpleCommunicator,
+        ordinal: usize,
+        world_rank: usize,
+    ) -> Result<Self, LaunchError> {
+        let nccl_err = |op: &'static str, detail: String| LaunchError::Nccl {
+            rank: world_rank,
+            op,
+            detail,
+        };
+        // Safety: only probes whether the library can be loaded.
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(LaunchError::NcclLibraryMissing { rank: world_rank });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| nccl_err("init", format!("{e:?}")))?;
+        let stream = ctx.default_stream();
+
+        // Byte 0 says whether rank 0 could make an id, so no rank waits on a bad one.
+        let mut message = [0i8; NCCL_ID_BYTES + 1];
+        let mut root_error = None;
+        if group.rank() == 0 {
+            match Id::new() {
+                Ok(id) => {
+                    message[0] = 1;
+                    message[1..].copy_from_slice(id.internal());
+                }
+                Err(e) => root_error = Some(format!("{e:?}")),
+            }
+        }
+        group.process_at_rank(0).broadcast_into(&mut message[..]);
+        if let Some(detail) = root_error {
+            return Err(nccl_err("unique id", detail));
+        }
+        if message[0] != 1 {
+            return Err(nccl_err(
+                "unique id",
+                "the group's rank 0 could not create one".into(),
+            ));
+        }
+        let mut internal = [0i8; NCCL_ID_BYTES];
+        internal.copy_from_slice(&message[1..]);
+        let id = Id::uninit(internal);
+        let comm = Comm::from_rank(
+            stream.clone(),
+            group.rank() as usize,
+            group.size() as usize,
+            id,
+        )
+        .map_err(|e| nccl_err("init", format!("{e:?}")))?;
+        Ok(Self {
+            comm,
+            stream,
+            ordinal,
+            world_rank,
+        })
+    }
+
+    /// The CUDA ordinal of the GPU this communicator runs on.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn check(&self, op: &'static str, tensor: &Tensor) -> Result<(), LaunchError> {
+        if tensor.device() != self.device() {
+            return Err(LaunchError::WrongDevice {
+                rank: self.world_rank,
+                op,
+                got: tensor.device(),
+                expected: format!("{:?} (NCCL) or Cpu (MPI)", self.device()),
+            });
+        }
+        debug_assert!(tensor.is_contiguous());
+        Ok(())
+    }
+
+    fn unsupported(&self, op: &'static str, tensor: &Tensor) -> LaunchError {
+        LaunchError::UnsupportedKind {
+            rank: self.world_rank,
+            op,
+            kind: tensor.kind(),
+            device: tensor.device(),
+        }
+    }
+
+    fn result<S>(
+        &self,
+        op: &'static str,
+        r: Result<S, cudarc::nccl::result::NcclError>,
+    ) -> Result<(), LaunchError> {
+        r.map(|_| ()).map_err(|e| LaunchError::Nccl {
+            rank: self.world_rank,
+            op,
+            detail: format!("{e:?}"),
+        })
+    }
+
+    /// In-place sum of a contiguous tensor over the group.
+    pub(crate) fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), LaunchError> {
+        const OP: &str = "all_reduce_sum";
+        self.check(OP, tensor)?;
+        with_nccl_type!(
+            tensor.kind(),
+            T => {
+                let mut mem = TensorMem::<T>::new(tensor, &self.stream);
+                self.result(OP, self.comm.all_reduce_in_place(&mut mem, &ReduceOp::Sum))
+            },
+            Err(self.unsupported(OP, tensor))
+        )
+    }
+
+    /// `output` (`numel = n`) gets block `rank` of the group-wide sum of `input`
+    /// (`numel = n * size`); both contiguous and of one kind.
+    pub(crate) fn reduce_scatter_sum(
+        &self,
+        input: &Tensor,
+        output: &mut Tensor,
+    ) -> Result<(), LaunchError> {
+        const OP: &str = "reduce_scatter_sum";
+        self.check(OP, input)?;
+        self.check(OP, output)?;
+        with_nccl_type!(
+            input.kind(),
+            T => {
+                let send = TensorMem::<T>::new(input, &self.stream);
+                let mut recv = TensorMem::<T>::new(output, &self.stream);
+                self.result(OP, self.comm.reduce_scatter(&send, &mut recv, &ReduceOp::Sum))
+            },
+            Err(self.unsupported(OP, input))
+        )
+    }
+
+    /// `output` (`numel = n * size`) gets every rank's `input` (`numel = n`) in rank order.
+    pub(crate) fn all_gather(
+        &self,
+        input: &Tensor,
+        output: &mut Tensor,
+    ) -> Result<(), LaunchError> {
+        const OP: &str = "all_gather";
+        self.check(OP, input)?;
+        self.check(OP, output)?;
+        with_nccl_type!(
+            input.kind(),
+            T => {
+                let send = TensorMem::<T>::new(input, &self.stream);
+                let mut recv = TensorMem::<T>::new(output, &self.stream);
+                self.result(OP, self.comm.all_gather(&send, &mut recv))
+            },
+            Err(self.unsupported(OP, input))
+        )
+    }
+
+    /// Overwrites `tensor` with group rank `root`'s copy.
+    pub(crate) fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), LaunchError> {
+        const OP: &str = "broadcast";
+        self.check(OP, tensor)?;
+        with_nccl_type!(
+            tensor.kind(),
+            T => {
+                let mut mem = TensorMem::<T>::new(tensor, &self.stream);
+                self.result(OP, self.comm.broadcast_in_place(&mut mem, root as i32))
+            },
+            Err(self.unsupported(OP, tensor))
+        )
+    }
+}

@@ -31,6 +31,13 @@ fn sources(dir: &str, ext: &str) -> Vec<PathBuf> {
     v
 }
 
+/// `include/` of the pinned nvcc named by `SPARSE_TRAIN_NVCC`, when present.
+fn nvcc_include() -> Option<PathBuf> {
+    let nvcc = std::env::var("SPARSE_TRAIN_NVCC").ok()?;
+    let inc = Path::new(&nvcc).parent()?.parent()?.join("include");
+    inc.exists().then_some(inc)
+}
+
 fn build_bridge() {
     let cpp = sources("bridge", "cpp");
     println!("cargo:rerun-if-changed=bridge");
@@ -44,12 +51,22 @@ fn build_bridge() {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
+        // CUDA runtime headers (for c10/cuda): the venv's NVIDIA wheels and the pinned nvcc's.
+        .include(torch.parent().unwrap().join("nvidia/cu13/include"))
+        .include(nvcc_include().expect(
+            "the pinned nvcc is needed for the CUDA headers: run scripts/setup.sh and source scripts/env.sh",
+        ))
         .flag("-w")
         .opt_level(2);
     for f in &cpp {
         b.file(f);
     }
     b.compile("sparse_bridge");
+    println!(
+        "cargo:rustc-link-search=native={}",
+        torch.join("lib").display()
+    );
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
 }
 
 fn build_cubins() {

@@ -249,6 +249,27 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Sets `a.b=value` in a parsed config tree.
+fn apply_override(tree: &mut serde_json::Value, item: &str) -> Result<(), String> {
+    let (key, value) = item.split_once('=').ok_or("expected KEY=VALUE")?;
+    let value: serde_json::Value = serde_saphyr::from_str(value).map_err(|e| e.to_string())?;
+    let mut node = tree;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let map = node
+            .as_object_mut()
+            .ok_or_else(|| format!("`{key}` is not a section"))?;
+        if i + 1 == parts.len() {
+            map.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = map
+            .entry(part.to_string())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    }
+    Err("empty key".into())
+}
+
 fn default_rope_theta() -> f64 {
     10_000.0
 }
@@ -266,11 +287,17 @@ impl Config {
     /// Reads, parses and validates a config file. Relative data paths are resolved against
     /// the repository root guess: the config file's parent's parent for `configs/x.yaml`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_overrides(path, &[])
+    }
+
+    /// Like [`Config::load`], then applies `section.field=value` overrides (the value parsed
+    /// as YAML) before validation: `--set train.batch_size=16`.
+    pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: path.to_path_buf(),
             source,
         })?;
-        let mut cfg = Config::parse(&text, path)?;
+        let mut cfg = Config::parse_with_overrides(&text, path, overrides)?;
         let base = path
             .canonicalize()
             .ok()
@@ -289,10 +316,28 @@ impl Config {
 
     /// Parses and validates YAML text; `file` is used in error messages only.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        Config::parse_with_overrides(text, file, &[])
+    }
+
+    fn parse_with_overrides(
+        text: &str,
+        file: &Path,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
             file: file.to_path_buf(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let cfg: Config = if overrides.is_empty() {
+            serde_saphyr::from_str(text).map_err(|e| parse_err(e.to_string()))?
+        } else {
+            let mut tree: serde_json::Value =
+                serde_saphyr::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+            for o in overrides {
+                apply_override(&mut tree, o).map_err(|m| parse_err(format!("--set {o}: {m}")))?;
+            }
+            serde_json::from_value(tree).map_err(|e| parse_err(e.to_string()))?
+        };
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -553,6 +598,33 @@ mod tests {
                 "expected `{field}` in: {e}"
             );
         }
+    }
+
+    #[test]
+    fn overrides_apply_and_are_validated() {
+        let c = Config::parse_with_overrides(
+            BASE,
+            Path::new("cfg.yaml"),
+            &[
+                "train.batch_size=8".into(),
+                "sparsity.ffn_path=hybrid".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.batch_size, 8);
+        assert_eq!(c.sparsity.ffn_path, "hybrid");
+        let e = Config::parse_with_overrides(
+            BASE,
+            Path::new("cfg.yaml"),
+            &["train.batch_size=3".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("train.batch_size"), "{e}");
+        let e = Config::parse_with_overrides(BASE, Path::new("cfg.yaml"), &["train.bach=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bach"), "{e}");
     }
 
     #[test]

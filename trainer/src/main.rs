@@ -20,6 +20,9 @@ struct Cli {
     /// Run directory (overrides train.out_dir).
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Override a config value: `--set train.batch_size=16` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
     /// Train on uniform random tokens instead of the config's data (throughput runs).
     #[arg(long)]
     synthetic_data: bool,
@@ -61,7 +64,9 @@ enum CorpusCmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Corpus { cmd: CorpusCmd::Build(args) }) => corpus_cmd::run(&args),
+        Some(Command::Corpus {
+            cmd: CorpusCmd::Build(args),
+        }) => corpus_cmd::run(&args),
         Some(Command::Prepare {
             input,
             tokenizer,
@@ -87,7 +92,7 @@ fn main() -> Result<()> {
                     "nothing to do: pass --config FILE to train, or a subcommand (see --help)"
                 );
             };
-            let mut cfg = Config::load(&path)?;
+            let mut cfg = Config::load_with_overrides(&path, &cli.overrides)?;
             if cli.synthetic_data {
                 cfg.data = sparse_train::config::DataConfig {
                     synthetic: true,

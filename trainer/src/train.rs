@@ -232,7 +232,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
                 }
             }
             let msg = format!(
-                "loss {loss:.4} ce {:.4} l1 {l1:.3} λ {lambda:.2e} lr {lr:.2e} |g| {grad_norm:.3} tok/s {tokens_per_s:.0} mfu {:.1}% sparsity {:.2}% nnz {nnz:.1}{}",
+                "loss {loss:.4} ce {:.4} l1 {l1:.3} λ {lambda:.2e} lr {lr:.2e} |g| {grad_norm:.3} tok/s {tokens_per_s:.0} mfu {:.1}% mem {mem_gib:.1}GiB sparsity {:.2}% nnz {nnz:.1}{}",
                 interval_ce / interval_steps.max(1) as f64,
                 mfu * 100.0,
                 sparsity * 100.0,

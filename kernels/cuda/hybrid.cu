@@ -516,13 +516,15 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BW
 // ------------------------------------------------------------------------------------------
 // Backward, unit-major weight gradients. Grid = nslices * H (slice-major, so the x and dy
 // columns in use, N x 256 x 2 x 2 B, stay in L2); CTA (unit uorder[i], 256-column slice),
-// 8 warps; warp w takes groups of 32 list entries (w, w+8, ...); lane l owns columns l*8..l*8+7
-// of the slice; per entry gathers 16 B of x_t and dy_t. Partial sums of the 8 warps are added
-// in warp order (deterministic). Every unit's rows are written (zeros for silent units).
+// 4 warps; the unit's list is dealt round robin (entry k to warp k % 4), a warp fetches the
+// records of 32 of its entries at once (one per lane) and then walks them UNR at a time with
+// all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the slice (16-B
+// loads). Partial sums of the 4 warps are added in warp order (deterministic). Every unit's
+// rows are written (zeros for silent units).
 namespace wk {
-constexpr int THREADS = 256, WARPS = 8, SLICE = 256;
+constexpr int THREADS = 128, WARPS = 4, SLICE = 256, UNR = 8;
 }
-extern "C" __global__ void __launch_bounds__(wk::THREADS) hyb_bwd_w(const __nv_bfloat16* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(const __nv_bfloat16* __restrict__ x,
                                                                     const __nv_bfloat16* __restrict__ dy,
                                                                     const int* __restrict__ unit_ptr,
                                                                     const int* __restrict__ uorder,
@@ -532,56 +534,44 @@ extern "C" __global__ void __launch_bounds__(wk::THREADS) hyb_bwd_w(const __nv_b
                                                                     __nv_bfloat16* dWdT, const int* hctrl, int D,
                                                                     int H) {
   using namespace wk;
-  __shared__ float red[WARPS][24][32];
+  __shared__ float red[WARPS][24][33];
   if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slice = blockIdx.x / H;
   const int j = uorder[blockIdx.x - slice * H];
   const int c0 = slice * SLICE + lane * 8;
-  const bool colok = c0 < D;
+  const int cc = c0 < D ? c0 : 0;  // lanes past D load a valid address and discard
   const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
   float au[8], ag[8], ad[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
-  for (int k0 = p0 + warp * 32; k0 < p1; k0 += WARPS * 32) {
-    const int n = min(32, p1 - k0);
+  // warp's entries: p0 + warp + WARPS * i, i = 0, 1, ...
+  const int nw = (p1 - p0 - warp + WARPS - 1) / WARPS;  // may be <= 0
+  for (int i0 = 0; i0 < nw; i0 += 32) {
+    const int n = min(32, nw - i0);
     float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lane < n) r = __ldg(rec + __ldg(csc + k0 + lane));
-    int i = 0;
-    for (; i + 4 <= n; i += 4) {
-      float du[4], dg[4], hh[4];
-      uint4 xv[4], dv[4];
+    if (lane < n) r = __ldg(rec + __ldg(csc + p0 + warp + WARPS * (i0 + lane)));
+    for (int i = 0; i < n; i += UNR) {
+      uint4 xv[UNR], dv[UNR];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        du[u] = __shfl_sync(0xffffffffu, r.x, i + u);
-        dg[u] = __shfl_sync(0xffffffffu, r.y, i + u);
-        hh[u] = __shfl_sync(0xffffffffu, r.z, i + u);
-        const int t = __float_as_int(__shfl_sync(0xffffffffu, r.w, i + u));
-        if (colok) {
-          xv[u] = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * D + c0));
-          dv[u] = __ldg(reinterpret_cast<const uint4*>(dy + (size_t)t * D + c0));
+      for (int u = 0; u < UNR; ++u) {
+        const int t = __float_as_int(__shfl_sync(0xffffffffu, r.w, (i + u) & 31));
+        if (i + u < n) {
+          xv[u] = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * D + cc));
+          dv[u] = __ldg(reinterpret_cast<const uint4*>(dy + (size_t)t * D + cc));
+        } else {
+          xv[u] = make_uint4(0, 0, 0, 0);
+          dv[u] = make_uint4(0, 0, 0, 0);
         }
       }
-      if (colok) {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          axpy8(au, du[u], xv[u]);
-          axpy8(ag, dg[u], xv[u]);
-          axpy8(ad, hh[u], dv[u]);
-        }
-      }
-    }
-    for (; i < n; ++i) {
-      const float du = __shfl_sync(0xffffffffu, r.x, i);
-      const float dg = __shfl_sync(0xffffffffu, r.y, i);
-      const float hh = __shfl_sync(0xffffffffu, r.z, i);
-      const int t = __float_as_int(__shfl_sync(0xffffffffu, r.w, i));
-      if (colok) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * D + c0));
-        const uint4 dv = __ldg(reinterpret_cast<const uint4*>(dy + (size_t)t * D + c0));
-        axpy8(au, du, xv);
-        axpy8(ag, dg, xv);
-        axpy8(ad, hh, dv);
+      for (int u = 0; u < UNR; ++u) {
+        const float du = __shfl_sync(0xffffffffu, r.x, (i + u) & 31);
+        const float dg = __shfl_sync(0xffffffffu, r.y, (i + u) & 31);
+        const float hh = __shfl_sync(0xffffffffu, r.z, (i + u) & 31);
+        axpy8(au, du, xv[u]);
+        axpy8(ag, dg, xv[u]);
+        axpy8(ad, hh, dv[u]);
       }
     }
   }
@@ -592,20 +582,24 @@ extern "C" __global__ void __launch_bounds__(wk::THREADS) hyb_bwd_w(const __nv_b
     red[warp][16 + e][lane] = ad[e];
   }
   __syncthreads();
-  // thread tid -> column slice*256 + tid (lane tid/8, element tid%8), three rows
-  const int col = slice * SLICE + tid;
-  if (col < D) {
-    const int l = tid >> 3, e = tid & 7;
-    float s[3] = {0.f, 0.f, 0.f};
+  // thread tid -> columns slice*256 + tid and + 128 (lane c/8, element c%8), three rows
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      s[0] += red[w][e][l];
-      s[1] += red[w][8 + e][l];
-      s[2] += red[w][16 + e][l];
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int c = tid + h2 * 128;
+    const int col = slice * SLICE + c;
+    if (col < D) {
+      const int l = c >> 3, e = c & 7;
+      float s[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        s[0] += red[w][e][l];
+        s[1] += red[w][8 + e][l];
+        s[2] += red[w][16 + e][l];
+      }
+      const size_t o = (size_t)j * D + col;
+      dWg[o] = __float2bfloat16_rn(s[0]);
+      dWu[o] = __float2bfloat16_rn(s[1]);
+      dWdT[o] = __float2bfloat16_rn(s[2]);
     }
-    const size_t o = (size_t)j * D + col;
-    dWg[o] = __float2bfloat16_rn(s[0]);
-    dWu[o] = __float2bfloat16_rn(s[1]);
-    dWdT[o] = __float2bfloat16_rn(s[2]);
   }
 }

@@ -64,15 +64,22 @@ class Hybrid:
         self.csc = torch.empty(self.cap, dtype=torch.int32, device=dev)
         self.rec = None
 
+    def release_fwd_workspace(self):
+        """Drop the forward-only scratch (TwELL tiles, spill, counting-sort tables): in a model
+        one such workspace serves every layer; only the pool + pointers live until backward."""
+        self.gate = None
+        self.blkcnt = self.boff = self.segoff = self.row_cnt = self.unit_cnt = self.l1_tok = None
+
     def saved_bytes(self):
         """Bytes kept from forward to backward: the pool (used part) + pointers + order."""
         nnz = int(self.hctrl[1].item())
         return nnz * (4 + 2 + 4 + 4) + 4 * (self.N + 1 + self.H + 1 + self.H)
 
-    def forward(self, x, Wg, Wu, WdT, y):
+    def forward(self, x, Wg, Wu, WdT, y, skip_gate=False, ev=None):
         N, D, H, nt, tw = self.N, self.D, self.H, self.ntiles, self.twd
         g, m = self.gate, self.hmod
-        g.gate(x, Wg)
+        if not skip_gate:
+            g.gate(x, Wg)
         smem = H * 4
         launch(m.fn("hyb_count", smem), (self.nblk,), 256, smem,
                [P(g.twell), P(g.spill), I(N), I(H), I(nt), I(tw), P(self.row_cnt), P(self.blkcnt)])
@@ -86,6 +93,8 @@ class Hybrid:
         launch(m.fn("hyb_fill", smem), (self.nblk,), 256, smem,
                [P(g.twell), P(g.spill), I(N), I(H), I(nt), I(tw), P(self.row_ptr), P(self.unit_ptr), P(self.boff),
                 P(self.segoff), P(self.hctrl), P(self.ecol), P(self.eg), P(self.csc)])
+        if ev is not None:
+            ev.record()
         launch(m.fn("hyb_fwd" if D <= 2048 else "hyb_fwd_wide"), (N,), 256, D * 2,
                [P(x), P(Wu), P(WdT), P(self.row_ptr), P(self.ecol), P(self.eg), P(self.eu), P(y), P(self.l1_tok),
                 P(self.hctrl), I(D)])
@@ -123,24 +132,34 @@ class Hybrid:
                [P(dy), P(dl1), P(Wg), P(Wu), P(WdT), P(self.row_ptr), P(self.ecol), P(self.eg), P(self.eu),
                 P(self.rec), P(dx), P(self.hctrl), I(D)])
         nsl = (D + 255) // 256
-        launch(m.fn("hyb_bwd_w"), (nsl * H,), 256, 0,
+        launch(m.fn("hyb_bwd_w"), (nsl * H,), 128, 0,
                [P(x), P(dy), P(self.unit_ptr), P(self.uorder), P(self.csc), P(self.rec), P(dWg), P(dWu), P(dWdT),
                 P(self.hctrl), I(D), I(H)])
 
 
 # ----------------------------------------------------------------------------------------------
-def reference(x, Wg, Wu, WdT, dy, dl1):
+def reference(x, Wg, Wu, WdT, dy, dl1, kmask):
+    """fp32 autograd on the bf16 inputs. h = bf16(relu(g)) * u: the gate value is stored as bf16 by
+    both dense bf16 torch and the kernels (straight-through: d/dg is exact). The ReLU mask is fp32
+    g > 0, except where the kernel's fp32 accumulation landed on the other side of 0 (|g| tiny):
+    there the kernel's decision is taken, and those flips are counted and bounded."""
     xf = x.float().requires_grad_()
     wg = Wg.float().requires_grad_()
     wu = Wu.float().requires_grad_()
     wd = WdT.float().requires_grad_()
     g = xf @ wg.T
-    h = torch.relu(g) * (xf @ wu.T)
+    gd = g.detach()
+    flips = kmask != (gd > 0)
+    nflip = int(flips.sum().item())
+    gflip = gd[flips].abs().max().item() if nflip else 0.0
+    gr = g * kmask
+    gb = gr + (gr.detach().bfloat16().float() - gr.detach())
+    h = gb * (xf @ wu.T)
     y = h @ wd
     l1 = h.abs().sum()
     dx, dwg, dwu, dwd = torch.autograd.grad([y, l1], [xf, wg, wu, wd], [dy.float(), dl1.float().view(())])
-    nnz = (g > 0).sum().item()
-    return y.detach(), l1.item(), dx, dwg, dwu, dwd, nnz
+    nnz = int((gd > 0).sum().item())
+    return y.detach(), l1.item(), dx, dwg, dwu, dwd, nnz, nflip, gflip / gd.abs().max().item()
 
 
 def relerr(out, ref, tol, name):
@@ -190,15 +209,21 @@ def check(tmod, hmod, name, N, D, H, s, heavy=True, seed=1, force_full=0, hot_un
     torch.cuda.synchronize()
     det = bool(torch.equal(y, y2) and torch.equal(dx, dx2) and all(torch.equal(a, b) for a, b in zip(dW, dW2))
                and hy.l1.item() == l1v)
-    ry, rl1, rdx, rdwg, rdwu, rdwd, rnnz = reference(x, Wg, Wu, WdT, dy, dl1)
+    nnzk = int(hy.row_ptr[-1].item())
+    rows = torch.repeat_interleave(torch.arange(N, device="cuda"), hy.row_ptr.diff().long())
+    kmask = torch.zeros(N, H, dtype=torch.bool, device="cuda")
+    kmask[rows, hy.ecol[:nnzk].long()] = True
+    del rows
+    ry, rl1, rdx, rdwg, rdwu, rdwd, rnnz, nflip, gflip = reference(x, Wg, Wu, WdT, dy, dl1, kmask)
+    del kmask
     res = [relerr(y, ry, tol, "y"), relerr(dx, rdx, tol, "dx"), relerr(dW[0], rdwg, tol, "dWg"),
            relerr(dW[1], rdwu, tol, "dWu"), relerr(dW[2], rdwd, tol, "dWdT")]
     l1rel = abs(l1v - rl1) / max(abs(rl1), 1e-30)
-    ok = all(r[0] for r in res) and l1rel <= l1tol and det
+    ok = all(r[0] for r in res) and l1rel <= l1tol and det and gflip < 1e-5
     cnt = hy.row_ptr.diff().float()
     ucnt = hy.unit_ptr.diff()
     print(f"  {name:34s} N={N:6d} D={D} H={H} nnz/tok {cnt.mean():6.1f} max {cnt.max():5.0f} unit max "
-          f"{ucnt.max().item():6d} nnz {nnz} (ref {rnnz}) grows {hy.grows}/{hy.gate_grows} gspill {hy.hctrl[2].item()}"
+          f"{ucnt.max().item():6d} nnz {nnz} (fp32 ref {rnnz}; {nflip} flips at |g| <= {gflip:.0e} max|g|) grows {hy.grows}/{hy.gate_grows} gspill {hy.hctrl[2].item()}"
           f" | {' '.join(r[1] for r in res)} l1 {l1rel:.1e} det {'yes' if det else 'NO'} {'OK' if ok else 'FAIL'}",
           flush=True)
     del hy
@@ -247,7 +272,7 @@ def mem_dense(x, Wg, Wu, WdT, dy):
     return saved, peak
 
 
-def mem_hybrid(tmod, hmod, x, Wg, Wu, WdT, dy, dl1, cap):
+def mem_hybrid(tmod, hmod, x, Wg, Wu, WdT, dy, dl1, cap, release=False):
     N, D = x.shape
     H = Wg.shape[0]
     torch.cuda.synchronize()
@@ -259,6 +284,8 @@ def mem_hybrid(tmod, hmod, x, Wg, Wu, WdT, dy, dl1, cap):
     hy.forward_exact(x, Wg, Wu, WdT, y)
     saved = hy.saved_bytes()
     ws = torch.cuda.memory_allocated() - base - y.numel() * 2
+    if release:
+        hy.release_fwd_workspace()
     dx = torch.empty_like(x)
     dW = [torch.empty_like(Wg) for _ in range(3)]
     hy.backward(x, dy, dl1, Wg, Wu, WdT, dx, *dW)
@@ -336,28 +363,27 @@ def bench(tmod, hmod, N, s, reps, D=2048, H=5632, heavy=True, label=""):
     x, Wg, Wu, WdT, dy = layers[0]
     hy = hys[0]
     stages = {}
+    evs = []
+    m = hy.hmod
     for _ in range(20):
-        e = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         e[0].record()
         hy.gate.gate(x, Wg)
         e[1].record()
-        # rest of the forward (gate already done): re-run forward minus gate through the same calls
-        saved_gate = hy.gate.gate
-        hy.gate.gate = lambda *a: None
-        hy.forward(x, Wg, Wu, WdT, ys[0])
-        hy.gate.gate = saved_gate
-        e[2].record()
-        m = hy.hmod
+        hy.forward(x, Wg, Wu, WdT, ys[0], skip_gate=True, ev=e[2])
+        e[3].record()
         launch(m.fn("hyb_bwd_tok"), (N,), 256, D * 2,
                [P(dy), P(dl1), P(Wg), P(Wu), P(WdT), P(hy.row_ptr), P(hy.ecol), P(hy.eg), P(hy.eu), P(hy.rec),
                 P(dxs[0]), P(hy.hctrl), I(D)])
-        e[3].record()
-        launch(m.fn("hyb_bwd_w"), (((D + 255) // 256) * H,), 256, 0,
+        e[4].record()
+        launch(m.fn("hyb_bwd_w"), (((D + 255) // 256) * H,), 128, 0,
                [P(x), P(dy), P(hy.unit_ptr), P(hy.uorder), P(hy.csc), P(hy.rec), P(dWs[0][0]), P(dWs[0][1]),
                 P(dWs[0][2]), P(hy.hctrl), I(D), I(H)])
-        e[4].record()
-        torch.cuda.synchronize()
-        for k, nm in enumerate(["gate", "csr+fwd", "bwd_tok", "bwd_w"]):
+        e[5].record()
+        evs.append(e)
+    torch.cuda.synchronize()
+    for e in evs:
+        for k, nm in enumerate(["gate", "csr", "fwd", "bwd_tok", "bwd_w"]):
             stages.setdefault(nm, []).append(e[k].elapsed_time(e[k + 1]))
     st = {k: statistics.median(v) for k, v in stages.items()}
     assert hy.status()[0] == 0
@@ -367,17 +393,20 @@ def bench(tmod, hmod, N, s, reps, D=2048, H=5632, heavy=True, label=""):
     dsaved, dpeak = mem_dense(x, Wg, Wu, WdT, dy)
     x, Wg, Wu, WdT, dy = layers[0]
     hsaved, hws, hpeak = mem_hybrid(tmod, hmod, x, Wg, Wu, WdT, dy, dl1, int(nnz * 1.1) + 1024)
+    _, _, hpeak2 = mem_hybrid(tmod, hmod, x, Wg, Wu, WdT, dy, dl1, int(nnz * 1.1) + 1024, release=True)
     MB = 2 ** 20
     cnt = hys[0].row_ptr.diff().float()
     row = (f"{N:6d} {label or f'{100*s:.1f}%':>11s} {cnt.mean():5.1f} {cnt.max():5.0f} {td:7.3f} {td2:7.3f} {tdl:7.3f} "
            f"{tg:6.3f} | {thf:6.3f} {thb:6.3f} {th:6.3f} | {td/th:5.2f}x {tdl/th:5.2f}x | gate {st['gate']:.3f} "
-           f"csr+fwd {st['csr+fwd']:.3f} bwd_tok {st['bwd_tok']:.3f} bwd_w {st['bwd_w']:.3f} | mem saved "
+           f"csr {st['csr']:.3f} fwd {st['fwd']:.3f} bwd_tok {st['bwd_tok']:.3f} bwd_w {st['bwd_w']:.3f} | mem saved "
            f"{dsaved/MB:6.1f} -> {hsaved/MB:5.2f} MiB ({dsaved/max(hsaved,1):5.0f}x), peak {dpeak/MB:6.1f} -> "
-           f"{hpeak/MB:6.1f} MiB ({dpeak/hpeak:4.1f}x; hybrid fwd workspace+saved {hws/MB:.1f})")
+           f"{hpeak/MB:6.1f} MiB ({dpeak/hpeak:4.1f}x; fwd workspace+saved {hws/MB:.1f}); fwd workspace released "
+           f"before bwd: peak {hpeak2/MB:6.1f} MiB ({dpeak/hpeak2:4.1f}x)")
     print(row, flush=True)
-    gb = nnz * (8 + 12 + 8) * D / 4 / 1e9 * 2  # gathered bytes: fwd 8 KB, bwd_tok 12 KB, bwd_w 8 KB per active
-    print(f"        gathered rows {gb:.2f} GB -> {gb / ((th - st['gate']) * 1e-3) / 1e3:.2f} TB/s over the sparse part",
-          flush=True)
+    kb = nnz * 2 * D / 1e9  # GB per gathered D-row per active
+    print(f"        row gathers: fwd {2*kb:.2f} GB at {2*kb/st['fwd']:.2f} TB/s, bwd_tok {3*kb:.2f} GB at "
+          f"{3*kb/st['bwd_tok']:.2f} TB/s, bwd_w {2*kb:.2f} GB at {2*kb/st['bwd_w']:.2f} TB/s; gate "
+          f"{2*N*D*H/st['gate']/1e9:.0f} TFLOP/s; floor at 7 TB/s + cuBLAS gate: {7*kb/7 + tg:.3f} ms", flush=True)
     del layers, hys, ys, dxs, dWs, dlay
     torch.cuda.empty_cache()
     return row
@@ -392,6 +421,7 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.cuda.init()
+    torch.zeros(1, device="cuda")
     props = torch.cuda.get_device_properties(0)
     cc = torch.cuda.get_device_capability(0)
     print(f"GPU: {props.name}  SMs {props.multi_processor_count}  cc {cc}  torch {torch.__version__}", flush=True)

@@ -36,6 +36,21 @@ pub enum LaunchError {
         /// World rank.
         rank: usize,
     },
+    /// cudarc opened another NCCL library than the one libtorch already loaded; two NCCLs in
+    /// one process corrupt each other's communicators.
+    #[error(
+        "rank {rank}: cudarc loaded NCCL from {cudarc_lib} but libtorch uses {torch_lib}; put a \
+         folder holding a libnccl.so symlink to {torch_lib} first on LD_LIBRARY_PATH \
+         (see launch/README.md)"
+    )]
+    NcclLibraryMismatch {
+        /// World rank.
+        rank: usize,
+        /// The file cudarc's `libnccl.so` resolved to.
+        cudarc_lib: String,
+        /// The file libtorch's NCCL was loaded from.
+        torch_lib: String,
+    },
     /// An NCCL or CUDA driver call failed.
     #[error("rank {rank}: NCCL {op} failed: {detail}")]
     Nccl {

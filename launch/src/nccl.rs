@@ -6,12 +6,16 @@
 //! after the kernels that produced the tensor and before the ones that read the result: no
 //! host synchronisation is needed. `Comm` is not `Send`; keep the group on the main thread.
 
-use std::{marker::PhantomData, sync::Arc};
+use std::{
+    ffi::{c_void, CStr},
+    marker::PhantomData,
+    sync::Arc,
+};
 
 use cudarc::driver::{
     sys::CUdeviceptr, CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop,
 };
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::nccl::{result::NcclError, Comm, Id, ReduceOp};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, Root};
 use tch::{Device, Kind, Tensor};
@@ -60,6 +64,63 @@ macro_rules! with_nccl_type {
             _ => $unsupported,
         }
     };
+}
+
+/// Fails unless cudarc's `libnccl.so` can be loaded and is the very library libtorch already
+/// loaded (when it loaded one): with two NCCL builds in one process, symbols of one bind to the
+/// other and communicators come out corrupted ("corrupted comm object detected").
+fn check_same_nccl_as_torch(world_rank: usize) -> Result<(), LaunchError> {
+    const SYMBOL: &CStr = c"ncclGetVersion";
+    // Safety: probing, dlsym and dladdr only look libraries and symbols up.
+    unsafe {
+        if !cudarc::nccl::sys::is_culib_present() {
+            return Err(LaunchError::NcclLibraryMissing { rank: world_rank });
+        }
+        let torch = libc::dlsym(libc::RTLD_DEFAULT, SYMBOL.as_ptr());
+        let ours = match cudarc::nccl::sys::culib()
+            .get::<unsafe extern "C" fn()>(SYMBOL.to_bytes_with_nul())
+        {
+            Ok(symbol) => *symbol as *mut c_void,
+            Err(_) => return Err(LaunchError::NcclLibraryMissing { rank: world_rank }),
+        };
+        if torch.is_null() || torch == ours {
+            return Ok(());
+        }
+        Err(LaunchError::NcclLibraryMismatch {
+            rank: world_rank,
+            cudarc_lib: library_file(ours),
+            torch_lib: library_file(torch),
+        })
+    }
+}
+
+/// The path of the shared library that holds `addr`.
+fn library_file(addr: *mut c_void) -> String {
+    // Safety: dladdr fills `info` or returns 0; dli_fname points into the loader's tables.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+            return format!("{addr:p}");
+        }
+        CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// The NCCL result code and the library's last error message on this thread.
+fn describe(e: &NcclError) -> String {
+    // Safety: both calls only read NCCL's static/thread-local error strings; a null
+    // communicator asks for the thread's last error.
+    let last = unsafe {
+        let ptr = cudarc::nccl::sys::ncclGetLastError(std::ptr::null_mut());
+        if ptr.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(ptr).to_string_lossy().into_owned()
+        }
+    };
+    format!("{:?} ({last})", e.0)
 }
 
 /// A borrowed view of a contiguous CUDA tensor's memory as `len` elements of `T`; owns nothing.
@@ -126,9 +187,7 @@ impl NcclGroup {
             detail,
         };
         // Safety: only probes whether the library can be loaded.
-        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-            return Err(LaunchError::NcclLibraryMissing { rank: world_rank });
-        }
+        check_same_nccl_as_torch(world_rank)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| nccl_err("init", format!("{e:?}")))?;
         let stream = ctx.default_stream();
 
@@ -141,7 +200,7 @@ impl NcclGroup {
                     message[0] = 1;
                     message[1..].copy_from_slice(id.internal());
                 }
-                Err(e) => root_error = Some(format!("{e:?}")),
+                Err(e) => root_error = Some(describe(&e)),
             }
         }
         group.process_at_rank(0).broadcast_into(&mut message[..]);
@@ -163,7 +222,7 @@ impl NcclGroup {
             group.size() as usize,
             id,
         )
-        .map_err(|e| nccl_err("init", format!("{e:?}")))?;
+        .map_err(|e| nccl_err("init", describe(&e)))?;
         Ok(Self {
             comm,
             stream,
@@ -203,15 +262,11 @@ impl NcclGroup {
         }
     }
 
-    fn result<S>(
-        &self,
-        op: &'static str,
-        r: Result<S, cudarc::nccl::result::NcclError>,
-    ) -> Result<(), LaunchError> {
+    fn result<S>(&self, op: &'static str, r: Result<S, NcclError>) -> Result<(), LaunchError> {
         r.map(|_| ()).map_err(|e| LaunchError::Nccl {
             rank: self.world_rank,
             op,
-            detail: format!("{e:?}"),
+            detail: describe(&e),
         })
     }
 

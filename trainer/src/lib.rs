@@ -1,4 +1,5 @@
 //! sparse-train: configs, model, data, optimizer, sparsity scheduler and the training loop.
+pub mod checkpointing;
 pub mod config;
 pub mod corpus_cmd;
 pub mod data;
@@ -7,4 +8,5 @@ pub mod model;
 pub mod optim;
 pub mod prepare;
 pub mod scheduler;
+pub mod stop;
 pub mod train;

@@ -26,6 +26,10 @@ struct Cli {
     /// Train on uniform random tokens instead of the config's data (throughput runs).
     #[arg(long)]
     synthetic_data: bool,
+    /// Resume from the run directory's latest checkpoint, or from PATH (a checkpoint or a
+    /// run directory).
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
     /// Print only the log lines, no progress bar.
     #[arg(long)]
     quiet: bool,
@@ -101,6 +105,7 @@ fn main() -> Result<()> {
             }
             let opts = train::RunOptions {
                 max_steps: cli.max_steps,
+                resume: cli.resume,
                 out_dir: cli.out_dir,
                 quiet: cli.quiet,
             };

@@ -1,14 +1,17 @@
 //! The training loop: for each optimizer step, accumulate gradients over micro-batches,
 //! guard against non-finite values, clip, update, log.
+use crate::checkpointing::{self, TrainerState};
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{DataLoader, TokenSource};
 use crate::metrics::{peak_rss_bytes, JsonlSink, LayerActivity};
 use crate::model::Llama;
 use crate::optim::{l1_coeff, learning_rate, AdamW};
 use crate::scheduler::PathScheduler;
+use crate::stop::StopSignal;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use sparse_tensorboard::EventWriter;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Reduction, Tensor};
@@ -17,6 +20,9 @@ use tch::{nn::VarStore, Device, Kind, Reduction, Tensor};
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub max_steps: Option<usize>,
+    /// `Some(None)`: resume from the run directory's latest checkpoint; `Some(Some(p))`:
+    /// from `p` (a checkpoint or a run directory).
+    pub resume: Option<Option<PathBuf>>,
     pub out_dir: Option<PathBuf>,
     pub quiet: bool,
 }
@@ -97,6 +103,35 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
     let mut sched = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers)?;
     let mut activity =
         LayerActivity::new(cfg.model.num_layers, cfg.model.intermediate_size, device);
+    let stop = StopSignal::install().context("installing signal handlers")?;
+    let mut state = TrainerState {
+        step: 0,
+        cursor: 0,
+        tokens_seen: 0,
+        skipped_total: 0,
+        seed: t.seed,
+        l1_coeff: 0.0,
+        ffn_paths: sched.paths().iter().map(|p| p.name().to_string()).collect(),
+        next_path_decision: sched.next_decision(),
+        world_size: cfg.parallel.data * cfg.parallel.tensor,
+        config: cfg.clone(),
+    };
+    if let Some(resume) = &opts.resume {
+        let path = checkpointing::resolve(resume.as_deref(), &t.out_dir);
+        state = checkpointing::restore(
+            &path,
+            &cfg,
+            &mut opt,
+            &mut sched,
+            &mut activity.tokens_since_fired,
+        )?;
+        state.config = cfg.clone();
+    }
+    let mut tb = EventWriter::create(&t.out_dir).context("creating the TensorBoard event file")?;
+    if opts.resume.is_some() {
+        tb.mark_restart(state.step as i64 + 1)?;
+    }
+    let mut saver = Saver::default();
     let mut sink =
         JsonlSink::open(&t.out_dir).with_context(|| format!("creating {}", t.out_dir.display()))?;
 
@@ -123,14 +158,24 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
         t.micro_batch_size
     ));
 
-    let mut cursor: u64 = 0;
+    if state.step > 0 {
+        log_line(
+            &pb,
+            format!(
+                "resumed at step {} (cursor {} sequences)",
+                state.step, state.cursor
+            ),
+        );
+        pb.set_position(state.step as u64);
+    }
+    let mut cursor = state.cursor;
     let mut skipped_in_a_row = 0usize;
-    let mut skipped_total = 0usize;
+    let mut skipped_total = state.skipped_total;
     let mut interval_start = Instant::now();
     let mut interval_tokens = 0u64;
     let mut interval_ce = 0.0f64;
     let mut interval_steps = 0usize;
-    for step in 0..t.max_steps {
+    for step in state.step..t.max_steps {
         let lr = learning_rate(t, step);
         let lambda = l1_coeff(&cfg.sparsity, step);
         let paths = sched.paths().to_vec();
@@ -186,10 +231,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
             );
             sink.write(&json!({"step": step, "skipped": true, "loss": loss.to_string(), "grad_norm": grad_norm.to_string()}))?;
             if skipped_in_a_row >= t.max_skipped_steps {
-                bail!("{skipped_in_a_row} consecutive non-finite steps: stopping (last good state kept)");
+                saver.wait()?;
+                bail!("{skipped_in_a_row} consecutive non-finite steps: stopping (last good checkpoint kept)");
             }
             cursor += t.batch_size as u64;
             activity.end_step(step_tokens);
+            tb.add_scalar("train/skipped_steps", skipped_total as f32, step as i64 + 1)?;
+            pb.inc(1);
             continue;
         }
         skipped_in_a_row = 0;
@@ -249,15 +297,106 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
                 "ffn_path": sched.paths().iter().map(|p| p.name()).collect::<Vec<_>>(),
             }))?;
             sink.flush()?;
+            let s = step as i64 + 1;
+            let mut scalars: Vec<(String, f32)> = vec![
+                ("train/loss".into(), loss as f32),
+                (
+                    "train/ce".into(),
+                    (interval_ce / interval_steps.max(1) as f64) as f32,
+                ),
+                ("train/l1".into(), l1 as f32),
+                ("train/lambda".into(), lambda as f32),
+                ("train/lr".into(), lr as f32),
+                ("train/grad_norm".into(), grad_norm as f32),
+                ("train/skipped_steps".into(), skipped_total as f32),
+                ("perf/tokens_per_s".into(), tokens_per_s as f32),
+                ("perf/mfu".into(), mfu as f32),
+                ("perf/memory_gib".into(), mem_gib as f32),
+                ("sparsity/sparsity".into(), sparsity as f32),
+                ("sparsity/nnz_per_token".into(), nnz as f32),
+            ];
+            if let Some(v) = val_ce {
+                scalars.push(("val/ce".into(), v as f32));
+            }
+            for (l, (ls, path)) in layers.iter().zip(sched.paths()).enumerate() {
+                scalars.push((format!("layer{l:02}/nnz_mean"), ls.nnz_mean as f32));
+                scalars.push((format!("layer{l:02}/nnz_max"), ls.nnz_max as f32));
+                scalars.push((format!("layer{l:02}/sparsity"), ls.sparsity as f32));
+                scalars.push((format!("layer{l:02}/dead"), ls.dead as f32));
+                scalars.push((format!("layer{l:02}/ffn_path"), path.id() as f32));
+            }
+            let refs: Vec<(&str, f32)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            tb.add_scalars(s, &refs)?;
+            tb.flush()?;
             interval_start = Instant::now();
             interval_tokens = 0;
             interval_ce = 0.0;
             interval_steps = 0;
         }
         pb.inc(1);
+        state.step = step + 1;
+        state.cursor = cursor;
+        state.tokens_seen += step_tokens;
+        state.skipped_total = skipped_total;
+        state.l1_coeff = lambda;
+        state.ffn_paths = sched.paths().iter().map(|p| p.name().to_string()).collect();
+        state.next_path_decision = sched.next_decision();
+        let stopping = stop.requested();
+        let periodic = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0;
+        if stopping || periodic || state.step == t.max_steps {
+            let snap = checkpointing::snapshot(&cfg, &opt, &state, &activity.tokens_since_fired)?;
+            saver.save(
+                t.out_dir.clone(),
+                state.step as u64,
+                snap,
+                cfg.checkpoint.keep_last,
+            )?;
+        }
+        if stopping {
+            saver.wait()?;
+            sink.flush()?;
+            tb.flush()?;
+            log_line(
+                &pb,
+                format!("stop requested: checkpoint written at step {}", state.step),
+            );
+            return Ok(());
+        }
     }
     pb.finish();
+    saver.wait()?;
     Ok(())
+}
+
+/// Writes checkpoints on a background thread (one at a time), so training continues while
+/// the files are written and fsynced.
+#[derive(Default)]
+struct Saver {
+    pending: Option<std::thread::JoinHandle<sparse_checkpoints::Result<PathBuf>>>,
+}
+
+impl Saver {
+    fn save(
+        &mut self,
+        run: PathBuf,
+        step: u64,
+        ckpt: sparse_checkpoints::Checkpoint,
+        keep: usize,
+    ) -> Result<()> {
+        self.wait()?;
+        self.pending = Some(std::thread::spawn(move || {
+            sparse_checkpoints::save(&run, step, &ckpt, keep)
+        }));
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        if let Some(h) = self.pending.take() {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("checkpoint writer thread panicked"))??;
+        }
+        Ok(())
+    }
 }
 
 /// Prints above the progress bar, or plainly when there is none (not a terminal, --quiet).

@@ -1,0 +1,277 @@
+//! The trainer's side of checkpoints: what goes in one (weights under HF Llama names, AdamW
+//! moments, trainer state), and the exact restore of a run from one.
+//!
+//! Nothing random happens after initialisation (no dropout; the data order is a function of
+//! the seed and the cursor), so the seed and the data cursor are the whole RNG state.
+use crate::config::Config;
+use crate::optim::AdamW;
+use crate::scheduler::PathScheduler;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sparse_checkpoints::{Checkpoint, Dtype, RawTensor};
+use sparse_kernels::FfnPath;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Trainer state saved as JSON beside the tensors.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Sequences of the data stream consumed.
+    pub cursor: u64,
+    pub tokens_seen: u64,
+    pub skipped_total: usize,
+    /// Seed of the run: with the cursor, the whole random state.
+    pub seed: u64,
+    /// lambda at the last completed step (a function of the step; saved for inspection).
+    pub l1_coeff: f64,
+    /// FFN path of each layer and the step of the next path decision.
+    pub ffn_paths: Vec<String>,
+    pub next_path_decision: usize,
+    /// Data-parallel ranks of the run that wrote it.
+    pub world_size: usize,
+    /// The run's config.
+    pub config: Config,
+}
+
+/// HF name of an internal parameter name, and whether the tensor is stored transposed.
+fn hf_name(name: &str) -> (String, bool) {
+    match name.strip_suffix(".weight_t") {
+        Some(base) => (format!("{base}.weight"), true),
+        None => (name.to_string(), false),
+    }
+}
+
+fn to_raw(t: &Tensor) -> RawTensor {
+    let t = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let mut data = vec![0u8; t.numel() * 4];
+    t.copy_data_u8(&mut data, t.numel());
+    RawTensor {
+        dtype: Dtype::F32,
+        shape,
+        data,
+    }
+}
+
+fn from_raw(name: &str, raw: &RawTensor, device: Device) -> Result<Tensor> {
+    if raw.dtype != Dtype::F32 {
+        bail!("tensor `{name}`: dtype {:?}, expected F32", raw.dtype);
+    }
+    let shape: Vec<i64> = raw.shape.iter().map(|&d| d as i64).collect();
+    Ok(Tensor::from_data_size(&raw.data, &shape, Kind::Float).to_device(device))
+}
+
+/// HF `LlamaConfig` for the model (`hidden_act: relu`: HF's Llama MLP computes
+/// `down(act(gate(x)) * up(x))`, which with ReLU is exactly this FFN).
+pub fn hf_config(cfg: &Config) -> serde_json::Value {
+    let m = &cfg.model;
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.kv_heads(),
+        "head_dim": m.head_dim(),
+        "max_position_embeddings": m.max_seq_len,
+        "rope_theta": m.rope_theta,
+        "rms_norm_eps": m.rms_norm_eps,
+        "tie_word_embeddings": m.tie_embeddings,
+        "hidden_act": "relu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": "float32",
+    })
+}
+
+/// Copies the run's state to host memory (the slow disk write can then run elsewhere).
+/// Refuses non-finite weights: a checkpoint is always a state worth resuming.
+pub fn snapshot(
+    cfg: &Config,
+    opt: &AdamW,
+    state: &TrainerState,
+    dead_clocks: &[Tensor],
+) -> Result<Checkpoint> {
+    let finite = tch::no_grad(|| {
+        let flags: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| p.param.isfinite().all())
+            .collect();
+        Tensor::stack(&flags, 0).all().int64_value(&[]) == 1
+    });
+    if !finite {
+        bail!(
+            "weights hold NaN or Inf at step {}: not writing a checkpoint",
+            state.step
+        );
+    }
+    let mut weights = BTreeMap::new();
+    let mut optimizer = BTreeMap::new();
+    for p in &opt.params {
+        let (hf, transposed) = hf_name(&p.name);
+        let w = if transposed {
+            p.param.tr()
+        } else {
+            p.param.shallow_clone()
+        };
+        weights.insert(hf, to_raw(&w));
+        optimizer.insert(format!("exp_avg.{}", p.name), to_raw(&p.exp_avg));
+        optimizer.insert(format!("exp_avg_sq.{}", p.name), to_raw(&p.exp_avg_sq));
+    }
+    optimizer.insert(
+        "adam_step".into(),
+        RawTensor {
+            dtype: Dtype::I64,
+            shape: vec![],
+            data: (opt.step as i64).to_le_bytes().to_vec(),
+        },
+    );
+    for (l, t) in dead_clocks.iter().enumerate() {
+        let c = t.to_device(Device::Cpu).to_kind(Kind::Int64).contiguous();
+        let mut data = vec![0u8; c.numel() * 8];
+        c.copy_data_u8(&mut data, c.numel());
+        optimizer.insert(
+            format!("tokens_since_fired.{l}"),
+            RawTensor {
+                dtype: Dtype::I64,
+                shape: vec![c.numel()],
+                data,
+            },
+        );
+    }
+    Ok(Checkpoint {
+        weights,
+        optimizer,
+        trainer_state: serde_json::to_value(state)?,
+        hf_config: Some(hf_config(cfg)),
+    })
+}
+
+/// Where `--resume` points: a checkpoint directory or a run directory (its latest).
+pub fn resolve(resume: Option<&Path>, out_dir: &Path) -> PathBuf {
+    resume.map_or_else(|| out_dir.to_path_buf(), Path::to_path_buf)
+}
+
+/// Restores parameters, AdamW state, dead-unit clocks and scheduler from a checkpoint, after
+/// checking it matches this run's model. Nothing is modified unless every check passes.
+pub fn restore(
+    path: &Path,
+    cfg: &Config,
+    opt: &mut AdamW,
+    sched: &mut PathScheduler,
+    dead_clocks: &mut [Tensor],
+) -> Result<TrainerState> {
+    let ckpt = sparse_checkpoints::load(path)
+        .with_context(|| format!("resuming from {}", path.display()))?;
+    let state: TrainerState =
+        serde_json::from_value(ckpt.trainer_state.clone()).with_context(|| {
+            format!(
+                "{}: trainer_state.json does not match this version",
+                path.display()
+            )
+        })?;
+    if state.config.model != cfg.model {
+        let (a, b) = (
+            serde_json::to_value(&state.config.model)?,
+            serde_json::to_value(&cfg.model)?,
+        );
+        let field = a
+            .as_object()
+            .and_then(|a| {
+                a.iter()
+                    .find(|(k, v)| b.get(k.as_str()) != Some(v))
+                    .map(|(k, _)| k.clone())
+            })
+            .unwrap_or_default();
+        bail!(
+            "{}: checkpoint model differs from the config at model.{field} ({} in the checkpoint, {} in the config)",
+            path.display(),
+            a[&field],
+            b[&field]
+        );
+    }
+    // Check every tensor before touching anything.
+    let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
+    for p in &opt.params {
+        let mut shape: Vec<usize> = p.param.size().iter().map(|&d| d as usize).collect();
+        let (hf, transposed) = hf_name(&p.name);
+        let moment_shape = shape.clone();
+        if transposed {
+            shape.reverse();
+        }
+        expected.push((hf, shape));
+        expected.push((format!("exp_avg.{}", p.name), moment_shape.clone()));
+        expected.push((format!("exp_avg_sq.{}", p.name), moment_shape));
+    }
+    let exp: Vec<sparse_checkpoints::ExpectedTensor> = expected
+        .iter()
+        .map(|(n, s)| (n.as_str(), Dtype::F32, s.as_slice()))
+        .collect();
+    sparse_checkpoints::check_tensors(&ckpt, &exp)
+        .with_context(|| format!("resuming from {}", path.display()))?;
+    let paths: Vec<FfnPath> = state
+        .ffn_paths
+        .iter()
+        .map(|p| p.parse().map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    if paths.len() != cfg.model.num_layers {
+        bail!(
+            "{}: ffn_paths has {} layers, the model {}",
+            path.display(),
+            paths.len(),
+            cfg.model.num_layers
+        );
+    }
+    let adam_step = ckpt
+        .optimizer
+        .get("adam_step")
+        .and_then(|r| r.data.get(..8))
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .with_context(|| format!("{}: optimizer state has no `adam_step`", path.display()))?;
+    let device = opt.params[0].param.device();
+    tch::no_grad(|| -> Result<()> {
+        for p in &mut opt.params {
+            let (hf, transposed) = hf_name(&p.name);
+            let w = from_raw(&hf, &ckpt.weights[&hf], device)?;
+            let w = if transposed { w.tr().contiguous() } else { w };
+            p.param.copy_(&w);
+            p.exp_avg.copy_(&from_raw(
+                &p.name,
+                &ckpt.optimizer[&format!("exp_avg.{}", p.name)],
+                device,
+            )?);
+            p.exp_avg_sq.copy_(&from_raw(
+                &p.name,
+                &ckpt.optimizer[&format!("exp_avg_sq.{}", p.name)],
+                device,
+            )?);
+        }
+        Ok(())
+    })?;
+    for (l, clock) in dead_clocks.iter_mut().enumerate() {
+        if let Some(raw) = ckpt.optimizer.get(&format!("tokens_since_fired.{l}")) {
+            let v: Vec<i64> = raw
+                .data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            if v.len() as i64 == clock.size()[0] {
+                *clock = Tensor::from_slice(&v).to_device(device);
+            }
+        }
+    }
+    opt.step = adam_step as u64;
+    sched.set_paths(paths, state.next_path_decision);
+    Ok(state)
+}

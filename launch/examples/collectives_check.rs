@@ -8,7 +8,8 @@
 //!
 //! Failure drills (each must end the whole job non-zero, naming the rank):
 //! `--fail-rank R` (rank R returns an error before the first collective), `--panic-rank R`,
-//! `--mismatch-rank R` (rank R reports a different config hash).
+//! `--mismatch-rank R` (rank R reports a different config hash), `--skip-finish-rank R`
+//! (rank R leaves `main` without `World::finish` while the others wait in its barrier).
 
 use anyhow::{bail, ensure, Context, Result};
 use sparse_launch::{fail_fast, stable_hash, Collective, World, WorldOptions};
@@ -21,6 +22,7 @@ struct Args {
     fail_rank: Option<usize>,
     panic_rank: Option<usize>,
     mismatch_rank: Option<usize>,
+    skip_finish_rank: Option<usize>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -36,6 +38,7 @@ fn parse_args() -> Result<Args> {
             "--fail-rank" => args.fail_rank = rank()?,
             "--panic-rank" => args.panic_rank = rank()?,
             "--mismatch-rank" => args.mismatch_rank = rank()?,
+            "--skip-finish-rank" => args.skip_finish_rank = rank()?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -78,6 +81,9 @@ fn main() {
         world.device(),
         world.backend()
     );
+    if args.skip_finish_rank == Some(world.rank()) {
+        return;
+    }
     world.finish();
 }
 

@@ -160,6 +160,10 @@ fn assert_job_failed_with(out: &JobOutput, needle: &str) {
         "stderr lacks `{needle}`:\n{}",
         out.stderr
     );
+}
+
+/// Asserts no rank got past the start-up failure to the collective checks.
+fn assert_no_rank_went_on(out: &JobOutput) {
     assert!(
         !out.stdout.contains("all collectives ok"),
         "a rank went on past the failure:\n{}",
@@ -184,16 +188,25 @@ fn rank_failing_at_start_up_ends_the_job_non_zero_naming_the_rank() {
         &out,
         "rank 1: simulated start-up failure (config not found)",
     );
+    assert_no_rank_went_on(&out);
 }
 
 #[test]
 fn panicking_rank_aborts_the_job_naming_the_rank() {
     let out = run_job(2, &["--panic-rank", "1"]);
     assert_job_failed_with(&out, "rank 1: panicked");
+    assert_no_rank_went_on(&out);
 }
 
 #[test]
 fn config_differing_on_one_rank_fails_naming_that_rank() {
     let out = run_job(3, &["--mismatch-rank", "2"]);
     assert_job_failed_with(&out, "ranks [2] disagree with rank 0");
+    assert_no_rank_went_on(&out);
+}
+
+#[test]
+fn rank_leaving_without_finish_aborts_instead_of_hanging() {
+    let out = run_job(2, &["--skip-finish-rank", "1"]);
+    assert_job_failed_with(&out, "rank 1: World dropped without World::finish");
 }

@@ -3,6 +3,7 @@ pub mod checkpointing;
 pub mod config;
 pub mod corpus_cmd;
 pub mod data;
+pub mod inference;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -44,6 +44,16 @@ enum Command {
         #[command(subcommand)]
         cmd: CorpusCmd,
     },
+    /// Print the logits of a checkpoint's model for one token sequence, as JSON
+    /// (`[[f32; vocab]; tokens]`, fp32, dense FFN path): for checks against other runtimes.
+    Logits {
+        /// A checkpoint directory, or a run directory (its latest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<i64>,
+    },
     /// Tokenize text (.jsonl with a "text" field per line, or .txt) into token shards.
     Prepare {
         #[arg(long, num_args = 1.., required = true)]
@@ -71,6 +81,22 @@ fn main() -> Result<()> {
         Some(Command::Corpus {
             cmd: CorpusCmd::Build(args),
         }) => corpus_cmd::run(&args),
+        Some(Command::Logits { checkpoint, tokens }) => {
+            let loaded = sparse_train::inference::load(&checkpoint, tch::Device::Cpu)?;
+            let vocab = loaded.config.model.vocab_size as i64;
+            if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t >= vocab) {
+                anyhow::bail!("--tokens: id {bad} is outside the vocabulary (0..{vocab})");
+            }
+            let n = tokens.len();
+            let input = tch::Tensor::from_slice(&tokens).view([1, n as i64]);
+            let paths = vec![sparse_kernels::FfnPath::Dense; loaded.config.model.num_layers];
+            let logits = tch::no_grad(|| loaded.model.forward(&input, &paths).logits);
+            let rows: Vec<Vec<f32>> = (0..n as i64)
+                .map(|i| Vec::<f32>::try_from(logits.get(0).get(i)).expect("f32 logits"))
+                .collect();
+            println!("{}", serde_json::to_string(&rows)?);
+            Ok(())
+        }
         Some(Command::Prepare {
             input,
             tokenizer,

@@ -1,0 +1,289 @@
+//! `sparse-train bench ffn`: the TwELL inference FFN against dense cuBLAS (through tch) on
+//! one GPU, side by side in one process, on the sparse inputs of
+//! shared/design/anchors.md §3 (per-neuron bias, per-token shift solved so that
+//! `sum_j Phi(t_i + b_j) = k_i`, heavy-tailed `k_i`, 4 layers of weights used in rotation).
+//!
+//! Timing: per repeat, `synchronize; t0; 4 calls (one per layer); synchronize; t1`, the
+//! repeat's time divided by 4; the median over repeats is printed. Dense =
+//! `(relu(x Wg^T) * (x Wu^T)) Wd^T` in bf16 through tch (cuBLAS). TwELL = the kernels of
+//! kernels/cuda/twell.cu called directly (`sparse_kernels::cuda::twell_ffn`, no statistics);
+//! the column "op" is the same forward through `sparse_ffn(.., FfnPath::Twell)` under
+//! no_grad, which also computes the active-unit statistics (one synchronising
+//! `masked_select`). Before timing, each layer's TwELL output is checked against an fp32
+//! dense reference on the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
+use anyhow::{bail, Context, Result};
+use sparse_kernels::cuda::{twell_ffn, TwellKernels, TwellLaunch};
+use sparse_kernels::{FfnPath, FfnWeights};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Arguments of `sparse-train bench ffn`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchFfnArgs {
+    /// Model shape: `125m`, `0.5b`, `1b`, `1.5b`, `2b`, `tiny`, or `D,H`.
+    #[arg(long, default_value = "1.5b")]
+    pub shape: String,
+    /// Token counts N to run (comma separated), e.g. `16384,4096` or `1,8,64` (decode).
+    #[arg(long, value_delimiter = ',', default_value = "16384")]
+    pub tokens: Vec<usize>,
+    /// Target fraction of inactive FFN units (mean over tokens).
+    #[arg(long, default_value_t = 0.995)]
+    pub sparsity: f64,
+    /// `infer` (TwELL forward) or `train` (hybrid forward + backward).
+    #[arg(long, default_value = "infer")]
+    pub mode: String,
+    /// Timed repeats (each runs the 4 layers once).
+    #[arg(long, default_value_t = 50)]
+    pub repeats: usize,
+    /// Untimed warm-up repeats.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Only the correctness checks, no timing.
+    #[arg(long)]
+    pub check_only: bool,
+    /// Seed of the input generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// CUDA device index.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+}
+
+/// `(D, H)` of a shape name or `D,H`.
+pub fn parse_shape(s: &str) -> Result<(i64, i64)> {
+    Ok(match s {
+        "tiny" => (128, 512),
+        "125m" => (768, 2048),
+        "0.5b" | "1b" | "1.5b" | "2b" => (2048, 5632),
+        other => {
+            let v: Vec<&str> = other.split(',').collect();
+            if v.len() != 2 {
+                bail!("--shape `{other}`: expected a model name (125m, 0.5b, 1b, 1.5b, 2b, tiny) or D,H");
+            }
+            (v[0].trim().parse()?, v[1].trim().parse()?)
+        }
+    })
+}
+
+/// One layer's inputs: `x [N, D]` and `Wg, Wu, Wd^T [H, D]`, bf16 on the device.
+pub struct Layer {
+    pub x: Tensor,
+    pub wg: Tensor,
+    pub wu: Tensor,
+    pub wd: Tensor,
+}
+
+fn normal_cdf(z: &Tensor) -> Tensor {
+    ((z / std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
+}
+
+/// The anchors.md §3 generator: `g_ij = z_ij + t_i + b_j`, z ~ N(0,1) from unit-norm Wg rows
+/// over D-3 columns, column D-3 carries t_i (x) against 1 (Wg), column D-2 carries 1 (x)
+/// against b_j ~ N(0, 0.5^2) (Wg); `k_i = (1-s) H w_i`, w_i = 10 for a random 1 % of tokens,
+/// lognormal(0, 0.5) otherwise, normalised to mean 1; t_i by bisection.
+pub fn make_layer(n: i64, d: i64, h: i64, sparsity: f64, device: Device) -> Result<Layer> {
+    if d < 8 {
+        bail!("D = {d}: the generator needs D >= 8");
+    }
+    let f32o = (Kind::Float, device);
+    let dz = d - 3;
+    let wz = Tensor::randn([h, dz], f32o);
+    let wz = &wz / wz.norm_scalaropt_dim(2, [1], true);
+    let b = Tensor::randn([h], f32o) * 0.5;
+    // Heavy-tailed targets.
+    let heavy = Tensor::rand([n], f32o).lt(0.01);
+    let logn = (Tensor::randn([n], f32o) * 0.5).exp();
+    let w = logn.where_self(&heavy.logical_not(), &Tensor::full([], 10.0, f32o));
+    let w = &w / w.mean(Kind::Float);
+    let k = (w * ((1.0 - sparsity) * h as f64)).clamp(1e-3, h as f64 - 0.5);
+    // Bisection on t: sum_j Phi(t + b_j) is increasing in t.
+    let mut lo = Tensor::full([n], -20.0, f32o);
+    let mut hi = Tensor::full([n], 20.0, f32o);
+    for _ in 0..60 {
+        let mid = (&lo + &hi) * 0.5;
+        let s = normal_cdf(&(mid.unsqueeze(1) + b.unsqueeze(0))).sum_dim_intlist(1, false, Kind::Float);
+        let below = s.lt_tensor(&k);
+        lo = mid.where_self(&below, &lo);
+        hi = hi.where_self(&below, &mid);
+    }
+    let t = (lo + hi) * 0.5;
+    let x = Tensor::cat(
+        &[Tensor::randn([n, dz], f32o), t.unsqueeze(1), Tensor::ones([n, 1], f32o), Tensor::zeros([n, 1], f32o)],
+        1,
+    );
+    let wg = Tensor::cat(&[wz, Tensor::ones([h, 1], f32o), b.unsqueeze(1), Tensor::zeros([h, 1], f32o)], 1);
+    let wu = Tensor::randn([h, d], f32o) / (d as f64).sqrt();
+    let wd = Tensor::randn([h, d], f32o) / (h as f64).sqrt();
+    let bf = |t: Tensor| t.to_kind(Kind::BFloat16).contiguous();
+    Ok(Layer { x: bf(x), wg: bf(wg), wu: bf(wu), wd: bf(wd) })
+}
+
+fn dense_bf16(l: &Layer) -> Tensor {
+    let h = l.x.matmul(&l.wg.tr()).relu() * l.x.matmul(&l.wu.tr());
+    h.matmul(&l.wd)
+}
+
+fn reference_f32(l: &Layer) -> (Tensor, Tensor) {
+    let f = |t: &Tensor| t.to_kind(Kind::Float);
+    let x = f(&l.x);
+    let g = x.matmul(&f(&l.wg).tr());
+    let y = (g.relu() * x.matmul(&f(&l.wu).tr())).matmul(&f(&l.wd));
+    (y, g.gt(0.0).sum_dim_intlist(-1, false, Kind::Int64))
+}
+
+/// Checks the TwELL kernels (direct and through `sparse_ffn`) on one layer; returns
+/// (max|err|/max|ref|, worst row's max|err|/max|ref row|, mean and max actives per token).
+fn check(l: &Layer, launch: TwellLaunch) -> Result<(f64, f64, f64, i64)> {
+    let (want, apt) = reference_f32(l);
+    let (y, _) = twell_ffn(&l.x, &l.wg, &l.wu, &l.wd, launch, false)?;
+    let err = (y.to_kind(Kind::Float) - &want).abs();
+    let scale = want.abs().max().double_value(&[]).max(1e-30);
+    let rel = err.max().double_value(&[]) / scale;
+    let row_ref = want.abs().amax([1], false).clamp_min(1e-30);
+    let row_rel = (err.amax([1], false) / row_ref).max().double_value(&[]);
+    let w = FfnWeights { gate: &l.wg, up: &l.wu, down_t: &l.wd };
+    let out = tch::no_grad(|| sparse_kernels::try_sparse_ffn(&l.x, &w, FfnPath::Twell, &Default::default()))?;
+    if !out.y.equal(&y) {
+        bail!("sparse_ffn(.., Twell) differs from the direct kernel call");
+    }
+    if !out.active_per_token.equal(&apt) {
+        bail!("sparse_ffn(.., Twell): active_per_token differs from the fp32 reference's relu(g) > 0");
+    }
+    let mean = apt.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    Ok((rel, row_rel, mean, apt.max().int64_value(&[])))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median ms per layer call of `f` over the 4 rotated layers.
+fn time_ms(device: Device, warmup: usize, repeats: usize, layers: &[Layer], mut f: impl FnMut(&Layer) -> Result<Tensor>) -> Result<f64> {
+    let mut times = Vec::with_capacity(repeats);
+    for r in 0..warmup + repeats {
+        tch::Cuda::synchronize(device_index(device));
+        let t0 = Instant::now();
+        for l in layers {
+            let _ = f(l)?;
+        }
+        tch::Cuda::synchronize(device_index(device));
+        if r >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3 / layers.len() as f64);
+        }
+    }
+    Ok(median(times))
+}
+
+fn device_index(d: Device) -> i64 {
+    match d {
+        Device::Cuda(i) => i as i64,
+        _ => 0,
+    }
+}
+
+fn gpu_name(kernels: &TwellKernels, device: Device) -> String {
+    std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name,driver_version", "--format=csv,noheader", "-i"])
+        .arg(device_index(device).to_string())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace(", ", ", driver "))
+        .unwrap_or_else(|| kernels.device_name().to_string())
+}
+
+/// Runs `sparse-train bench ffn`.
+pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
+    if args.mode == "train" {
+        println!("bench ffn --mode train: not available: the hybrid training kernels are not wired yet");
+        return Ok(());
+    }
+    if args.mode != "infer" {
+        bail!("--mode `{}`: expected infer or train", args.mode);
+    }
+    if !(0.0..1.0).contains(&args.sparsity) {
+        bail!("--sparsity {} must be in [0, 1)", args.sparsity);
+    }
+    if args.repeats == 0 || args.tokens.is_empty() {
+        bail!("need --repeats >= 1 and at least one --tokens value");
+    }
+    if !tch::Cuda::is_available() {
+        bail!("bench ffn needs a CUDA device (tch sees none)");
+    }
+    let (d, h) = parse_shape(&args.shape)?;
+    let device = Device::Cuda(args.device);
+    let kernels = TwellKernels::for_device(device).context("loading the TwELL kernels")?;
+    println!(
+        "bench ffn: GPU {} ({}), shape {} (D = {d}, H = {h}), sparsity {:.2} %, bf16, gate kernel {}",
+        gpu_name(&kernels, device),
+        kernels.device_name(),
+        args.shape,
+        args.sparsity * 100.0,
+        if kernels.uses_wgmma() { "wgmma (sm_90a)" } else { "mma.sync" }
+    );
+    println!(
+        "{:>6} | {:>13} | {:>9} {:>9} | {:>9} | {:>9} | {:>8} | {:>9}",
+        "N", "actives/tok", "err/max", "worst row", "dense ms", "TwELL ms", "dense/TW", "op ms"
+    );
+    for &n in &args.tokens {
+        let n = n as i64;
+        if n < 1 {
+            bail!("--tokens: N must be >= 1");
+        }
+        tch::manual_seed(args.seed + n);
+        let layers = (0..4).map(|_| make_layer(n, d, h, args.sparsity, device)).collect::<Result<Vec<_>>>()?;
+        let launch = TwellLaunch::for_tokens(n);
+        let mut worst = (0.0f64, 0.0f64, 0.0f64, 0i64);
+        for l in &layers {
+            let c = check(l, launch)?;
+            worst = (worst.0.max(c.0), worst.1.max(c.1), worst.2 + c.2 / 4.0, worst.3.max(c.3));
+        }
+        let acts = format!("{:.1} ({})", worst.2, worst.3);
+        if worst.0 > 2e-2 {
+            bail!("N = {n}: TwELL output off the fp32 reference: max|err|/max|ref| = {:.3e} > 2e-2", worst.0);
+        }
+        if args.check_only {
+            println!("{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | check only: OK", worst.0, worst.1);
+            continue;
+        }
+        let (w, r) = (args.warmup, args.repeats);
+        let dense = time_ms(device, w, r, &layers, |l| Ok(dense_bf16(l)))?;
+        let twell = time_ms(device, w, r, &layers, |l| Ok(twell_ffn(&l.x, &l.wg, &l.wu, &l.wd, launch, false)?.0))?;
+        let op = time_ms(device, w, r, &layers, |l| {
+            let wts = FfnWeights { gate: &l.wg, up: &l.wu, down_t: &l.wd };
+            Ok(tch::no_grad(|| sparse_kernels::try_sparse_ffn(&l.x, &wts, FfnPath::Twell, &Default::default()))?.y)
+        })?;
+        println!(
+            "{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | {dense:>9.4} | {twell:>9.4} | {:>7.2}x | {op:>9.4}",
+            worst.0,
+            worst.1,
+            dense / twell
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse() {
+        assert_eq!(parse_shape("1.5b").unwrap(), (2048, 5632));
+        assert_eq!(parse_shape("64,300").unwrap(), (64, 300));
+        assert!(parse_shape("huge").is_err());
+    }
+
+    /// The generator hits the requested mean actives per token (CPU, small shape).
+    #[test]
+    fn generator_hits_target_sparsity() {
+        tch::manual_seed(3);
+        let (n, d, h) = (2000, 64, 2048);
+        let l = make_layer(n, d, h, 0.99, Device::Cpu).unwrap();
+        let (_, apt) = reference_f32(&l);
+        let mean = apt.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        let target = 0.01 * h as f64;
+        assert!((mean - target).abs() < 0.15 * target, "mean actives {mean} vs {target}");
+    }
+}

@@ -2,7 +2,10 @@
 //! - `bridge/*.cpp`: the C++ side of the custom autograd functions, compiled against the
 //!   libtorch headers of the torch venv (see scripts/env.sh).
 //! - `cuda/*.cu`: CUDA kernels compiled ahead of time into cubins (sm_90a and sm_80) when
-//!   the pinned nvcc is present; the cubin paths are exported to the crate at compile time.
+//!   the pinned nvcc is present; the cubin paths are exported to the crate at compile time
+//!   (`cubins.txt`) and the cubins themselves embedded (`cubins_embed.rs`, `include_bytes!`),
+//!   so a carried binary needs no cubin files. Without nvcc both are empty and the CUDA
+//!   kernels report a missing cubin at first GPU use.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -78,6 +81,10 @@ fn build_cubins() {
         .filter(|p| Path::new(p).exists());
     let cu = sources("cuda", "cu");
     let mut manifest = String::new();
+    let mut embed = String::from(
+        "/// Cubins compiled by build.rs, embedded in the binary: (stem, arch, bytes).\n\
+         pub const EMBEDDED_CUBINS: &[(&str, &str, &[u8])] = &[\n",
+    );
     for src in &cu {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
         for (arch, code) in [("compute_90a", "sm_90a"), ("compute_80", "sm_80")] {
@@ -107,10 +114,16 @@ fn build_cubins() {
                     src.display()
                 );
                 manifest.push_str(&format!("{stem} {code} {}\n", cubin.display()));
+                embed.push_str(&format!(
+                    "    ({stem:?}, {code:?}, include_bytes!({:?})),\n",
+                    cubin.display().to_string()
+                ));
             }
         }
     }
+    embed.push_str("];\n");
     std::fs::write(out_dir.join("cubins.txt"), manifest).unwrap();
+    std::fs::write(out_dir.join("cubins_embed.rs"), embed).unwrap();
 }
 
 fn main() {

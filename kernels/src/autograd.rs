@@ -9,8 +9,14 @@
 //!
 //! Devices are dispatched in one place each way (`forward` on the input device, `backward`
 //! on what the forward saved): CPU tensors run the CPU reference on the TwELL or hybrid
-//! format; CUDA tensors currently run the same function with dense tch ops (`dense`). All
-//! math is f32; `y` and the gradients come back in their input's dtype, `l1_sum` as f32.
+//! format. CUDA tensors on the TwELL path with no gradient needed (inference: grad mode off
+//! or no input requiring grad) run the TwELL kernels of `kernels/cuda/twell.cu` (module
+//! [`crate::cuda`]) on tch's current stream, in bf16 (inputs cast if needed); there `l1_sum`
+//! is NaN (the inference kernels never form |h|), the active counts come from the packed
+//! format (`relu(g) > 0`), and `overflow_rows` counts rows with a spilled tile. Every other
+//! CUDA case (the hybrid path, and the TwELL path when a gradient is needed) runs the exact
+//! differentiable fallback: the same function with dense tch ops (`dense`), f32 math; `y`
+//! and the gradients come back in their input's dtype, `l1_sum` as f32.
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -84,6 +90,8 @@ pub enum FfnError {
     Torch(#[from] TchError),
     #[error("sparse FFN bridge: {0}")]
     Bridge(String),
+    #[error("TwELL CUDA kernels: {0}")]
+    Cuda(#[from] crate::cuda::CudaKernelError),
 }
 
 /// Per-call parameters, read by the forward callback during `apply`.
@@ -189,6 +197,24 @@ pub fn apply(
     config: &SparseFfnConfig,
 ) -> Result<FfnOutput, FfnError> {
     validate(x, w)?;
+    if format == SparseFormat::Twell && matches!(x.device(), Device::Cuda(_)) && !grad_needed(x, w) {
+        let t = Inputs {
+            x,
+            gate: w.gate,
+            up: w.up,
+            down_t: w.down_t,
+        };
+        if let Some(outs) = cuda_twell::forward(&config.twell, &t)? {
+            let [y, l1_sum, active_per_token, active_per_unit, overflow_rows] = outs;
+            return Ok(FfnOutput {
+                y,
+                l1_sum,
+                active_per_token,
+                active_per_unit,
+                overflow_rows,
+            });
+        }
+    }
     let op = Op {
         format,
         config: *config,
@@ -250,6 +276,14 @@ struct Inputs<'a> {
 fn forward(op: &Op, t: &Inputs) -> Result<([Tensor; 5], Saved), FfnError> {
     match t.x.device() {
         Device::Cpu => cpu::forward(op, t),
+        // Inside the autograd function grad mode is off: inputs requiring grad mean the
+        // backward will run, so only a no-grad call may take the inference kernels.
+        Device::Cuda(_) if op.format == SparseFormat::Twell && !inputs_require_grad(t) => {
+            match cuda_twell::forward(&op.config.twell, t)? {
+                Some(outs) => Ok((outs, Saved::Dense)),
+                None => Ok((dense::forward(t), Saved::Dense)),
+            }
+        }
         Device::Cuda(_) => Ok((dense::forward(t), Saved::Dense)),
         device => Err(FfnError::UnsupportedDevice { device }),
     }
@@ -260,6 +294,47 @@ fn backward(saved: &Saved, t: &Inputs, dy: &Tensor, dl1: &Tensor) -> Result<[Ten
     match saved {
         Saved::Cpu { config, pattern } => cpu::backward(config, pattern, t, dy, dl1),
         Saved::Dense => Ok(dense::backward(t, dy, dl1)),
+    }
+}
+
+fn inputs_require_grad(t: &Inputs) -> bool {
+    [t.x, t.gate, t.up, t.down_t].iter().any(|t| t.requires_grad())
+}
+
+/// Whether grad mode is on (tch exposes no query: an op on a leaf requiring grad tells).
+fn grad_mode_enabled() -> bool {
+    let leaf = Tensor::ones([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&leaf * 1.0).requires_grad()
+}
+
+/// Whether the output of this call will be differentiated.
+fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
+    [x, w.gate, w.up, w.down_t].iter().any(|t| t.requires_grad()) && grad_mode_enabled()
+}
+
+/// The TwELL inference kernels on CUDA (no gradient).
+mod cuda_twell {
+    use super::*;
+    use crate::cuda::{twell_ffn, TwellLaunch};
+
+    /// `None` when the kernels do not cover the format (tile other than 256 columns or a
+    /// compression other than 8/4/2): the caller runs the dense fallback.
+    pub(super) fn forward(cfg: &TwellConfig, t: &Inputs) -> Result<Option<[Tensor; 5]>, FfnError> {
+        let tw = (cfg.tile == 256 && [2, 4, 8].contains(&cfg.compression)).then(|| 256 / cfg.compression as i64);
+        let Some(tw) = tw else { return Ok(None) };
+        let n = t.x.size()[0];
+        let launch = TwellLaunch {
+            tw,
+            ..TwellLaunch::for_tokens(n)
+        };
+        let _guard = tch::no_grad_guard();
+        let (y, stats) = twell_ffn(t.x, t.gate, t.up, t.down_t, launch, true)?;
+        let Some((apt, apu, overflow)) = stats else {
+            return Err(FfnError::Bridge("TwELL kernels returned no statistics".into()));
+        };
+        let y = y.f_to_kind(t.x.kind())?;
+        let l1 = Tensor::f_full([], f64::NAN, (Kind::Float, t.x.device()))?;
+        Ok(Some([y, l1, apt, apu, overflow]))
     }
 }
 

@@ -12,6 +12,7 @@
 //! [`reference`] the CPU reference computed from them, [`autograd`] the `SparseFfn` custom
 //! autograd function (C++ side in `bridge/`) that the sparse paths run through.
 pub mod autograd;
+pub mod cuda;
 pub mod cuda_runtime;
 pub mod ffn;
 pub mod hybrid;

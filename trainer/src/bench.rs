@@ -143,11 +143,18 @@ fn check(l: &Layer, launch: TwellLaunch) -> Result<(f64, f64, f64, i64)> {
     let row_rel = (err.amax([1], false) / row_ref).max().double_value(&[]);
     let w = FfnWeights { gate: &l.wg, up: &l.wu, down_t: &l.wd };
     let out = tch::no_grad(|| sparse_kernels::try_sparse_ffn(&l.x, &w, FfnPath::Twell, &Default::default()))?;
-    if !out.y.equal(&y) {
-        bail!("sparse_ffn(.., Twell) differs from the direct kernel call");
+    // Bitwise equal unless the up+down kernel ran out of partial-sum slots (then which
+    // tokens are split depends on arrival order): compare to the reference's tolerance.
+    let op_rel = (out.y.to_kind(Kind::Float) - &want).abs().max().double_value(&[]) / scale;
+    if op_rel > 2e-2 {
+        bail!("sparse_ffn(.., Twell): max|err|/max|ref| = {op_rel:.3e} > 2e-2");
     }
-    if !out.active_per_token.equal(&apt) {
-        bail!("sparse_ffn(.., Twell): active_per_token differs from the fp32 reference's relu(g) > 0");
+    // The kernel's fp32 accumulation order differs from cuBLAS's: gate values within
+    // rounding of 0 may flip sign, nothing more.
+    let diff = (&out.active_per_token - &apt).abs();
+    let (flips, total) = (diff.sum(Kind::Int64).int64_value(&[]), apt.sum(Kind::Int64).int64_value(&[]));
+    if diff.max().int64_value(&[]) > 2 || flips > total / 1000 + 2 {
+        bail!("sparse_ffn(.., Twell): active_per_token off the fp32 reference's relu(g) > 0 by {flips} of {total}");
     }
     let mean = apt.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
     Ok((rel, row_rel, mean, apt.max().int64_value(&[])))

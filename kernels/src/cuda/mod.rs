@@ -1,10 +1,11 @@
 //! Launches the TwELL inference kernels of `kernels/cuda/twell.cu` on tch CUDA tensors.
 //!
-//! The forward of one gated FFN layer is four launches on the legacy default stream (the one
-//! tch uses): gate (wgmma/TMA on sm_90a, mma.sync elsewhere, or the skinny decode gate + pack
-//! for N <= 16) -> `twell_plan` -> `twell_updown_gated`. All buffers live in a
-//! [`TwellWorkspace`] sized for one (N, D, H); the control words reset themselves between
-//! forwards, so the sequence can be captured in a CUDA graph.
+//! The forward of one gated FFN layer is three or four launches on **tch's current stream**
+//! (`cuda_runtime::current_stream`, passed to `cuLaunchKernel` directly): gate (wgmma/TMA on
+//! sm_90a, mma.sync elsewhere, or the skinny decode gate + pack for N <= 16) -> `twell_plan`
+//! -> `twell_updown_gated`. All buffers live in a [`TwellWorkspace`] sized for one (N, D, H);
+//! the control words reset themselves between forwards, so the sequence can be captured in a
+//! CUDA graph. Every driver call is checked and comes back as a [`CudaKernelError`].
 //!
 //! Weights: `Wg, Wu, WdT: [H, D]` bf16 row-major contiguous; `x: [N, D]` bf16; returns
 //! `y: [N, D]` bf16. Exact on every row: tiles over capacity spill to a 256-entry slot;
@@ -12,13 +13,17 @@
 //! [`TwellWorkspace::status`] must be checked (it reports a full spill buffer).
 //!
 //! Cubins: `build.rs` compiles `kernels/cuda/*.cu` into `$OUT_DIR/<stem>.<arch>.cubin` when
-//! `SPARSE_TRAIN_NVCC` is set. They are read at run time from `$SPARSE_TRAIN_CUBINS/` when
-//! that variable is set (for a carried binary), else from the paths build.rs recorded.
+//! `SPARSE_TRAIN_NVCC` is set and embeds them in the binary. At run time
+//! `$SPARSE_TRAIN_CUBINS/<stem>.<arch>.cubin` wins when present (to try a new cubin without a
+//! rebuild), then the embedded cubin, then the paths build.rs recorded. A build without nvcc
+//! embeds nothing: the first GPU use then fails with [`CudaKernelError::MissingCubin`].
+use std::collections::HashMap;
+use std::ffi::c_void;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use tch::{Device, Kind, Tensor};
 
 const TILE: i64 = 256;
@@ -31,48 +36,92 @@ pub const SKINNY_MAX_TOKENS: i64 = 16;
 
 /// Manifest written by build.rs: `stem arch path` per line (empty without nvcc).
 const CUBIN_MANIFEST: &str = include_str!(concat!(env!("OUT_DIR"), "/cubins.txt"));
+include!(concat!(env!("OUT_DIR"), "/cubins_embed.rs"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaKernelError {
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
-    #[error("no cubin `{stem}.{arch}.cubin` (set SPARSE_TRAIN_CUBINS or build with SPARSE_TRAIN_NVCC)")]
+    #[error("no cubin `{stem}.{arch}.cubin`: this binary was built without nvcc (source scripts/env.sh, which sets SPARSE_TRAIN_NVCC, and rebuild) and SPARSE_TRAIN_CUBINS names no folder holding it")]
     MissingCubin { stem: String, arch: String },
     #[error("reading cubin {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("shape: {0}")]
     Shape(String),
+    #[error("CUDA is not available to tch (no libcuda or no device)")]
+    NoCuda,
+    #[error("{0:?} is not a CUDA device")]
+    NotCuda(Device),
+    #[error("the TwELL spill buffer was full: output not exact")]
+    SpillFull,
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
 }
 
 type Result<T> = std::result::Result<T, CudaKernelError>;
 
 fn cubin_bytes(stem: &str, arch: &str) -> Result<Vec<u8>> {
     let file = format!("{stem}.{arch}.cubin");
-    let mut candidates = Vec::new();
     if let Ok(dir) = std::env::var("SPARSE_TRAIN_CUBINS") {
-        candidates.push(PathBuf::from(dir).join(&file));
-    }
-    for line in CUBIN_MANIFEST.lines() {
-        let mut it = line.splitn(3, ' ');
-        if let (Some(s), Some(a), Some(p)) = (it.next(), it.next(), it.next()) {
-            if s == stem && a == arch {
-                candidates.push(PathBuf::from(p));
-            }
-        }
-    }
-    for path in candidates {
+        let path = PathBuf::from(dir).join(&file);
         if path.exists() {
             return std::fs::read(&path).map_err(|source| CudaKernelError::Io { path, source });
         }
     }
+    if let Some((_, _, bytes)) = EMBEDDED_CUBINS.iter().find(|(s, a, _)| *s == stem && *a == arch) {
+        return Ok(bytes.to_vec());
+    }
+    for line in CUBIN_MANIFEST.lines() {
+        let mut it = line.splitn(3, ' ');
+        if let (Some(s), Some(a), Some(p)) = (it.next(), it.next(), it.next()) {
+            let path = PathBuf::from(p);
+            if s == stem && a == arch && path.exists() {
+                return std::fs::read(&path).map_err(|source| CudaKernelError::Io { path, source });
+            }
+        }
+    }
     Err(CudaKernelError::MissingCubin { stem: stem.into(), arch: arch.into() })
+}
+
+/// Whether this binary carries compiled cubins (false: built without nvcc).
+pub fn has_embedded_cubins() -> bool {
+    !EMBEDDED_CUBINS.is_empty()
+}
+
+/// Kernel arguments as the `void**` array `cuLaunchKernel` takes: pointers to each value.
+macro_rules! kargs {
+    ($($a:expr),* $(,)?) => {
+        [$(&$a as *const _ as *mut c_void),*]
+    };
+}
+
+/// Launches `f` on `stream` (a raw `CUstream`, here tch's current stream).
+///
+/// # Safety
+/// `args` must match the kernel's parameter list in number, order and type, and every device
+/// pointer among them must be valid for what the kernel reads and writes.
+unsafe fn launch(f: &CudaFunction, stream: sys::CUstream, grid: (u32, u32), block: u32, smem: u32, args: &mut [*mut c_void]) -> Result<()> {
+    sys::cuLaunchKernel(
+        f.cu_function(),
+        grid.0,
+        grid.1,
+        1,
+        block,
+        1,
+        1,
+        smem,
+        stream,
+        args.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()?;
+    Ok(())
 }
 
 /// A 2-D TMA descriptor (CUtensorMap), passed to the wgmma gate kernel by value.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct TmapParam([u64; 16]);
-unsafe impl DeviceRepr for TmapParam {}
 
 /// bf16 `[rows, cols]` row-major, box `{64, box_rows}`, 128-B swizzle, zero fill out of bounds.
 fn tensor_map(ptr: u64, rows: i64, cols: i64, box_rows: u32) -> Result<TmapParam> {
@@ -108,10 +157,11 @@ fn tensor_map(ptr: u64, rows: i64, cols: i64, box_rows: u32) -> Result<TmapParam
 
 /// The loaded TwELL module of one device.
 pub struct TwellKernels {
-    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
     _module: Arc<CudaModule>,
     sm90a: bool,
     sms: u32,
+    name: String,
     gemm: [CudaFunction; 3],
     wgmma: Option<[CudaFunction; 3]>,
     pack: [CudaFunction; 3],
@@ -129,10 +179,33 @@ fn tw_index(tw: i64) -> usize {
     }
 }
 
+fn cuda_ordinal(device: Device) -> Result<usize> {
+    match device {
+        Device::Cuda(i) => {
+            if tch::Cuda::is_available() {
+                Ok(i)
+            } else {
+                Err(CudaKernelError::NoCuda)
+            }
+        }
+        d => Err(CudaKernelError::NotCuda(d)),
+    }
+}
+
+/// tch's current stream on `device`, as a driver `CUstream`.
+fn tch_stream(device: Device) -> Result<sys::CUstream> {
+    crate::cuda_runtime::current_stream(device)
+        .map(|s| s as sys::CUstream)
+        .ok_or(CudaKernelError::NotCuda(device))
+}
+
 impl TwellKernels {
     /// Loads the cubin matching device `ordinal` (sm_90a on compute capability 9.0, else sm_80).
-    /// Check `tch::Cuda::is_available()` first: cudarc panics without libcuda.
+    /// Checks `tch::Cuda::is_available()` first: cudarc panics without libcuda.
     pub fn load(ordinal: usize) -> Result<Self> {
+        if !tch::Cuda::is_available() {
+            return Err(CudaKernelError::NoCuda);
+        }
         let ctx = CudaContext::new(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
         let sm90a = (major, minor) == (9, 0);
@@ -154,10 +227,11 @@ impl TwellKernels {
             None
         };
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let name = ctx.name()?;
         Ok(Self {
-            stream: ctx.default_stream(),
             sm90a,
             sms,
+            name,
             pack: [f("twell_pack_tw32")?, f("twell_pack_tw64")?, f("twell_pack_tw128")?],
             skinny: f("twell_gate_skinny")?,
             plan: f("twell_plan")?,
@@ -166,59 +240,95 @@ impl TwellKernels {
             gemm,
             wgmma,
             _module: module,
+            ctx,
         })
     }
 
-    /// Gated FFN forward `y = (relu(x Wg^T) * (x Wu^T)) WdT` through TwELL.
+    /// The loaded module of `device`, loaded once per process.
+    pub fn for_device(device: Device) -> Result<Arc<TwellKernels>> {
+        static LOADED: OnceLock<Mutex<HashMap<usize, Arc<TwellKernels>>>> = OnceLock::new();
+        let ordinal = cuda_ordinal(device)?;
+        let mut map = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = map.get(&ordinal) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(TwellKernels::load(ordinal)?);
+        map.insert(ordinal, k.clone());
+        Ok(k)
+    }
+
+    /// The device's name as the driver reports it (e.g. "NVIDIA H100 80GB HBM3").
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the gate runs the sm_90a wgmma/TMA kernel.
+    pub fn uses_wgmma(&self) -> bool {
+        self.sm90a && self.wgmma.is_some()
+    }
+
+    /// Gated FFN forward `y = (relu(x Wg^T) * (x Wu^T)) WdT` through TwELL, on tch's current
+    /// stream of the workspace's device.
     pub fn ffn_forward(&self, ws: &TwellWorkspace, x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Result<Tensor> {
         ws.check_inputs(x, &[wg, wu, wdt])?;
-        self.gate(ws, x, wg)?;
-        self.updown(ws, x, wu, wdt, true)
+        let stream = self.bind(ws.device)?;
+        self.gate(stream, ws, x, wg)?;
+        self.updown(stream, ws, x, wu, wdt, true)
     }
 
     /// Non-gated FFN forward `y = relu(x W1^T) WdT` through TwELL.
     pub fn ffn_forward_nongated(&self, ws: &TwellWorkspace, x: &Tensor, w1: &Tensor, wdt: &Tensor) -> Result<Tensor> {
         ws.check_inputs(x, &[w1, wdt])?;
-        self.gate(ws, x, w1)?;
-        self.updown(ws, x, w1, wdt, false)
+        let stream = self.bind(ws.device)?;
+        self.gate(stream, ws, x, w1)?;
+        self.updown(stream, ws, x, w1, wdt, false)
     }
 
-    fn gate(&self, ws: &TwellWorkspace, x: &Tensor, w: &Tensor) -> Result<()> {
+    /// Makes this device's primary context current on the calling thread (the one the CUDA
+    /// runtime under tch uses) and returns tch's current stream.
+    fn bind(&self, device: Device) -> Result<sys::CUstream> {
+        if cuda_ordinal(device)? != self.ctx.ordinal() {
+            return Err(CudaKernelError::Shape(format!(
+                "tensors on {device:?}, kernels loaded for cuda:{}",
+                self.ctx.ordinal()
+            )));
+        }
+        self.ctx.bind_to_thread()?;
+        tch_stream(device)
+    }
+
+    fn gate(&self, stream: sys::CUstream, ws: &TwellWorkspace, x: &Tensor, w: &Tensor) -> Result<()> {
         let (n, d, h) = (ws.n as i32, ws.d as i32, ws.h as i32);
         let ntiles = ws.ntiles as u32;
         let (xp, wp) = (ptr(x), ptr(w));
         let (twp, spp, ctp) = (ptr(&ws.twell), ptr(&ws.spill), ptr(&ws.ctrl));
         let spill_cap = ws.spill_cap as i32;
         let ti = tw_index(ws.tw);
+        // SAFETY: argument lists match the extern "C" kernels of twell.cu; every buffer was
+        // sized by TwellWorkspace::new for this (N, D, H, tw) and the inputs were checked.
         unsafe {
             if let Some(g) = &ws.scratch {
                 let ldg = (ws.ntiles * TILE) as i32;
                 let gp = ptr(g);
-                let mut b = self.stream.launch_builder(&self.skinny);
-                b.arg(&xp).arg(&wp).arg(&gp).arg(&n).arg(&d).arg(&h).arg(&ldg).arg(&ctp);
-                b.launch(cfg((ntiles * 8, ((n + 63) / 64) as u32), 128, 0))?;
+                launch(&self.skinny, stream, (ntiles * 8, ((n + 63) / 64) as u32), 128, 0, &mut kargs![xp, wp, gp, n, d, h, ldg, ctp])?;
                 let warps = (ws.n * ws.ntiles) as u32;
                 let nt = ws.ntiles as i32;
-                let mut b = self.stream.launch_builder(&self.pack[ti]);
-                b.arg(&gp).arg(&ldg).arg(&twp).arg(&spp).arg(&spill_cap).arg(&ctp).arg(&n).arg(&nt);
-                b.launch(cfg((warps.div_ceil(8), 1), 256, 0))?;
+                launch(&self.pack[ti], stream, (warps.div_ceil(8), 1), 256, 0, &mut kargs![gp, ldg, twp, spp, spill_cap, ctp, n, nt])?;
             } else if let (true, Some(wf)) = (self.sm90a, &self.wgmma) {
                 let ta = tensor_map(xp, ws.n, ws.d, 128)?;
                 let tb = tensor_map(wp, ws.h, ws.d, 256)?;
-                let mut b = self.stream.launch_builder(&wf[ti]);
-                b.arg(&ta).arg(&tb).arg(&twp).arg(&spp).arg(&spill_cap).arg(&ctp).arg(&n).arg(&d).arg(&h);
-                b.launch(cfg((ntiles, (n as u32).div_ceil(128)), 384, WGMMA_SMEM))?;
+                let grid = (ntiles, (n as u32).div_ceil(128));
+                launch(&wf[ti], stream, grid, 384, WGMMA_SMEM, &mut kargs![ta, tb, twp, spp, spill_cap, ctp, n, d, h])?;
             } else {
-                let mut b = self.stream.launch_builder(&self.gemm[ti]);
-                b.arg(&xp).arg(&wp).arg(&twp).arg(&spp).arg(&spill_cap).arg(&ctp).arg(&n).arg(&d).arg(&h);
-                b.launch(cfg((ntiles, (n as u32).div_ceil(128)), 256, GEMM_SMEM))?;
+                let grid = (ntiles, (n as u32).div_ceil(128));
+                launch(&self.gemm[ti], stream, grid, 256, GEMM_SMEM, &mut kargs![xp, wp, twp, spp, spill_cap, ctp, n, d, h])?;
             }
         }
         Ok(())
     }
 
-    fn updown(&self, ws: &TwellWorkspace, x: &Tensor, wu: &Tensor, wdt: &Tensor, gated: bool) -> Result<Tensor> {
-        let y = Tensor::empty([ws.n, ws.d], (Kind::BFloat16, ws.device));
+    fn updown(&self, stream: sys::CUstream, ws: &TwellWorkspace, x: &Tensor, wu: &Tensor, wdt: &Tensor, gated: bool) -> Result<Tensor> {
+        let y = Tensor::f_empty([ws.n, ws.d], (Kind::BFloat16, ws.device))?;
         let (n, d, nt, tw, chunk) = (ws.n as i32, ws.d as i32, ws.ntiles as i32, ws.tw as i32, ws.chunk as i32);
         let slot_cap = ws.slot_cap as i32;
         let (twp, spp, ctp) = (ptr(&ws.twell), ptr(&ws.spill), ptr(&ws.ctrl));
@@ -227,14 +337,17 @@ impl TwellKernels {
         let wide = usize::from(ws.d > 2048);
         let f = if gated { &self.updown[wide] } else { &self.down[wide] };
         let grid = (self.sms * 8).min((ws.n as u32).saturating_mul(16)).max(1);
+        // SAFETY: as in `gate`; y is [N, D] bf16, freshly allocated on the same device.
         unsafe {
-            let mut b = self.stream.launch_builder(&self.plan);
-            b.arg(&twp).arg(&n).arg(&nt).arg(&tw).arg(&chunk).arg(&tip).arg(&itp).arg(&slot_cap).arg(&ctp);
-            b.launch(cfg(((ws.n as u32).div_ceil(8), 1), 256, 0))?;
-            let mut b = self.stream.launch_builder(f);
-            b.arg(&xp).arg(&twp).arg(&spp).arg(&wup).arg(&wdp).arg(&yp).arg(&tip).arg(&itp).arg(&pap).arg(&arp);
-            b.arg(&ctp).arg(&n).arg(&d).arg(&nt).arg(&tw).arg(&chunk);
-            b.launch(cfg((grid, 1), 256, (ws.d * 2) as u32))?;
+            launch(&self.plan, stream, ((ws.n as u32).div_ceil(8), 1), 256, 0, &mut kargs![twp, n, nt, tw, chunk, tip, itp, slot_cap, ctp])?;
+            launch(
+                f,
+                stream,
+                (grid, 1),
+                256,
+                (ws.d * 2) as u32,
+                &mut kargs![xp, twp, spp, wup, wdp, yp, tip, itp, pap, arp, ctp, n, d, nt, tw, chunk],
+            )?;
         }
         Ok(y)
     }
@@ -244,9 +357,6 @@ fn ptr(t: &Tensor) -> u64 {
     t.data_ptr() as u64
 }
 
-fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem }
-}
 
 /// Buffers of the TwELL forward for one (N, D, H) on one device.
 pub struct TwellWorkspace {
@@ -274,13 +384,15 @@ impl TwellWorkspace {
     /// `chunk`: actives per work item of the up+down kernel (split heavy tokens; 128 suits
     /// 99-99.5 % sparsity, 512-1024 lower sparsity, 8 decode); `spill_cap`: spill slots
     /// (None = worst case N * ceil(H/256), always exact); `slot_cap`: partial-sum slots.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(n: i64, d: i64, h: i64, tw: i64, chunk: i64, spill_cap: Option<i64>, slot_cap: i64, device: Device) -> Result<Self> {
-        if n < 1 || d % 64 != 0 || d > 8192 || h < 1 || h > 65536 || ![32, 64, 128].contains(&tw) || chunk < 1 {
+        if n < 1 || d % 64 != 0 || d > 8192 || !(1..=65536).contains(&h) || ![32, 64, 128].contains(&tw) || chunk < 1 {
             return Err(CudaKernelError::Shape(format!("N={n} D={d} H={h} tw={tw} chunk={chunk}")));
         }
         let ntiles = (h + TILE - 1) / TILE;
         let spill_cap = spill_cap.unwrap_or(n * ntiles).max(1);
         let i32o = (Kind::Int, device);
+        let slots = slot_cap.max(1);
         Ok(Self {
             n,
             d,
@@ -291,21 +403,64 @@ impl TwellWorkspace {
             spill_cap,
             slot_cap,
             device,
-            twell: Tensor::empty([n * ntiles * tw], i32o),
-            spill: Tensor::empty([spill_cap * TILE], i32o),
-            ctrl: Tensor::zeros([CTRL_WORDS], i32o),
-            tokinfo: Tensor::empty([n * 4], i32o),
-            items: Tensor::empty([slot_cap.max(1) * 4], i32o),
-            part: Tensor::empty([slot_cap.max(1) * d], (Kind::Float, device)),
-            arrive: Tensor::zeros([slot_cap.max(1)], i32o),
-            scratch: (n <= SKINNY_MAX_TOKENS).then(|| Tensor::empty([n, ntiles * TILE], (Kind::BFloat16, device))),
+            twell: Tensor::f_empty([n * ntiles * tw], i32o)?,
+            spill: Tensor::f_empty([spill_cap * TILE], i32o)?,
+            ctrl: Tensor::f_zeros([CTRL_WORDS], i32o)?,
+            tokinfo: Tensor::f_empty([n * 4], i32o)?,
+            items: Tensor::f_empty([slots * 4], i32o)?,
+            part: Tensor::f_empty([slots * d], (Kind::Float, device))?,
+            arrive: Tensor::f_zeros([slots], i32o)?,
+            scratch: if n <= SKINNY_MAX_TOKENS {
+                Some(Tensor::f_empty([n, ntiles * TILE], (Kind::BFloat16, device))?)
+            } else {
+                None
+            },
         })
     }
 
     /// Status of the last forward (synchronises): 0 = exact; 1 = spill buffer was full
     /// (re-run with a larger `spill_cap`).
-    pub fn status(&self) -> i32 {
-        self.ctrl.int64_value(&[CTRL_LAST_STATUS]) as i32
+    pub fn status(&self) -> Result<i32> {
+        Ok(self.ctrl.f_int64_value(&[CTRL_LAST_STATUS])? as i32)
+    }
+
+    /// Statistics of the last forward's packed gate activations, computed with tch ops on
+    /// the workspace's stream: `(active_per_token [N] i64, active_per_unit [H] i64,
+    /// overflow_rows [2] i64)` (rows with a spilled tile, 0). Actives are the positive gate
+    /// values (`relu(g) > 0`). `active_per_unit` reads the spilled slots through
+    /// `masked_select`, which synchronises.
+    pub fn stats(&self) -> Result<TwellStats> {
+        let (n, nt, tw, h) = (self.n, self.ntiles, self.tw, self.h);
+        let dev = self.device;
+        let words = self.twell.f_view([n, nt, tw])?;
+        let counts = words.f_select(2, 0)?.f_to_kind(Kind::Int64)?;
+        let per_token = counts.f_sum_dim_intlist(-1, false, Kind::Int64)?;
+        let spilled = counts.f_gt(tw - 1)?;
+        let overflow = Tensor::f_stack(
+            &[spilled.f_any_dim(-1, false)?.f_sum(Kind::Int64)?, Tensor::f_zeros([], (Kind::Int64, dev))?],
+            0,
+        )?;
+        // Inline tiles: entries 1..=count; other slots go to the dump bin H.
+        let pos = Tensor::f_arange_start(1, tw, (Kind::Int64, dev))?;
+        let inline_ok = pos.f_le_tensor(&counts.f_unsqueeze(-1)?)?.f_logical_and(&spilled.f_logical_not()?.f_unsqueeze(-1)?)?;
+        let cols = words.f_narrow(2, 1, tw - 1)?.f_bitwise_and(0xFFFF)?.f_to_kind(Kind::Int64)?;
+        let cols = cols.f_where_self(&inline_ok, &Tensor::f_full([], h, (Kind::Int64, dev))?)?;
+        let ones = Tensor::f_ones([cols.numel() as i64], (Kind::Int64, dev))?;
+        let per_unit = Tensor::f_zeros([h + 1], (Kind::Int64, dev))?.f_scatter_add(0, &cols.f_reshape([-1])?, &ones)?;
+        // Spilled tiles: `count` entries at the start of their 256-entry slot.
+        let slots = words.f_select(2, 1)?.f_masked_select(&spilled)?.f_to_kind(Kind::Int64)?;
+        let per_unit = if slots.numel() > 0 {
+            let cnt = counts.f_masked_select(&spilled)?;
+            let entries = self.spill.f_view([-1, TILE])?.f_index_select(0, &slots)?;
+            let ok = Tensor::f_arange(TILE, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_lt_tensor(&cnt.f_unsqueeze(1)?)?;
+            let c = entries.f_bitwise_and(0xFFFF)?.f_to_kind(Kind::Int64)?;
+            let c = c.f_where_self(&ok, &Tensor::f_full([], h, (Kind::Int64, dev))?)?.f_reshape([-1])?;
+            let ones = Tensor::f_ones([c.numel() as i64], (Kind::Int64, dev))?;
+            per_unit.f_scatter_add(0, &c, &ones)?
+        } else {
+            per_unit
+        };
+        Ok((per_token, per_unit.f_narrow(0, 0, h)?, overflow))
     }
 
     fn check_inputs(&self, x: &Tensor, ws: &[&Tensor]) -> Result<()> {
@@ -327,4 +482,73 @@ impl TwellWorkspace {
             )))
         }
     }
+}
+
+/// `(active_per_token [N], active_per_unit [H], overflow_rows [2])`, int64.
+pub type TwellStats = (Tensor, Tensor, Tensor);
+
+/// Format choice for one TwELL forward: words per tile (32/64/128) and actives per work item
+/// of the up+down kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TwellLaunch {
+    pub tw: i64,
+    pub chunk: i64,
+}
+
+impl TwellLaunch {
+    /// What the kernel measurements favour (docs/kernel-notes.md): C = 8 (tw 32), chunks of
+    /// 128 actives for prefill, 8 for decode.
+    pub fn for_tokens(n: i64) -> Self {
+        TwellLaunch { tw: 32, chunk: if n <= 64 { 8 } else { 128 } }
+    }
+}
+
+/// Partial-sum slots of the up+down kernel (split heavy tokens); beyond them tokens run unsplit.
+const SLOT_CAP: i64 = 8192;
+
+type WsKey = (usize, usize, i64, i64, i64, TwellLaunch);
+
+/// Workspaces kept between calls, most recent last: (device, stream, N, D, H, launch).
+struct WsCache(Vec<(WsKey, TwellWorkspace)>);
+// SAFETY: the tensors are only touched under the cache's mutex.
+unsafe impl Send for WsCache {}
+const WS_CACHE_LEN: usize = 8;
+
+/// `y = (relu(x Wg^T) * (x Wu^T)) WdT` through the TwELL kernels on tch's current stream:
+/// inputs cast to contiguous bf16 if needed, workspace reused across calls with the same
+/// (device, stream, N, D, H, launch). Always exact (worst-case spill buffer). With
+/// `with_stats`, also the statistics of [`TwellWorkspace::stats`].
+pub fn twell_ffn(
+    x: &Tensor,
+    wg: &Tensor,
+    wu: &Tensor,
+    wdt: &Tensor,
+    launch: TwellLaunch,
+    with_stats: bool,
+) -> Result<(Tensor, Option<TwellStats>)> {
+    let device = x.device();
+    let kernels = TwellKernels::for_device(device)?;
+    let bf = |t: &Tensor| -> Result<Tensor> { Ok(t.f_to_kind(Kind::BFloat16)?.f_contiguous()?) };
+    let (x, wg, wu, wdt) = (bf(x)?, bf(wg)?, bf(wu)?, bf(wdt)?);
+    let (n, d) = x.size2()?;
+    let h = wg.size()[0];
+    let stream = tch_stream(device)? as usize;
+    let key: WsKey = (cuda_ordinal(device)?, stream, n, d, h, launch);
+    static CACHE: OnceLock<Mutex<WsCache>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(|| Mutex::new(WsCache(Vec::new()))).lock().unwrap_or_else(|e| e.into_inner());
+    let idx = match cache.0.iter().position(|(k, _)| *k == key) {
+        Some(i) => i,
+        None => {
+            if cache.0.len() >= WS_CACHE_LEN {
+                cache.0.remove(0);
+            }
+            let ws = TwellWorkspace::new(n, d, h, launch.tw, launch.chunk, None, SLOT_CAP, device)?;
+            cache.0.push((key, ws));
+            cache.0.len() - 1
+        }
+    };
+    let ws = &cache.0[idx].1;
+    let y = kernels.ffn_forward(ws, &x, &wg, &wu, &wdt)?;
+    let stats = if with_stats { Some(ws.stats()?) } else { None };
+    Ok((y, stats))
 }

@@ -101,21 +101,40 @@ pub fn make_layer(n: i64, d: i64, h: i64, sparsity: f64, device: Device) -> Resu
     let mut hi = Tensor::full([n], 20.0, f32o);
     for _ in 0..60 {
         let mid = (&lo + &hi) * 0.5;
-        let s = normal_cdf(&(mid.unsqueeze(1) + b.unsqueeze(0))).sum_dim_intlist(1, false, Kind::Float);
+        let s =
+            normal_cdf(&(mid.unsqueeze(1) + b.unsqueeze(0))).sum_dim_intlist(1, false, Kind::Float);
         let below = s.lt_tensor(&k);
         lo = mid.where_self(&below, &lo);
         hi = hi.where_self(&below, &mid);
     }
     let t = (lo + hi) * 0.5;
     let x = Tensor::cat(
-        &[Tensor::randn([n, dz], f32o), t.unsqueeze(1), Tensor::ones([n, 1], f32o), Tensor::zeros([n, 1], f32o)],
+        &[
+            Tensor::randn([n, dz], f32o),
+            t.unsqueeze(1),
+            Tensor::ones([n, 1], f32o),
+            Tensor::zeros([n, 1], f32o),
+        ],
         1,
     );
-    let wg = Tensor::cat(&[wz, Tensor::ones([h, 1], f32o), b.unsqueeze(1), Tensor::zeros([h, 1], f32o)], 1);
+    let wg = Tensor::cat(
+        &[
+            wz,
+            Tensor::ones([h, 1], f32o),
+            b.unsqueeze(1),
+            Tensor::zeros([h, 1], f32o),
+        ],
+        1,
+    );
     let wu = Tensor::randn([h, d], f32o) / (d as f64).sqrt();
     let wd = Tensor::randn([h, d], f32o) / (h as f64).sqrt();
     let bf = |t: Tensor| t.to_kind(Kind::BFloat16).contiguous();
-    Ok(Layer { x: bf(x), wg: bf(wg), wu: bf(wu), wd: bf(wd) })
+    Ok(Layer {
+        x: bf(x),
+        wg: bf(wg),
+        wu: bf(wu),
+        wd: bf(wd),
+    })
 }
 
 fn dense_bf16(l: &Layer) -> Tensor {
@@ -141,18 +160,31 @@ fn check(l: &Layer, launch: TwellLaunch) -> Result<(f64, f64, f64, i64)> {
     let rel = err.max().double_value(&[]) / scale;
     let row_ref = want.abs().amax([1], false).clamp_min(1e-30);
     let row_rel = (err.amax([1], false) / row_ref).max().double_value(&[]);
-    let w = FfnWeights { gate: &l.wg, up: &l.wu, down_t: &l.wd };
-    let out = tch::no_grad(|| sparse_kernels::try_sparse_ffn(&l.x, &w, FfnPath::Twell, &Default::default()))?;
+    let w = FfnWeights {
+        gate: &l.wg,
+        up: &l.wu,
+        down_t: &l.wd,
+    };
+    let out = tch::no_grad(|| {
+        sparse_kernels::try_sparse_ffn(&l.x, &w, FfnPath::Twell, &Default::default())
+    })?;
     // Bitwise equal unless the up+down kernel ran out of partial-sum slots (then which
     // tokens are split depends on arrival order): compare to the reference's tolerance.
-    let op_rel = (out.y.to_kind(Kind::Float) - &want).abs().max().double_value(&[]) / scale;
+    let op_rel = (out.y.to_kind(Kind::Float) - &want)
+        .abs()
+        .max()
+        .double_value(&[])
+        / scale;
     if op_rel > 2e-2 {
         bail!("sparse_ffn(.., Twell): max|err|/max|ref| = {op_rel:.3e} > 2e-2");
     }
     // The kernel's fp32 accumulation order differs from cuBLAS's: gate values within
     // rounding of 0 may flip sign, nothing more.
     let diff = (&out.active_per_token - &apt).abs();
-    let (flips, total) = (diff.sum(Kind::Int64).int64_value(&[]), apt.sum(Kind::Int64).int64_value(&[]));
+    let (flips, total) = (
+        diff.sum(Kind::Int64).int64_value(&[]),
+        apt.sum(Kind::Int64).int64_value(&[]),
+    );
     if diff.max().int64_value(&[]) > 2 || flips > total / 1000 + 2 {
         bail!("sparse_ffn(.., Twell): active_per_token off the fp32 reference's relu(g) > 0 by {flips} of {total}");
     }
@@ -166,7 +198,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median ms per layer call of `f` over the 4 rotated layers.
-fn time_ms(device: Device, warmup: usize, repeats: usize, layers: &[Layer], mut f: impl FnMut(&Layer) -> Result<Tensor>) -> Result<f64> {
+fn time_ms(
+    device: Device,
+    warmup: usize,
+    repeats: usize,
+    layers: &[Layer],
+    mut f: impl FnMut(&Layer) -> Result<Tensor>,
+) -> Result<f64> {
     let mut times = Vec::with_capacity(repeats);
     for r in 0..warmup + repeats {
         tch::Cuda::synchronize(device_index(device));
@@ -191,19 +229,29 @@ fn device_index(d: Device) -> i64 {
 
 fn gpu_name(kernels: &TwellKernels, device: Device) -> String {
     std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name,driver_version", "--format=csv,noheader", "-i"])
+        .args([
+            "--query-gpu=name,driver_version",
+            "--format=csv,noheader",
+            "-i",
+        ])
         .arg(device_index(device).to_string())
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace(", ", ", driver "))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .replace(", ", ", driver ")
+        })
         .unwrap_or_else(|| kernels.device_name().to_string())
 }
 
 /// Runs `sparse-train bench ffn`.
 pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
     if args.mode == "train" {
-        println!("bench ffn --mode train: not available: the hybrid training kernels are not wired yet");
+        println!(
+            "bench ffn --mode train: not available: the hybrid training kernels are not wired yet"
+        );
         return Ok(());
     }
     if args.mode != "infer" {
@@ -239,27 +287,49 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
             bail!("--tokens: N must be >= 1");
         }
         tch::manual_seed(args.seed + n);
-        let layers = (0..4).map(|_| make_layer(n, d, h, args.sparsity, device)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..4)
+            .map(|_| make_layer(n, d, h, args.sparsity, device))
+            .collect::<Result<Vec<_>>>()?;
         let launch = TwellLaunch::for_tokens(n);
         let mut worst = (0.0f64, 0.0f64, 0.0f64, 0i64);
         for l in &layers {
             let c = check(l, launch)?;
-            worst = (worst.0.max(c.0), worst.1.max(c.1), worst.2 + c.2 / 4.0, worst.3.max(c.3));
+            worst = (
+                worst.0.max(c.0),
+                worst.1.max(c.1),
+                worst.2 + c.2 / 4.0,
+                worst.3.max(c.3),
+            );
         }
         let acts = format!("{:.1} ({})", worst.2, worst.3);
         if worst.0 > 2e-2 {
-            bail!("N = {n}: TwELL output off the fp32 reference: max|err|/max|ref| = {:.3e} > 2e-2", worst.0);
+            bail!(
+                "N = {n}: TwELL output off the fp32 reference: max|err|/max|ref| = {:.3e} > 2e-2",
+                worst.0
+            );
         }
         if args.check_only {
-            println!("{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | check only: OK", worst.0, worst.1);
+            println!(
+                "{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | check only: OK",
+                worst.0, worst.1
+            );
             continue;
         }
         let (w, r) = (args.warmup, args.repeats);
         let dense = time_ms(device, w, r, &layers, |l| Ok(dense_bf16(l)))?;
-        let twell = time_ms(device, w, r, &layers, |l| Ok(twell_ffn(&l.x, &l.wg, &l.wu, &l.wd, launch, false)?.0))?;
+        let twell = time_ms(device, w, r, &layers, |l| {
+            Ok(twell_ffn(&l.x, &l.wg, &l.wu, &l.wd, launch, false)?.0)
+        })?;
         let op = time_ms(device, w, r, &layers, |l| {
-            let wts = FfnWeights { gate: &l.wg, up: &l.wu, down_t: &l.wd };
-            Ok(tch::no_grad(|| sparse_kernels::try_sparse_ffn(&l.x, &wts, FfnPath::Twell, &Default::default()))?.y)
+            let wts = FfnWeights {
+                gate: &l.wg,
+                up: &l.wu,
+                down_t: &l.wd,
+            };
+            Ok(tch::no_grad(|| {
+                sparse_kernels::try_sparse_ffn(&l.x, &wts, FfnPath::Twell, &Default::default())
+            })?
+            .y)
         })?;
         println!(
             "{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | {dense:>9.4} | {twell:>9.4} | {:>7.2}x | {op:>9.4}",
@@ -291,6 +361,9 @@ mod tests {
         let (_, apt) = reference_f32(&l);
         let mean = apt.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
         let target = 0.01 * h as f64;
-        assert!((mean - target).abs() < 0.15 * target, "mean actives {mean} vs {target}");
+        assert!(
+            (mean - target).abs() < 0.15 * target,
+            "mean actives {mean} vs {target}"
+        );
     }
 }

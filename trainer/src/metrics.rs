@@ -2,6 +2,7 @@
 //! (progress line, `metrics.jsonl`).
 use crate::model::LayerStats;
 use serde::Serialize;
+use sparse_launch::{Collective, LaunchError};
 use std::io::Write;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -72,18 +73,46 @@ impl LayerActivity {
         }
     }
 
-    /// Reads and resets the interval's statistics (one host sync).
-    pub fn summarize(&mut self, hidden: usize, tokens_until_dead: u64) -> Vec<LayerSummary> {
-        let tokens = self.tokens.max(1) as f64;
-        let out = (0..self.active_sum.len())
+    /// Combines this step's "which units fired" over the data-parallel ranks, so every rank
+    /// keeps the same dead-unit clocks.
+    pub fn reduce_step(&mut self, dp: &Collective) -> Result<(), LaunchError> {
+        if dp.size() == 1 {
+            return Ok(());
+        }
+        for f in self.step_fired.iter_mut().flatten() {
+            let mut n = f.to_kind(Kind::Int64);
+            dp.all_reduce_sum(&mut n)?;
+            *f = n.gt(0);
+        }
+        Ok(())
+    }
+
+    /// Reads and resets the interval's statistics, combined over the data-parallel ranks
+    /// (one host sync).
+    pub fn summarize(
+        &mut self,
+        hidden: usize,
+        tokens_until_dead: u64,
+        dp: &Collective,
+    ) -> Result<Vec<LayerSummary>, LaunchError> {
+        let mut sums = Tensor::stack(&self.active_sum, 0).to_kind(Kind::Double);
+        let l1 = Tensor::stack(&self.l1_sum, 0).to_kind(Kind::Double);
+        let mut both = Tensor::cat(&[sums.shallow_clone(), l1], 0);
+        dp.all_reduce_sum(&mut both)?;
+        sums = both.to_device(tch::Device::Cpu);
+        let layers = self.active_sum.len() as i64;
+        let tokens = (self.tokens * dp.size() as u64).max(1) as f64;
+        let out = (0..layers)
             .map(|l| {
-                let nnz_mean = self.active_sum[l].int64_value(&[]) as f64 / tokens;
+                let nnz_mean = sums.double_value(&[l]) / tokens;
                 LayerSummary {
                     nnz_mean,
-                    nnz_max: self.active_max[l].int64_value(&[]),
+                    nnz_max: dp
+                        .all_reduce_max_f64(self.active_max[l as usize].int64_value(&[]) as f64)
+                        as i64,
                     sparsity: 1.0 - nnz_mean / hidden as f64,
-                    l1: self.l1_sum[l].double_value(&[]) / tokens,
-                    dead: self.tokens_since_fired[l]
+                    l1: sums.double_value(&[layers + l]) / tokens,
+                    dead: self.tokens_since_fired[l as usize]
                         .ge(tokens_until_dead as i64)
                         .sum(Kind::Int64)
                         .int64_value(&[]),
@@ -97,7 +126,7 @@ impl LayerActivity {
             let _ = t.zero_();
         }
         self.tokens = 0;
-        out
+        Ok(out)
     }
 }
 

@@ -5,14 +5,15 @@ use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{DataLoader, TokenSource};
 use crate::metrics::{peak_rss_bytes, JsonlSink, LayerActivity};
 use crate::model::Llama;
-use crate::optim::{l1_coeff, learning_rate, AdamW};
+use crate::optim::{l1_coeff, learning_rate, AdamW, Zero1};
 use crate::scheduler::PathScheduler;
 use crate::stop::StopSignal;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use sparse_launch::{stable_hash, World};
 use sparse_tensorboard::EventWriter;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Reduction, Tensor};
 
@@ -49,7 +50,10 @@ pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
     })
 }
 
-pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
+/// Trains on this process's share of `world`: data parallel over all ranks (gradients
+/// summed over ranks in flat buckets, or reduce-scattered with ZeRO-1), every rank seeing
+/// its own disjoint micro-batches of the same global batch; only rank 0 writes.
+pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
     let mut cfg = cfg.clone();
     if let Some(n) = opts.max_steps {
         cfg.train.max_steps = n;
@@ -57,8 +61,37 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
     if let Some(d) = &opts.out_dir {
         cfg.train.out_dir = d.clone();
     }
+    let dp = world.collective();
+    if cfg.parallel.tensor > 1 {
+        bail!(
+            "config parallel.tensor = {}: tensor parallelism is not available in this build",
+            cfg.parallel.tensor
+        );
+    }
+    if cfg.parallel.data != 0 && cfg.parallel.data != dp.size() {
+        bail!(
+            "config parallel.data = {} but the job has {} ranks (set 0 to use every rank)",
+            cfg.parallel.data,
+            dp.size()
+        );
+    }
+    cfg.parallel.data = dp.size();
+    cfg.validate(Path::new("(after applying the world size)"))?;
+    dp.check_same_on_all_ranks(
+        "config",
+        stable_hash(serde_json::to_string(&cfg)?.as_bytes()),
+    )?;
+    let main = world.is_main();
+    MAIN_RANK.store(main, std::sync::atomic::Ordering::Relaxed);
     let t = &cfg.train;
-    let device = pick_device(t.device)?;
+    let device = match t.device {
+        DeviceChoice::Cpu => Device::Cpu,
+        _ if world.size() > 1 => world.device(),
+        choice => pick_device(choice)?,
+    };
+    if t.device == DeviceChoice::Cuda && !device.is_cuda() {
+        bail!("config train.device is `cuda` but no CUDA device is available");
+    }
     let autocast = t.precision == Precision::Bf16 && device.is_cuda();
     tch::manual_seed(t.seed as i64);
     if device.is_cuda() {
@@ -67,6 +100,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
     let vs = VarStore::new(device);
     let model = Llama::new(&vs, &cfg.model);
     let mut opt = AdamW::new(vs.variables().into_iter().collect(), t);
+    // Identical initial weights on every rank (same seed; the broadcast makes it certain).
+    for p in &mut opt.params {
+        dp.broadcast(&mut p.param, 0)?;
+    }
     let mut loader = match &cfg.data.train {
         Some(p) => DataLoader::from_shards(p, t.seq_len, t.seed)
             .with_context(|| format!("opening training data {}", p.display()))?,
@@ -97,7 +134,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
         _ => None,
     };
 
-    let accum = t.batch_size / (t.micro_batch_size * cfg.parallel.data);
+    let accum = t.batch_size / (t.micro_batch_size * dp.size());
     let step_tokens = (t.batch_size * t.seq_len) as u64;
     let flops_per_token = cfg.model.train_flops_per_token(t.seq_len);
     let mut sched = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers)?;
@@ -113,7 +150,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
         l1_coeff: 0.0,
         ffn_paths: sched.paths().iter().map(|p| p.name().to_string()).collect(),
         next_path_decision: sched.next_decision(),
-        world_size: cfg.parallel.data * cfg.parallel.tensor,
+        world_size: world.size(),
         config: cfg.clone(),
     };
     if let Some(resume) = &opts.resume {
@@ -127,15 +164,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
         )?;
         state.config = cfg.clone();
     }
-    let mut tb = EventWriter::create(&t.out_dir).context("creating the TensorBoard event file")?;
-    if opts.resume.is_some() {
-        tb.mark_restart(state.step as i64 + 1)?;
-    }
+    let mut zero1 = cfg.parallel.zero1.then(|| Zero1::new(&opt, dp));
+    let restart_at = opts.resume.is_some().then_some(state.step as i64 + 1);
+    let mut log = RunLog::open(&t.out_dir, main, restart_at)?;
     let mut saver = Saver::default();
-    let mut sink =
-        JsonlSink::open(&t.out_dir).with_context(|| format!("creating {}", t.out_dir.display()))?;
 
-    let pb = if opts.quiet {
+    let pb = if opts.quiet || !main {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(t.max_steps as u64)
@@ -182,7 +216,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
         let mut ce_acc = Tensor::zeros([], (Kind::Float, device));
         let mut l1_acc = Tensor::zeros([], (Kind::Float, device));
         for micro in 0..accum {
-            let first = cursor + (micro * t.micro_batch_size) as u64;
+            // Rank r's micro-batches are its own contiguous block of the global batch.
+            let first = cursor + ((dp.rank() * accum + micro) * t.micro_batch_size) as u64;
             let batch = loader
                 .sequences(first, t.micro_batch_size)
                 .to_device(device);
@@ -207,9 +242,19 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
             l1_acc += out.l1_sum.detach();
             activity.add(&out.layers);
         }
-        let norm_t = opt.grad_norm();
+        let norm_t = match zero1.as_mut() {
+            Some(z) => z.reduce_scatter_grads(&opt, dp)?,
+            None => {
+                let mut grads: Vec<Tensor> = opt.params.iter().map(|p| p.param.grad()).collect();
+                dp.all_reduce_sum_many(&mut grads)?;
+                opt.grad_norm()
+            }
+        };
+        let mut sums = Tensor::stack(&[&ce_acc, &l1_acc], 0);
+        dp.all_reduce_sum(&mut sums)?;
+        activity.reduce_step(dp)?;
         let host: Vec<f64> = Vec::try_from(
-            Tensor::stack(&[&ce_acc, &l1_acc, &norm_t], 0)
+            Tensor::cat(&[&sums, &norm_t.view([1])], 0)
                 .to_kind(Kind::Double)
                 .to_device(Device::Cpu),
         )?;
@@ -229,32 +274,43 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
                     "step {step}: non-finite loss {loss} or grad norm {grad_norm}: step skipped"
                 ),
             );
-            sink.write(&json!({"step": step, "skipped": true, "loss": loss.to_string(), "grad_norm": grad_norm.to_string()}))?;
+            log.record(&json!({"step": step, "skipped": true, "loss": loss.to_string(), "grad_norm": grad_norm.to_string()}))?;
             if skipped_in_a_row >= t.max_skipped_steps {
                 saver.wait()?;
                 bail!("{skipped_in_a_row} consecutive non-finite steps: stopping (last good checkpoint kept)");
             }
             cursor += t.batch_size as u64;
             activity.end_step(step_tokens);
-            tb.add_scalar("train/skipped_steps", skipped_total as f32, step as i64 + 1)?;
+            log.scalars(
+                step as i64 + 1,
+                &[("train/skipped_steps".into(), skipped_total as f32)],
+            )?;
             pb.inc(1);
             continue;
         }
         skipped_in_a_row = 0;
-        opt.clip(grad_norm, t.grad_clip);
-        opt.step(lr);
+        match zero1.as_mut() {
+            Some(z) => z.step(&mut opt, dp, lr, grad_norm, t.grad_clip)?,
+            None => {
+                opt.clip(grad_norm, t.grad_clip);
+                opt.step(lr);
+            }
+        }
         opt.zero_grad();
         cursor += t.batch_size as u64;
         activity.end_step(step_tokens);
         interval_tokens += step_tokens;
         interval_ce += ce;
         interval_steps += 1;
-        sink.write(&json!({"step": step, "loss": loss, "ce": ce, "l1": l1, "lambda": lambda, "lr": lr, "grad_norm": grad_norm}))?;
+        log.record(&json!({"step": step, "loss": loss, "ce": ce, "l1": l1, "lambda": lambda, "lr": lr, "grad_norm": grad_norm}))?;
 
         let last = step + 1 == t.max_steps;
         if (step + 1) % t.log_every == 0 || last {
-            let layers =
-                activity.summarize(cfg.model.intermediate_size, cfg.sparsity.tokens_until_dead);
+            let layers = activity.summarize(
+                cfg.model.intermediate_size,
+                cfg.sparsity.tokens_until_dead,
+                dp,
+            )?;
             sched.observe(step, &layers);
             if device.is_cuda() {
                 tch::Cuda::synchronize(0);
@@ -288,7 +344,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
             );
             pb.set_message(msg.clone());
             log_line(&pb, format!("step {:>6} {msg}", step + 1));
-            sink.write(&json!({
+            log.record(&json!({
                 "log_step": step + 1, "loss": loss, "ce": interval_ce / interval_steps.max(1) as f64,
                 "l1": l1, "lambda": lambda, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "memory_gib": mem_gib,
@@ -296,7 +352,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
                 "val_ce": val_ce, "layers": layers,
                 "ffn_path": sched.paths().iter().map(|p| p.name()).collect::<Vec<_>>(),
             }))?;
-            sink.flush()?;
             let s = step as i64 + 1;
             let mut scalars: Vec<(String, f32)> = vec![
                 ("train/loss".into(), loss as f32),
@@ -325,9 +380,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
                 scalars.push((format!("layer{l:02}/dead"), ls.dead as f32));
                 scalars.push((format!("layer{l:02}/ffn_path"), path.id() as f32));
             }
-            let refs: Vec<(&str, f32)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            tb.add_scalars(s, &refs)?;
-            tb.flush()?;
+            log.scalars(s, &scalars)?;
+            log.flush()?;
             interval_start = Instant::now();
             interval_tokens = 0;
             interval_ce = 0.0;
@@ -341,21 +395,27 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
         state.l1_coeff = lambda;
         state.ffn_paths = sched.paths().iter().map(|p| p.name().to_string()).collect();
         state.next_path_decision = sched.next_decision();
-        let stopping = stop.requested();
-        let periodic = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0;
+        // Every rank stops at the same step when any one of them got a signal.
+        let stopping = dp.any_rank_flag(stop.requested());
+        let periodic = cfg.checkpoint.every > 0 && state.step.is_multiple_of(cfg.checkpoint.every);
         if stopping || periodic || state.step == t.max_steps {
-            let snap = checkpointing::snapshot(&cfg, &opt, &state, &activity.tokens_since_fired)?;
-            saver.save(
-                t.out_dir.clone(),
-                state.step as u64,
-                snap,
-                cfg.checkpoint.keep_last,
-            )?;
+            if let Some(z) = zero1.as_ref() {
+                z.gather_moments(&mut opt, dp)?;
+            }
+            if main {
+                let snap =
+                    checkpointing::snapshot(&cfg, &opt, &state, &activity.tokens_since_fired)?;
+                saver.save(
+                    t.out_dir.clone(),
+                    state.step as u64,
+                    snap,
+                    cfg.checkpoint.keep_last,
+                )?;
+            }
         }
         if stopping {
             saver.wait()?;
-            sink.flush()?;
-            tb.flush()?;
+            log.flush()?;
             log_line(
                 &pb,
                 format!("stop requested: checkpoint written at step {}", state.step),
@@ -366,6 +426,58 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<()> {
     pb.finish();
     saver.wait()?;
     Ok(())
+}
+
+/// The run's metric sinks, `metrics.jsonl` and TensorBoard events: rank 0 only.
+struct RunLog {
+    jsonl: Option<JsonlSink>,
+    tb: Option<EventWriter>,
+}
+
+impl RunLog {
+    /// `restart_at`: first step a resumed run logs (TensorBoard drops later old points).
+    fn open(dir: &Path, main: bool, restart_at: Option<i64>) -> Result<RunLog> {
+        if !main {
+            return Ok(RunLog {
+                jsonl: None,
+                tb: None,
+            });
+        }
+        let mut tb = EventWriter::create(dir).context("creating the TensorBoard event file")?;
+        if let Some(step) = restart_at {
+            tb.mark_restart(step)?;
+        }
+        let jsonl = JsonlSink::open(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(RunLog {
+            jsonl: Some(jsonl),
+            tb: Some(tb),
+        })
+    }
+
+    fn record(&mut self, v: &serde_json::Value) -> Result<()> {
+        if let Some(j) = self.jsonl.as_mut() {
+            j.write(v)?;
+        }
+        Ok(())
+    }
+
+    fn scalars(&mut self, step: i64, scalars: &[(String, f32)]) -> Result<()> {
+        if let Some(tb) = self.tb.as_mut() {
+            let refs: Vec<(&str, f32)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            tb.add_scalars(step, &refs)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Some(j) = self.jsonl.as_mut() {
+            j.flush()?;
+        }
+        if let Some(tb) = self.tb.as_mut() {
+            tb.flush()?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes checkpoints on a background thread (one at a time), so training continues while
@@ -399,8 +511,14 @@ impl Saver {
     }
 }
 
+/// Whether this process is rank 0, the only one that prints.
+static MAIN_RANK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// Prints above the progress bar, or plainly when there is none (not a terminal, --quiet).
 fn log_line(pb: &ProgressBar, msg: String) {
+    if !MAIN_RANK.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     if pb.is_hidden() {
         println!("{msg}");
     } else {

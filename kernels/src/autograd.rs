@@ -197,7 +197,8 @@ pub fn apply(
     config: &SparseFfnConfig,
 ) -> Result<FfnOutput, FfnError> {
     validate(x, w)?;
-    if format == SparseFormat::Twell && matches!(x.device(), Device::Cuda(_)) && !grad_needed(x, w) {
+    if format == SparseFormat::Twell && matches!(x.device(), Device::Cuda(_)) && !grad_needed(x, w)
+    {
         let t = Inputs {
             x,
             gate: w.gate,
@@ -298,7 +299,9 @@ fn backward(saved: &Saved, t: &Inputs, dy: &Tensor, dl1: &Tensor) -> Result<[Ten
 }
 
 fn inputs_require_grad(t: &Inputs) -> bool {
-    [t.x, t.gate, t.up, t.down_t].iter().any(|t| t.requires_grad())
+    [t.x, t.gate, t.up, t.down_t]
+        .iter()
+        .any(|t| t.requires_grad())
 }
 
 /// Whether grad mode is on (tch exposes no query: an op on a leaf requiring grad tells).
@@ -309,7 +312,10 @@ fn grad_mode_enabled() -> bool {
 
 /// Whether the output of this call will be differentiated.
 fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
-    [x, w.gate, w.up, w.down_t].iter().any(|t| t.requires_grad()) && grad_mode_enabled()
+    [x, w.gate, w.up, w.down_t]
+        .iter()
+        .any(|t| t.requires_grad())
+        && grad_mode_enabled()
 }
 
 /// The TwELL inference kernels on CUDA (no gradient).
@@ -320,7 +326,8 @@ mod cuda_twell {
     /// `None` when the kernels do not cover the format (tile other than 256 columns or a
     /// compression other than 8/4/2): the caller runs the dense fallback.
     pub(super) fn forward(cfg: &TwellConfig, t: &Inputs) -> Result<Option<[Tensor; 5]>, FfnError> {
-        let tw = (cfg.tile == 256 && [2, 4, 8].contains(&cfg.compression)).then(|| 256 / cfg.compression as i64);
+        let tw = (cfg.tile == 256 && [2, 4, 8].contains(&cfg.compression))
+            .then(|| 256 / cfg.compression as i64);
         let Some(tw) = tw else { return Ok(None) };
         let n = t.x.size()[0];
         let launch = TwellLaunch {
@@ -330,7 +337,9 @@ mod cuda_twell {
         let _guard = tch::no_grad_guard();
         let (y, stats) = twell_ffn(t.x, t.gate, t.up, t.down_t, launch, true)?;
         let Some((apt, apu, overflow)) = stats else {
-            return Err(FfnError::Bridge("TwELL kernels returned no statistics".into()));
+            return Err(FfnError::Bridge(
+                "TwELL kernels returned no statistics".into(),
+            ));
         };
         let y = y.f_to_kind(t.x.kind())?;
         let l1 = Tensor::f_full([], f64::NAN, (Kind::Float, t.x.device()))?;

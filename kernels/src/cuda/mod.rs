@@ -45,7 +45,10 @@ pub enum CudaKernelError {
     #[error("no cubin `{stem}.{arch}.cubin`: this binary was built without nvcc (source scripts/env.sh, which sets SPARSE_TRAIN_NVCC, and rebuild) and SPARSE_TRAIN_CUBINS names no folder holding it")]
     MissingCubin { stem: String, arch: String },
     #[error("reading cubin {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("shape: {0}")]
     Shape(String),
     #[error("CUDA is not available to tch (no libcuda or no device)")]
@@ -68,7 +71,10 @@ fn cubin_bytes(stem: &str, arch: &str) -> Result<Vec<u8>> {
             return std::fs::read(&path).map_err(|source| CudaKernelError::Io { path, source });
         }
     }
-    if let Some((_, _, bytes)) = EMBEDDED_CUBINS.iter().find(|(s, a, _)| *s == stem && *a == arch) {
+    if let Some((_, _, bytes)) = EMBEDDED_CUBINS
+        .iter()
+        .find(|(s, a, _)| *s == stem && *a == arch)
+    {
         return Ok(bytes.to_vec());
     }
     for line in CUBIN_MANIFEST.lines() {
@@ -80,7 +86,10 @@ fn cubin_bytes(stem: &str, arch: &str) -> Result<Vec<u8>> {
             }
         }
     }
-    Err(CudaKernelError::MissingCubin { stem: stem.into(), arch: arch.into() })
+    Err(CudaKernelError::MissingCubin {
+        stem: stem.into(),
+        arch: arch.into(),
+    })
 }
 
 /// Whether this binary carries compiled cubins (false: built without nvcc).
@@ -100,7 +109,14 @@ macro_rules! kargs {
 /// # Safety
 /// `args` must match the kernel's parameter list in number, order and type, and every device
 /// pointer among them must be valid for what the kernel reads and writes.
-unsafe fn launch(f: &CudaFunction, stream: sys::CUstream, grid: (u32, u32), block: u32, smem: u32, args: &mut [*mut c_void]) -> Result<()> {
+unsafe fn launch(
+    f: &CudaFunction,
+    stream: sys::CUstream,
+    grid: (u32, u32),
+    block: u32,
+    smem: u32,
+    args: &mut [*mut c_void],
+) -> Result<()> {
     sys::cuLaunchKernel(
         f.cu_function(),
         grid.0,
@@ -150,7 +166,11 @@ fn tensor_map(ptr: u64, rows: i64, cols: i64, box_rows: u32) -> Result<TmapParam
     let map = unsafe { map.assume_init() };
     let mut out = TmapParam([0; 16]);
     unsafe {
-        std::ptr::copy_nonoverlapping(&map as *const _ as *const u8, out.0.as_mut_ptr() as *mut u8, 128);
+        std::ptr::copy_nonoverlapping(
+            &map as *const _ as *const u8,
+            out.0.as_mut_ptr() as *mut u8,
+            128,
+        );
     }
     Ok(out)
 }
@@ -210,15 +230,24 @@ impl TwellKernels {
         let (major, minor) = ctx.compute_capability()?;
         let sm90a = (major, minor) == (9, 0);
         let arch = if sm90a { "sm_90a" } else { "sm_80" };
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin_bytes("twell", arch)?))?;
+        let module =
+            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin_bytes("twell", arch)?))?;
         let f = |name: &str| module.load_function(name);
         let smem_attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let gemm = [f("twell_gate_gemm_tw32")?, f("twell_gate_gemm_tw64")?, f("twell_gate_gemm_tw128")?];
+        let gemm = [
+            f("twell_gate_gemm_tw32")?,
+            f("twell_gate_gemm_tw64")?,
+            f("twell_gate_gemm_tw128")?,
+        ];
         for g in &gemm {
             g.set_attribute(smem_attr, GEMM_SMEM as i32)?;
         }
         let wgmma = if sm90a {
-            let w = [f("twell_gate_wgmma_tw32")?, f("twell_gate_wgmma_tw64")?, f("twell_gate_wgmma_tw128")?];
+            let w = [
+                f("twell_gate_wgmma_tw32")?,
+                f("twell_gate_wgmma_tw64")?,
+                f("twell_gate_wgmma_tw128")?,
+            ];
             for g in &w {
                 g.set_attribute(smem_attr, WGMMA_SMEM as i32)?;
             }
@@ -226,13 +255,19 @@ impl TwellKernels {
         } else {
             None
         };
-        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32;
         let name = ctx.name()?;
         Ok(Self {
             sm90a,
             sms,
             name,
-            pack: [f("twell_pack_tw32")?, f("twell_pack_tw64")?, f("twell_pack_tw128")?],
+            pack: [
+                f("twell_pack_tw32")?,
+                f("twell_pack_tw64")?,
+                f("twell_pack_tw128")?,
+            ],
             skinny: f("twell_gate_skinny")?,
             plan: f("twell_plan")?,
             updown: [f("twell_updown_gated")?, f("twell_updown_gated_wide")?],
@@ -248,7 +283,10 @@ impl TwellKernels {
     pub fn for_device(device: Device) -> Result<Arc<TwellKernels>> {
         static LOADED: OnceLock<Mutex<HashMap<usize, Arc<TwellKernels>>>> = OnceLock::new();
         let ordinal = cuda_ordinal(device)?;
-        let mut map = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = LOADED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(k) = map.get(&ordinal) {
             return Ok(k.clone());
         }
@@ -269,7 +307,14 @@ impl TwellKernels {
 
     /// Gated FFN forward `y = (relu(x Wg^T) * (x Wu^T)) WdT` through TwELL, on tch's current
     /// stream of the workspace's device.
-    pub fn ffn_forward(&self, ws: &TwellWorkspace, x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Result<Tensor> {
+    pub fn ffn_forward(
+        &self,
+        ws: &TwellWorkspace,
+        x: &Tensor,
+        wg: &Tensor,
+        wu: &Tensor,
+        wdt: &Tensor,
+    ) -> Result<Tensor> {
         ws.check_inputs(x, &[wg, wu, wdt])?;
         let stream = self.bind(ws.device)?;
         self.gate(stream, ws, x, wg)?;
@@ -277,7 +322,13 @@ impl TwellKernels {
     }
 
     /// Non-gated FFN forward `y = relu(x W1^T) WdT` through TwELL.
-    pub fn ffn_forward_nongated(&self, ws: &TwellWorkspace, x: &Tensor, w1: &Tensor, wdt: &Tensor) -> Result<Tensor> {
+    pub fn ffn_forward_nongated(
+        &self,
+        ws: &TwellWorkspace,
+        x: &Tensor,
+        w1: &Tensor,
+        wdt: &Tensor,
+    ) -> Result<Tensor> {
         ws.check_inputs(x, &[w1, wdt])?;
         let stream = self.bind(ws.device)?;
         self.gate(stream, ws, x, w1)?;
@@ -297,7 +348,13 @@ impl TwellKernels {
         tch_stream(device)
     }
 
-    fn gate(&self, stream: sys::CUstream, ws: &TwellWorkspace, x: &Tensor, w: &Tensor) -> Result<()> {
+    fn gate(
+        &self,
+        stream: sys::CUstream,
+        ws: &TwellWorkspace,
+        x: &Tensor,
+        w: &Tensor,
+    ) -> Result<()> {
         let (n, d, h) = (ws.n as i32, ws.d as i32, ws.h as i32);
         let ntiles = ws.ntiles as u32;
         let (xp, wp) = (ptr(x), ptr(w));
@@ -310,43 +367,103 @@ impl TwellKernels {
             if let Some(g) = &ws.scratch {
                 let ldg = (ws.ntiles * TILE) as i32;
                 let gp = ptr(g);
-                launch(&self.skinny, stream, (ntiles * 8, ((n + 63) / 64) as u32), 128, 0, &mut kargs![xp, wp, gp, n, d, h, ldg, ctp])?;
+                launch(
+                    &self.skinny,
+                    stream,
+                    (ntiles * 8, ((n + 63) / 64) as u32),
+                    128,
+                    0,
+                    &mut kargs![xp, wp, gp, n, d, h, ldg, ctp],
+                )?;
                 let warps = (ws.n * ws.ntiles) as u32;
                 let nt = ws.ntiles as i32;
-                launch(&self.pack[ti], stream, (warps.div_ceil(8), 1), 256, 0, &mut kargs![gp, ldg, twp, spp, spill_cap, ctp, n, nt])?;
+                launch(
+                    &self.pack[ti],
+                    stream,
+                    (warps.div_ceil(8), 1),
+                    256,
+                    0,
+                    &mut kargs![gp, ldg, twp, spp, spill_cap, ctp, n, nt],
+                )?;
             } else if let (true, Some(wf)) = (self.sm90a, &self.wgmma) {
                 let ta = tensor_map(xp, ws.n, ws.d, 128)?;
                 let tb = tensor_map(wp, ws.h, ws.d, 256)?;
                 let grid = (ntiles, (n as u32).div_ceil(128));
-                launch(&wf[ti], stream, grid, 384, WGMMA_SMEM, &mut kargs![ta, tb, twp, spp, spill_cap, ctp, n, d, h])?;
+                launch(
+                    &wf[ti],
+                    stream,
+                    grid,
+                    384,
+                    WGMMA_SMEM,
+                    &mut kargs![ta, tb, twp, spp, spill_cap, ctp, n, d, h],
+                )?;
             } else {
                 let grid = (ntiles, (n as u32).div_ceil(128));
-                launch(&self.gemm[ti], stream, grid, 256, GEMM_SMEM, &mut kargs![xp, wp, twp, spp, spill_cap, ctp, n, d, h])?;
+                launch(
+                    &self.gemm[ti],
+                    stream,
+                    grid,
+                    256,
+                    GEMM_SMEM,
+                    &mut kargs![xp, wp, twp, spp, spill_cap, ctp, n, d, h],
+                )?;
             }
         }
         Ok(())
     }
 
-    fn updown(&self, stream: sys::CUstream, ws: &TwellWorkspace, x: &Tensor, wu: &Tensor, wdt: &Tensor, gated: bool) -> Result<Tensor> {
+    fn updown(
+        &self,
+        stream: sys::CUstream,
+        ws: &TwellWorkspace,
+        x: &Tensor,
+        wu: &Tensor,
+        wdt: &Tensor,
+        gated: bool,
+    ) -> Result<Tensor> {
         let y = Tensor::f_empty([ws.n, ws.d], (Kind::BFloat16, ws.device))?;
-        let (n, d, nt, tw, chunk) = (ws.n as i32, ws.d as i32, ws.ntiles as i32, ws.tw as i32, ws.chunk as i32);
+        let (n, d, nt, tw, chunk) = (
+            ws.n as i32,
+            ws.d as i32,
+            ws.ntiles as i32,
+            ws.tw as i32,
+            ws.chunk as i32,
+        );
         let slot_cap = ws.slot_cap as i32;
         let (twp, spp, ctp) = (ptr(&ws.twell), ptr(&ws.spill), ptr(&ws.ctrl));
-        let (tip, itp, pap, arp) = (ptr(&ws.tokinfo), ptr(&ws.items), ptr(&ws.part), ptr(&ws.arrive));
+        let (tip, itp, pap, arp) = (
+            ptr(&ws.tokinfo),
+            ptr(&ws.items),
+            ptr(&ws.part),
+            ptr(&ws.arrive),
+        );
         let (xp, wup, wdp, yp) = (ptr(x), ptr(wu), ptr(wdt), ptr(&y));
         let wide = usize::from(ws.d > 2048);
-        let f = if gated { &self.updown[wide] } else { &self.down[wide] };
+        let f = if gated {
+            &self.updown[wide]
+        } else {
+            &self.down[wide]
+        };
         let grid = (self.sms * 8).min((ws.n as u32).saturating_mul(16)).max(1);
         // SAFETY: as in `gate`; y is [N, D] bf16, freshly allocated on the same device.
         unsafe {
-            launch(&self.plan, stream, ((ws.n as u32).div_ceil(8), 1), 256, 0, &mut kargs![twp, n, nt, tw, chunk, tip, itp, slot_cap, ctp])?;
+            launch(
+                &self.plan,
+                stream,
+                ((ws.n as u32).div_ceil(8), 1),
+                256,
+                0,
+                &mut kargs![twp, n, nt, tw, chunk, tip, itp, slot_cap, ctp],
+            )?;
             launch(
                 f,
                 stream,
                 (grid, 1),
                 256,
                 (ws.d * 2) as u32,
-                &mut kargs![xp, twp, spp, wup, wdp, yp, tip, itp, pap, arp, ctp, n, d, nt, tw, chunk],
+                &mut kargs![
+                    xp, twp, spp, wup, wdp, yp, tip, itp, pap, arp, ctp, n, d, nt, tw, chunk
+                ],
             )?;
         }
         Ok(y)
@@ -356,7 +473,6 @@ impl TwellKernels {
 fn ptr(t: &Tensor) -> u64 {
     t.data_ptr() as u64
 }
-
 
 /// Buffers of the TwELL forward for one (N, D, H) on one device.
 pub struct TwellWorkspace {
@@ -385,9 +501,26 @@ impl TwellWorkspace {
     /// 99-99.5 % sparsity, 512-1024 lower sparsity, 8 decode); `spill_cap`: spill slots
     /// (None = worst case N * ceil(H/256), always exact); `slot_cap`: partial-sum slots.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(n: i64, d: i64, h: i64, tw: i64, chunk: i64, spill_cap: Option<i64>, slot_cap: i64, device: Device) -> Result<Self> {
-        if n < 1 || d % 64 != 0 || d > 8192 || !(1..=65536).contains(&h) || ![32, 64, 128].contains(&tw) || chunk < 1 {
-            return Err(CudaKernelError::Shape(format!("N={n} D={d} H={h} tw={tw} chunk={chunk}")));
+    pub fn new(
+        n: i64,
+        d: i64,
+        h: i64,
+        tw: i64,
+        chunk: i64,
+        spill_cap: Option<i64>,
+        slot_cap: i64,
+        device: Device,
+    ) -> Result<Self> {
+        if n < 1
+            || d % 64 != 0
+            || d > 8192
+            || !(1..=65536).contains(&h)
+            || ![32, 64, 128].contains(&tw)
+            || chunk < 1
+        {
+            return Err(CudaKernelError::Shape(format!(
+                "N={n} D={d} H={h} tw={tw} chunk={chunk}"
+            )));
         }
         let ntiles = (h + TILE - 1) / TILE;
         let spill_cap = spill_cap.unwrap_or(n * ntiles).max(1);
@@ -411,7 +544,10 @@ impl TwellWorkspace {
             part: Tensor::f_empty([slots * d], (Kind::Float, device))?,
             arrive: Tensor::f_zeros([slots], i32o)?,
             scratch: if n <= SKINNY_MAX_TOKENS {
-                Some(Tensor::f_empty([n, ntiles * TILE], (Kind::BFloat16, device))?)
+                Some(Tensor::f_empty(
+                    [n, ntiles * TILE],
+                    (Kind::BFloat16, device),
+                )?)
             } else {
                 None
             },
@@ -437,24 +573,43 @@ impl TwellWorkspace {
         let per_token = counts.f_sum_dim_intlist(-1, false, Kind::Int64)?;
         let spilled = counts.f_gt(tw - 1)?;
         let overflow = Tensor::f_stack(
-            &[spilled.f_any_dim(-1, false)?.f_sum(Kind::Int64)?, Tensor::f_zeros([], (Kind::Int64, dev))?],
+            &[
+                spilled.f_any_dim(-1, false)?.f_sum(Kind::Int64)?,
+                Tensor::f_zeros([], (Kind::Int64, dev))?,
+            ],
             0,
         )?;
         // Inline tiles: entries 1..=count; other slots go to the dump bin H.
         let pos = Tensor::f_arange_start(1, tw, (Kind::Int64, dev))?;
-        let inline_ok = pos.f_le_tensor(&counts.f_unsqueeze(-1)?)?.f_logical_and(&spilled.f_logical_not()?.f_unsqueeze(-1)?)?;
-        let cols = words.f_narrow(2, 1, tw - 1)?.f_bitwise_and(0xFFFF)?.f_to_kind(Kind::Int64)?;
+        let inline_ok = pos
+            .f_le_tensor(&counts.f_unsqueeze(-1)?)?
+            .f_logical_and(&spilled.f_logical_not()?.f_unsqueeze(-1)?)?;
+        let cols = words
+            .f_narrow(2, 1, tw - 1)?
+            .f_bitwise_and(0xFFFF)?
+            .f_to_kind(Kind::Int64)?;
         let cols = cols.f_where_self(&inline_ok, &Tensor::f_full([], h, (Kind::Int64, dev))?)?;
         let ones = Tensor::f_ones([cols.numel() as i64], (Kind::Int64, dev))?;
-        let per_unit = Tensor::f_zeros([h + 1], (Kind::Int64, dev))?.f_scatter_add(0, &cols.f_reshape([-1])?, &ones)?;
+        let per_unit = Tensor::f_zeros([h + 1], (Kind::Int64, dev))?.f_scatter_add(
+            0,
+            &cols.f_reshape([-1])?,
+            &ones,
+        )?;
         // Spilled tiles: `count` entries at the start of their 256-entry slot.
-        let slots = words.f_select(2, 1)?.f_masked_select(&spilled)?.f_to_kind(Kind::Int64)?;
+        let slots = words
+            .f_select(2, 1)?
+            .f_masked_select(&spilled)?
+            .f_to_kind(Kind::Int64)?;
         let per_unit = if slots.numel() > 0 {
             let cnt = counts.f_masked_select(&spilled)?;
             let entries = self.spill.f_view([-1, TILE])?.f_index_select(0, &slots)?;
-            let ok = Tensor::f_arange(TILE, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_lt_tensor(&cnt.f_unsqueeze(1)?)?;
+            let ok = Tensor::f_arange(TILE, (Kind::Int64, dev))?
+                .f_unsqueeze(0)?
+                .f_lt_tensor(&cnt.f_unsqueeze(1)?)?;
             let c = entries.f_bitwise_and(0xFFFF)?.f_to_kind(Kind::Int64)?;
-            let c = c.f_where_self(&ok, &Tensor::f_full([], h, (Kind::Int64, dev))?)?.f_reshape([-1])?;
+            let c = c
+                .f_where_self(&ok, &Tensor::f_full([], h, (Kind::Int64, dev))?)?
+                .f_reshape([-1])?;
             let ones = Tensor::f_ones([c.numel() as i64], (Kind::Int64, dev))?;
             per_unit.f_scatter_add(0, &c, &ones)?
         } else {
@@ -465,7 +620,9 @@ impl TwellWorkspace {
 
     fn check_inputs(&self, x: &Tensor, ws: &[&Tensor]) -> Result<()> {
         let ok_x = x.size() == [self.n, self.d] && x.kind() == Kind::BFloat16 && x.is_contiguous();
-        let ok_w = ws.iter().all(|w| w.size() == [self.h, self.d] && w.kind() == Kind::BFloat16 && w.is_contiguous());
+        let ok_w = ws.iter().all(|w| {
+            w.size() == [self.h, self.d] && w.kind() == Kind::BFloat16 && w.is_contiguous()
+        });
         if ok_x && ok_w && x.device() == self.device {
             Ok(())
         } else {
@@ -499,7 +656,10 @@ impl TwellLaunch {
     /// What the kernel measurements favour (docs/kernel-notes.md): C = 8 (tw 32), chunks of
     /// 128 actives for prefill, 8 for decode.
     pub fn for_tokens(n: i64) -> Self {
-        TwellLaunch { tw: 32, chunk: if n <= 64 { 8 } else { 128 } }
+        TwellLaunch {
+            tw: 32,
+            chunk: if n <= 64 { 8 } else { 128 },
+        }
     }
 }
 
@@ -535,7 +695,10 @@ pub fn twell_ffn(
     let stream = tch_stream(device)? as usize;
     let key: WsKey = (cuda_ordinal(device)?, stream, n, d, h, launch);
     static CACHE: OnceLock<Mutex<WsCache>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(|| Mutex::new(WsCache(Vec::new()))).lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = CACHE
+        .get_or_init(|| Mutex::new(WsCache(Vec::new())))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let idx = match cache.0.iter().position(|(k, _)| *k == key) {
         Some(i) => i,
         None => {

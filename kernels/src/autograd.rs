@@ -13,10 +13,15 @@
 //! or no input requiring grad) run the TwELL kernels of `kernels/cuda/twell.cu` (module
 //! [`crate::cuda`]) on tch's current stream, in bf16 (inputs cast if needed); there `l1_sum`
 //! is NaN (the inference kernels never form |h|), the active counts come from the packed
-//! format (`relu(g) > 0`), and `overflow_rows` counts rows with a spilled tile. Every other
-//! CUDA case (the hybrid path, and the TwELL path when a gradient is needed) runs the exact
-//! differentiable fallback: the same function with dense tch ops (`dense`), f32 math; `y`
-//! and the gradients come back in their input's dtype, `l1_sum` as f32.
+//! format (`relu(g) > 0`), and `overflow_rows` counts rows with a spilled tile. CUDA tensors
+//! on the hybrid path run the hybrid training kernels of `kernels/cuda/hybrid.cu`
+//! ([`crate::cuda::hybrid_forward`] / [`crate::cuda::hybrid_backward`]) in bf16, forward and
+//! backward, saving only the packed actives (CSR with g and u, and its transpose); `y` comes
+//! back in bf16 under autocast (else x's dtype), the gradients in their input's dtype,
+//! `l1_sum` as f32; shapes the kernels do not take fall back as below. The TwELL path when a
+//! gradient is needed runs the exact differentiable fallback: the same function with dense
+//! tch ops (`dense`), f32 math; `y` and the gradients come back in their input's dtype,
+//! `l1_sum` as f32.
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -90,7 +95,7 @@ pub enum FfnError {
     Torch(#[from] TchError),
     #[error("sparse FFN bridge: {0}")]
     Bridge(String),
-    #[error("TwELL CUDA kernels: {0}")]
+    #[error("CUDA kernels: {0}")]
     Cuda(#[from] crate::cuda::CudaKernelError),
 }
 
@@ -109,6 +114,8 @@ enum Saved {
         pattern: Box<CpuPattern>,
     },
     Dense,
+    /// The hybrid kernels' packed actives (CSR + transpose), for the CUDA backward.
+    CudaHybrid(Box<crate::cuda::HybridState>),
 }
 
 /// The packed `P = relu(x Wg^T): [N, H]` of a CPU forward.
@@ -285,6 +292,10 @@ fn forward(op: &Op, t: &Inputs) -> Result<([Tensor; 5], Saved), FfnError> {
                 None => Ok((dense::forward(t), Saved::Dense)),
             }
         }
+        Device::Cuda(_) if op.format == SparseFormat::Hybrid => match cuda_hybrid::forward(t)? {
+            Some((outs, state)) => Ok((outs, Saved::CudaHybrid(Box::new(state)))),
+            None => Ok((dense::forward(t), Saved::Dense)),
+        },
         Device::Cuda(_) => Ok((dense::forward(t), Saved::Dense)),
         device => Err(FfnError::UnsupportedDevice { device }),
     }
@@ -295,6 +306,7 @@ fn backward(saved: &Saved, t: &Inputs, dy: &Tensor, dl1: &Tensor) -> Result<[Ten
     match saved {
         Saved::Cpu { config, pattern } => cpu::backward(config, pattern, t, dy, dl1),
         Saved::Dense => Ok(dense::backward(t, dy, dl1)),
+        Saved::CudaHybrid(state) => cuda_hybrid::backward(state, t, dy, dl1),
     }
 }
 
@@ -344,6 +356,83 @@ mod cuda_twell {
         let y = y.f_to_kind(t.x.kind())?;
         let l1 = Tensor::f_full([], f64::NAN, (Kind::Float, t.x.device()))?;
         Ok(Some([y, l1, apt, apu, overflow]))
+    }
+}
+
+/// The hybrid training kernels on CUDA (forward and backward, with or without gradient).
+mod cuda_hybrid {
+    use super::*;
+    use crate::cuda::{hybrid_backward, hybrid_forward, HybridKernels, HybridState};
+
+    fn bf16(t: &Tensor) -> Result<Tensor, TchError> {
+        t.f_to_kind(Kind::BFloat16)?.f_contiguous()
+    }
+
+    /// Whether CUDA autocast is on (the trainer's bf16 autocast over fp32 master weights).
+    fn autocast_enabled() -> bool {
+        // SAFETY: reads a thread-local flag of libtorch.
+        unsafe { torch_sys::at_autocast_is_enabled() != 0 }
+    }
+
+    /// `None` when the kernels do not take the shape (the caller runs the dense fallback).
+    /// Computes in bf16 (inputs cast); `y` comes back in bf16 under autocast, else in x's
+    /// dtype; `l1_sum` f32; the counts are the kernels' (no host sync beyond the forward's
+    /// one status read).
+    pub(super) fn forward(t: &Inputs) -> Result<Option<([Tensor; 5], HybridState)>, FfnError> {
+        let (n, d) = t.x.size2()?;
+        let h = t.gate.size()[0];
+        if !HybridKernels::for_device(t.x.device())?.supports(n, d, h) {
+            return Ok(None);
+        }
+        let _guard = tch::no_grad_guard();
+        let f = hybrid_forward(
+            &bf16(t.x)?,
+            &bf16(t.gate)?,
+            &bf16(t.up)?,
+            &bf16(t.down_t)?,
+        )?;
+        let kind = if autocast_enabled() {
+            Kind::BFloat16
+        } else {
+            t.x.kind()
+        };
+        let outs = [
+            f.y.f_to_kind(kind)?,
+            f.l1_sum,
+            f.active_per_token,
+            f.active_per_unit,
+            f.overflow_rows,
+        ];
+        Ok(Some((outs, f.state)))
+    }
+
+    /// `[dx, dWg, dWu, dWd^T]` in the dtypes of x and the weights (bf16 kernels, converted).
+    pub(super) fn backward(
+        state: &HybridState,
+        t: &Inputs,
+        dy: &Tensor,
+        dl1: &Tensor,
+    ) -> Result<[Tensor; 4], FfnError> {
+        let _guard = tch::no_grad_guard();
+        let dl1 = dl1
+            .f_to_kind(Kind::Float)?
+            .f_reshape([1])?
+            .f_contiguous()?;
+        let [dx, dwg, dwu, dwd] = hybrid_backward(
+            state,
+            &bf16(t.x)?,
+            &bf16(t.gate)?,
+            &bf16(t.up)?,
+            &bf16(t.down_t)?,
+            &bf16(dy)?,
+            &dl1,
+        )?;
+        Ok([
+            dx.f_to_kind(t.x.kind())?,
+            dwg.f_to_kind(t.gate.kind())?,
+            dwu.f_to_kind(t.up.kind())?,
+            dwd.f_to_kind(t.down_t.kind())?,
+        ])
     }
 }
 

@@ -104,6 +104,11 @@ macro_rules! kargs {
     };
 }
 
+mod hybrid;
+pub use hybrid::{
+    hybrid_backward, hybrid_forward, HybridForward, HybridKernels, HybridState,
+};
+
 /// Launches `f` on `stream` (a raw `CUstream`, here tch's current stream).
 ///
 /// # Safety

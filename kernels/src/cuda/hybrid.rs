@@ -1,0 +1,487 @@
+//! Launches the hybrid training kernels of `kernels/cuda/hybrid.cu` (forward AND backward of
+//! the gated FFN with the L1 term) on tch CUDA tensors, on **tch's current stream**.
+//!
+//! Forward (`hybrid_forward`): the TwELL gate GEMM of twell.cu (C = 8, exact spill) ->
+//! `hyb_count` -> `hyb_segscan` -> `hyb_unitscan` -> `hyb_scan` -> `hyb_fill` -> `hyb_fwd` ->
+//! `hyb_l1`, then **one 12-byte read of the status word** (a host sync): if the active pool or
+//! the gate's spill buffer was too small, both are grown to the size the kernels report and
+//! the forward reruns (never drops). What survives until the backward is [`HybridState`]: the
+//! exact token-major CSR of the actives (`row_ptr`, unit, bf16 relu(g), fp32 u: 14 B per active)
+//! and its unit-major transpose (`unit_ptr`, `csc`, `uorder`): no dense `[N, H]` tensor.
+//! The forward scratch (TwELL tiles, counting-sort tables) is allocated per call from tch's
+//! caching allocator and freed when the forward returns.
+//!
+//! Backward (`hybrid_backward`): `hyb_bwd_tok` (dh, du, dg per active; dx) -> `hyb_bwd_w`
+//! (dWg, dWu, dWd^T, every row written). No sync.
+//!
+//! Shapes: `x, dy: [N, D]`, `Wg, Wu, Wd^T: [H, D]`, all bf16 contiguous (callers cast);
+//! `D % 64 == 0`, `D <= 8192`, `H <= 65536` and `4 H` bytes of shared memory per block
+//! ([`HybridKernels::supports`]). fp32 accumulation, deterministic.
+use std::collections::HashMap;
+use std::ffi::c_void; // named by kargs!
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaFunction, CudaModule};
+use tch::{Device, Kind, Tensor};
+
+use super::{cubin_bytes, cuda_ordinal, launch, ptr, CudaKernelError, Result, TwellKernels};
+use super::{TwellWorkspace, TILE};
+
+const ST_GATE_SPILL: i32 = 1;
+const ST_NNZ_OVER: i32 = 2;
+/// Tokens per counting-sort block and blocks per scan segment (hybrid.cu's BLK, SEG).
+const BLK: i64 = 32;
+const SEG: i64 = 16;
+/// Words per gate tile: C = 8 (31 actives inline, more spill to a 256-entry slot).
+const TW: i64 = 32;
+/// Static shared memory of hyb_count / hyb_fill (`int pre[8][MAXTILES + 1]`).
+const FILL_STATIC_SMEM: i64 = 8 * 257 * 4;
+/// Most grow-and-rerun rounds of one forward (each at least doubles what was short).
+const MAX_ROUNDS: usize = 4;
+
+/// The hybrid module of one device, with the TwELL module whose gate it uses.
+pub struct HybridKernels {
+    tw: Arc<TwellKernels>,
+    _module: Arc<CudaModule>,
+    count: CudaFunction,
+    segscan: CudaFunction,
+    unitscan: CudaFunction,
+    scan: CudaFunction,
+    fill: CudaFunction,
+    fwd: [CudaFunction; 2],
+    l1: CudaFunction,
+    bwd_tok: [CudaFunction; 2],
+    bwd_w: CudaFunction,
+    /// Largest dynamic shared memory hyb_count / hyb_fill may take (bytes).
+    max_dyn_smem: i64,
+}
+
+impl HybridKernels {
+    fn load(ordinal: usize) -> Result<Self> {
+        let tw = TwellKernels::for_device(Device::Cuda(ordinal))?;
+        let ctx = tw.ctx.clone();
+        let arch = if tw.sm90a { "sm_90a" } else { "sm_80" };
+        let module =
+            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin_bytes("hybrid", arch)?))?;
+        let f = |name: &str| module.load_function(name);
+        let optin = ctx.attribute(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )? as i64;
+        let max_dyn_smem = (optin - FILL_STATIC_SMEM - 1024).max(0);
+        let smem_attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let count = f("hyb_count")?;
+        let fill = f("hyb_fill")?;
+        for g in [&count, &fill] {
+            g.set_attribute(smem_attr, max_dyn_smem as i32)?;
+        }
+        Ok(Self {
+            segscan: f("hyb_segscan")?,
+            unitscan: f("hyb_unitscan")?,
+            scan: f("hyb_scan")?,
+            fwd: [f("hyb_fwd")?, f("hyb_fwd_wide")?],
+            l1: f("hyb_l1")?,
+            bwd_tok: [f("hyb_bwd_tok")?, f("hyb_bwd_tok_wide")?],
+            bwd_w: f("hyb_bwd_w")?,
+            count,
+            fill,
+            max_dyn_smem,
+            _module: module,
+            tw,
+        })
+    }
+
+    /// The loaded module of `device`, loaded once per process.
+    pub fn for_device(device: Device) -> Result<Arc<HybridKernels>> {
+        static LOADED: OnceLock<Mutex<HashMap<usize, Arc<HybridKernels>>>> = OnceLock::new();
+        let ordinal = cuda_ordinal(device)?;
+        let mut map = LOADED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = map.get(&ordinal) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(HybridKernels::load(ordinal)?);
+        map.insert(ordinal, k.clone());
+        Ok(k)
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn device_name(&self) -> &str {
+        self.tw.device_name()
+    }
+
+    /// Whether the kernels take `[N, D] x [H, D]` (otherwise callers fall back to dense ops).
+    pub fn supports(&self, n: i64, d: i64, h: i64) -> bool {
+        n >= 1
+            && d >= 64
+            && d % 64 == 0
+            && d <= 8192
+            && (1..=65536).contains(&h)
+            && 4 * h <= self.max_dyn_smem
+            && n.checked_mul(h).is_some_and(|p| p < i32::MAX as i64)
+    }
+}
+
+/// What the hybrid forward keeps for the backward: the exact CSR of the actives and its
+/// transpose. Bytes: 14 per active (+ 4 per active for `csc`) + 4 (N + 2H + 17).
+pub struct HybridState {
+    n: i64,
+    d: i64,
+    h: i64,
+    nnz: i64,
+    row_ptr: Tensor,
+    ecol: Tensor,
+    eg: Tensor,
+    eu: Tensor,
+    unit_ptr: Tensor,
+    csc: Tensor,
+    uorder: Tensor,
+    hctrl: Tensor,
+}
+
+impl HybridState {
+    /// Actives of the forward (all tokens, all units).
+    pub fn nnz(&self) -> i64 {
+        self.nnz
+    }
+
+    /// Device bytes held from the forward to the backward.
+    pub fn saved_bytes(&self) -> i64 {
+        [
+            &self.row_ptr,
+            &self.ecol,
+            &self.eg,
+            &self.eu,
+            &self.unit_ptr,
+            &self.csc,
+            &self.uorder,
+            &self.hctrl,
+        ]
+        .iter()
+        .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+        .sum()
+    }
+}
+
+/// The forward's results besides the state.
+pub struct HybridForward {
+    /// `[N, D]` bf16.
+    pub y: Tensor,
+    /// 0-dim f32: sum over tokens and units of |h|.
+    pub l1_sum: Tensor,
+    /// `[N]` int64: actives per token (`relu(g) > 0`), from the kernels' counts.
+    pub active_per_token: Tensor,
+    /// `[H]` int64: tokens per unit.
+    pub active_per_unit: Tensor,
+    /// `[2]` int64: token rows with a gate tile over 31 actives (stored in a spill slot,
+    /// exact), and 0 (the CSR has no fixed width: nothing lies beyond a capacity).
+    pub overflow_rows: Tensor,
+    /// How often the pool or the spill buffer had to grow (the forward reran).
+    pub grows: usize,
+    pub state: HybridState,
+}
+
+/// Pool and spill sizes that sufficed last time, per (device, N, D, H).
+type SizeKey = (usize, i64, i64, i64);
+fn size_hints() -> &'static Mutex<HashMap<SizeKey, (i64, i64)>> {
+    static HINTS: OnceLock<Mutex<HashMap<SizeKey, (i64, i64)>>> = OnceLock::new();
+    HINTS.get_or_init(Default::default)
+}
+
+fn check_bf16(name: &str, t: &Tensor, shape: [i64; 2], device: Device) -> Result<()> {
+    if t.size() == shape && t.kind() == Kind::BFloat16 && t.is_contiguous() && t.device() == device
+    {
+        Ok(())
+    } else {
+        Err(CudaKernelError::Shape(format!(
+            "{name}: {:?} {:?} on {:?}, want {shape:?} bf16 contiguous on {device:?}",
+            t.size(),
+            t.kind(),
+            t.device()
+        )))
+    }
+}
+
+/// Hybrid forward of `y = (relu(x Wg^T) * (x Wu^T)) Wd^T` and `l1_sum = sum |h|` on tch's
+/// current stream. Inputs bf16 contiguous on one CUDA device. Exact: grows and reruns until
+/// the status word is clean (one host sync per round).
+pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Result<HybridForward> {
+    let device = x.device();
+    let k = HybridKernels::for_device(device)?;
+    let (n, d) = x.size2()?;
+    let h = wg.size().first().copied().unwrap_or(0);
+    check_bf16("x", x, [n, d], device)?;
+    for (name, w) in [("Wg", wg), ("Wu", wu), ("Wd^T", wdt)] {
+        check_bf16(name, w, [h, d], device)?;
+    }
+    if !k.supports(n, d, h) {
+        return Err(CudaKernelError::Shape(format!(
+            "hybrid kernels: N={n} D={d} H={h} not supported (D % 64 == 0, D <= 8192, 4H <= {} B)",
+            k.max_dyn_smem
+        )));
+    }
+    let stream = k.tw.bind(device)?;
+    let ordinal = cuda_ordinal(device)?;
+    let ntiles = (h + TILE - 1) / TILE;
+    let key = (ordinal, n, d, h);
+    let (mut cap, mut spill_cap) = size_hints()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .copied()
+        .unwrap_or(((n * 64).max(1024), (n * ntiles / 64).max(64)));
+    let i32o = (Kind::Int, device);
+    let nblk = (n + BLK - 1) / BLK;
+    let nseg = (nblk + SEG - 1) / SEG;
+    // Scratch of this forward (freed on return) and the per-call state.
+    let row_cnt = Tensor::f_empty([n], i32o)?;
+    let blkcnt = Tensor::f_empty([nblk * h], (Kind::Uint8, device))?;
+    let boff = Tensor::f_empty([nblk * h], (Kind::Int16, device))?;
+    let segoff = Tensor::f_empty([nseg * h], i32o)?;
+    let unit_cnt = Tensor::f_empty([h], i32o)?;
+    let l1_tok = Tensor::f_empty([n], (Kind::Float, device))?;
+    let l1 = Tensor::f_empty([1], (Kind::Float, device))?;
+    let row_ptr = Tensor::f_empty([n + 1], i32o)?;
+    let unit_ptr = Tensor::f_empty([h + 1], i32o)?;
+    let uorder = Tensor::f_empty([h], i32o)?;
+    let hctrl = Tensor::f_zeros([16], i32o)?;
+    let y = Tensor::f_empty([n, d], (Kind::BFloat16, device))?;
+    let (ni, di, hi) = (n as i32, d as i32, h as i32);
+    let (nti, twi) = (ntiles as i32, TW as i32);
+    let (nblki, nsegi) = (nblk as i32, nseg as i32);
+    let smem = (4 * h) as u32;
+    let wide = usize::from(d > 2048);
+    let mut grows = 0;
+    loop {
+        let ws = TwellWorkspace::new(n, d, h, TW, 128, Some(spill_cap), 0, device)?;
+        let ecol = Tensor::f_empty([cap], i32o)?;
+        let eg = Tensor::f_empty([cap], (Kind::Int16, device))?;
+        let eu = Tensor::f_empty([cap], (Kind::Float, device))?;
+        let csc = Tensor::f_empty([cap], i32o)?;
+        k.tw.gate(stream, &ws, x, wg)?;
+        let (twp, spp, gcp) = (ptr(&ws.twell), ptr(&ws.spill), ptr(&ws.ctrl));
+        let (rcp, bcp, bop, sop, ucp) = (
+            ptr(&row_cnt),
+            ptr(&blkcnt),
+            ptr(&boff),
+            ptr(&segoff),
+            ptr(&unit_cnt),
+        );
+        let (rpp, upp, uop, hcp) = (ptr(&row_ptr), ptr(&unit_ptr), ptr(&uorder), ptr(&hctrl));
+        let (ecp, egp, eup, csp) = (ptr(&ecol), ptr(&eg), ptr(&eu), ptr(&csc));
+        let (xp, wup, wdp, yp, ltp, l1p) = (
+            ptr(x),
+            ptr(wu),
+            ptr(wdt),
+            ptr(&y),
+            ptr(&l1_tok),
+            ptr(&l1),
+        );
+        let capi = cap as i32;
+        let hgrid = ((h + 255) / 256) as u32;
+        // SAFETY: argument lists match the extern "C" kernels of hybrid.cu (see its header);
+        // every buffer is sized above for (N, D, H, cap) as hybrid_check.py sizes them.
+        unsafe {
+            launch(
+                &k.count,
+                stream,
+                (nblk as u32, 1),
+                256,
+                smem,
+                &mut kargs![twp, spp, ni, hi, nti, twi, rcp, bcp],
+            )?;
+            launch(
+                &k.segscan,
+                stream,
+                (hgrid, nseg as u32),
+                256,
+                0,
+                &mut kargs![bcp, bop, sop, nblki, hi],
+            )?;
+            launch(
+                &k.unitscan,
+                stream,
+                (hgrid, 1),
+                256,
+                0,
+                &mut kargs![sop, ucp, nsegi, hi],
+            )?;
+            launch(
+                &k.scan,
+                stream,
+                (1, 1),
+                1024,
+                0,
+                &mut kargs![rcp, rpp, ucp, upp, uop, ni, hi, capi, gcp, hcp],
+            )?;
+            launch(
+                &k.fill,
+                stream,
+                (nblk as u32, 1),
+                256,
+                smem,
+                &mut kargs![twp, spp, ni, hi, nti, twi, rpp, upp, bop, sop, hcp, ecp, egp, csp],
+            )?;
+            launch(
+                &k.fwd[wide],
+                stream,
+                (n as u32, 1),
+                256,
+                (2 * d) as u32,
+                &mut kargs![xp, wup, wdp, rpp, ecp, egp, eup, yp, ltp, hcp, di],
+            )?;
+            launch(
+                &k.l1,
+                stream,
+                (1, 1),
+                1024,
+                0,
+                &mut kargs![ltp, ni, l1p, hcp],
+            )?;
+        }
+        // The one host sync: status, actives, spill slots asked for.
+        let ctl = Vec::<i32>::try_from(hctrl.f_narrow(0, 0, 3)?.f_to_device(Device::Cpu)?)
+            .map_err(CudaKernelError::Torch)?;
+        let (st, nnz, gspill) = (ctl[0], ctl[1] as i64, ctl[2] as i64);
+        if st & ST_NNZ_OVER != 0 {
+            cap = nnz + nnz / 8 + 1024;
+        }
+        if st & ST_GATE_SPILL != 0 {
+            spill_cap = (gspill + gspill / 4 + 64).min(n * ntiles).max(spill_cap);
+        }
+        if st == 0 {
+            // Sizes for the next forward of this shape: what sufficed, with headroom.
+            let hint = (cap.max(nnz + nnz / 8 + 1024), spill_cap);
+            size_hints()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, hint);
+            let f = |t: Tensor| t.f_to_kind(Kind::Int64);
+            let counts = ws.twell.f_view([n, ntiles, TW])?.f_select(2, 0)?;
+            let spilled_rows = counts
+                .f_gt(TW - 1)?
+                .f_any_dim(-1, false)?
+                .f_sum(Kind::Int64)?;
+            let overflow_rows = Tensor::f_stack(
+                &[spilled_rows, Tensor::f_zeros([], (Kind::Int64, device))?],
+                0,
+            )?;
+            return Ok(HybridForward {
+                y,
+                l1_sum: l1.f_reshape([])?,
+                active_per_token: f(row_cnt)?,
+                active_per_unit: f(unit_cnt)?,
+                overflow_rows,
+                grows,
+                state: HybridState {
+                    n,
+                    d,
+                    h,
+                    nnz,
+                    row_ptr,
+                    ecol,
+                    eg,
+                    eu,
+                    unit_ptr,
+                    csc,
+                    uorder,
+                    hctrl,
+                },
+            });
+        }
+        grows += 1;
+        if grows >= MAX_ROUNDS {
+            return Err(CudaKernelError::Shape(format!(
+                "hybrid forward: status {st} after {MAX_ROUNDS} rounds (nnz {nnz}, cap {cap}, spill {gspill}/{spill_cap})"
+            )));
+        }
+    }
+}
+
+/// Hybrid backward: `(dx [N, D], dWg, dWu, dWd^T [H, D])`, bf16, on tch's current stream.
+/// `x, Wg, Wu, Wd^T` are the forward's (bf16 contiguous), `dy: [N, D]` bf16 contiguous,
+/// `dl1`: the gradient of `l1_sum`, a 1-element f32 tensor on the device.
+pub fn hybrid_backward(
+    s: &HybridState,
+    x: &Tensor,
+    wg: &Tensor,
+    wu: &Tensor,
+    wdt: &Tensor,
+    dy: &Tensor,
+    dl1: &Tensor,
+) -> Result<[Tensor; 4]> {
+    let device = x.device();
+    let k = HybridKernels::for_device(device)?;
+    let (n, d, h) = (s.n, s.d, s.h);
+    check_bf16("x", x, [n, d], device)?;
+    check_bf16("dy", dy, [n, d], device)?;
+    for (name, w) in [("Wg", wg), ("Wu", wu), ("Wd^T", wdt)] {
+        check_bf16(name, w, [h, d], device)?;
+    }
+    if dl1.numel() != 1
+        || dl1.kind() != Kind::Float
+        || dl1.device() != device
+        || !dl1.is_contiguous()
+    {
+        return Err(CudaKernelError::Shape(
+            "dl1: want one f32 on the device".into(),
+        ));
+    }
+    if s.row_ptr.device() != device {
+        return Err(CudaKernelError::Shape(format!(
+            "hybrid state on {:?}, tensors on {device:?}",
+            s.row_ptr.device()
+        )));
+    }
+    let stream = k.tw.bind(device)?;
+    let bf = (Kind::BFloat16, device);
+    let rec = Tensor::f_empty([s.nnz.max(1) * 4], (Kind::Float, device))?;
+    let dx = Tensor::f_empty([n, d], bf)?;
+    let dwg = Tensor::f_empty([h, d], bf)?;
+    let dwu = Tensor::f_empty([h, d], bf)?;
+    let dwd = Tensor::f_empty([h, d], bf)?;
+    let (dyp, dlp, wgp, wup, wdp, xp) = (
+        ptr(dy),
+        ptr(dl1),
+        ptr(wg),
+        ptr(wu),
+        ptr(wdt),
+        ptr(x),
+    );
+    let (rpp, ecp, egp, eup, rcp, dxp, hcp) = (
+        ptr(&s.row_ptr),
+        ptr(&s.ecol),
+        ptr(&s.eg),
+        ptr(&s.eu),
+        ptr(&rec),
+        ptr(&dx),
+        ptr(&s.hctrl),
+    );
+    let (upp, uop, csp) = (ptr(&s.unit_ptr), ptr(&s.uorder), ptr(&s.csc));
+    let (dgp, dup, ddp) = (ptr(&dwg), ptr(&dwu), ptr(&dwd));
+    let (di, hi) = (d as i32, h as i32);
+    let wide = usize::from(d > 2048);
+    let nsl = ((d + 255) / 256) as u32;
+    // SAFETY: as in hybrid_forward; rec holds 4 floats per active of the forward.
+    unsafe {
+        launch(
+            &k.bwd_tok[wide],
+            stream,
+            (n as u32, 1),
+            256,
+            (2 * d) as u32,
+            &mut kargs![dyp, dlp, wgp, wup, wdp, rpp, ecp, egp, eup, rcp, dxp, hcp, di],
+        )?;
+        launch(
+            &k.bwd_w,
+            stream,
+            (nsl * h as u32, 1),
+            128,
+            0,
+            &mut kargs![xp, dyp, upp, uop, csp, rcp, dgp, dup, ddp, hcp, di, hi],
+        )?;
+    }
+    Ok([dx, dwg, dwu, dwd])
+}

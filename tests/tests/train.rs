@@ -95,3 +95,58 @@ fn corrupt_shard_fails_naming_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn hybrid_path_gives_the_dense_path_losses() {
+    // Same function, different arithmetic order: f32 losses agree to 1e-5 relative.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (d, path) in [(&a, "dense"), (&b, "hybrid")] {
+        let o = d.path().to_str().unwrap();
+        let set = format!("sparsity.ffn_path={path}");
+        assert_success(&run(&[
+            "--config",
+            "configs/tiny.yaml",
+            "--max-steps",
+            "20",
+            "--out-dir",
+            o,
+            "--set",
+            &set,
+        ]));
+    }
+    let (dense, hybrid) = (losses(a.path()), losses(b.path()));
+    assert_eq!(dense.len(), 20);
+    for (i, (x, y)) in dense.iter().zip(&hybrid).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "step {i}: dense {x} vs hybrid {y}"
+        );
+    }
+}
+
+#[test]
+fn tiny_config_passes_90_percent_ffn_sparsity_and_switches_layers_to_hybrid() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    assert_success(&run(&[
+        "--config",
+        "configs/tiny.yaml",
+        "--max-steps",
+        "100",
+        "--out-dir",
+        out,
+        "--set",
+        "train.log_every=20",
+    ]));
+    let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let logs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("log_step").is_some())
+        .collect();
+    let last = logs.last().unwrap();
+    let sparsity = last["sparsity"].as_f64().unwrap();
+    assert!(sparsity >= 0.90, "FFN sparsity {sparsity} at step 100");
+    let paths = last["ffn_path"].as_array().unwrap();
+    assert!(paths.iter().all(|p| p == "hybrid"), "paths {paths:?}");
+}

@@ -1,9 +1,11 @@
 //! sparse-train: configs, model, data, optimizer, sparsity scheduler and the training loop.
 pub mod bench;
+pub mod bench_e2e;
 pub mod checkpointing;
 pub mod config;
 pub mod corpus_cmd;
 pub mod data;
+pub mod generate;
 pub mod inference;
 pub mod metrics;
 pub mod model;

@@ -59,6 +59,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         tokens: Vec<i64>,
     },
+    /// Generate text from a checkpoint (KV cache; TwELL FFN on CUDA), with tokens/s.
+    Generate(sparse_train::generate::GenerateArgs),
     /// Tokenize text (.jsonl with a "text" field per line, or .txt) into token shards.
     Prepare {
         #[arg(long, num_args = 1.., required = true)]
@@ -78,6 +80,10 @@ enum Command {
 enum BenchCmd {
     /// One gated FFN layer, dense cuBLAS vs the sparse kernels, side by side (GPU).
     Ffn(sparse_train::bench::BenchFfnArgs),
+    /// End-to-end training tokens/s, hybrid vs dense FFN, at a config's shape (GPU).
+    Train(sparse_train::bench_e2e::BenchE2eArgs),
+    /// End-to-end forward tokens/s, TwELL vs dense FFN, at a config's shape (GPU).
+    Infer(sparse_train::bench_e2e::BenchE2eArgs),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +101,13 @@ fn main() -> Result<()> {
         Some(Command::Bench {
             cmd: BenchCmd::Ffn(args),
         }) => sparse_train::bench::run_ffn(&args),
+        Some(Command::Bench {
+            cmd: BenchCmd::Train(args),
+        }) => sparse_train::bench_e2e::run(&args, sparse_train::bench_e2e::Mode::Train),
+        Some(Command::Bench {
+            cmd: BenchCmd::Infer(args),
+        }) => sparse_train::bench_e2e::run(&args, sparse_train::bench_e2e::Mode::Infer),
+        Some(Command::Generate(args)) => sparse_train::generate::run(&args),
         Some(Command::Logits { checkpoint, tokens }) => {
             let loaded = sparse_train::inference::load(&checkpoint, tch::Device::Cpu)?;
             let vocab = loaded.config.model.vocab_size as i64;

@@ -191,6 +191,181 @@ impl Llama {
     }
 }
 
+/// Keys and values of past positions for incremental decoding: per layer, `k, v:
+/// [B, kv_heads, capacity, head_dim]`, preallocated; positions `0..len` are filled.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` sequences of at most `capacity` positions, in `kind` on
+    /// `device` (the dtype of the model's activations: bf16 for a bf16 model).
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> KvCache {
+        let shape = [
+            batch,
+            cfg.kv_heads() as i64,
+            capacity,
+            cfg.head_dim() as i64,
+        ];
+        let layers = (0..cfg.num_layers)
+            .map(|_| {
+                (
+                    Tensor::zeros(shape, (kind, device)),
+                    Tensor::zeros(shape, (kind, device)),
+                )
+            })
+            .collect();
+        KvCache {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions cached so far (the position of the next token).
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+}
+
+/// What [`Llama::forward_cached`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CachedOutput {
+    /// The final-norm hidden states `[B, T, D]` (no LM head).
+    Hidden,
+    /// Logits `[B, 1, V]` (f32) of the last position only.
+    LastLogits,
+    /// Logits `[B, T, V]` (f32) of every position.
+    AllLogits,
+}
+
+impl Llama {
+    /// Inference forward of `tokens: [B, T]` placed at positions `cache.len()..+T`: RoPE at
+    /// those positions, attention over the cached keys/values plus the new ones (which are
+    /// appended to the cache). With `cache = None` it is a plain causal forward from position
+    /// 0 (what [`Llama::forward`] computes, without its statistics). Causal SDPA when the
+    /// cache was empty (prefill), no mask for one new token, an explicit mask otherwise.
+    pub fn forward_cached(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        paths: &[FfnPath],
+        output: CachedOutput,
+    ) -> Tensor {
+        let (b, t) = tokens.size2().expect("tokens must be [B, T]");
+        let pos = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = &cache {
+            assert!(
+                pos + t <= c.capacity,
+                "KV cache holds {} positions, {} + {t} requested",
+                c.capacity,
+                pos
+            );
+        }
+        assert!(
+            pos + t <= self.cfg.max_seq_len as i64,
+            "position {} beyond max_seq_len {}",
+            pos + t,
+            self.cfg.max_seq_len
+        );
+        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
+        for (l, (blk, &path)) in self.blocks.iter().zip(paths).enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let a = self.attention_cached(
+                blk,
+                &rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps),
+                pos,
+                kv,
+            );
+            x = &x + a;
+            let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
+            let w = FfnWeights {
+                gate: &blk.gate,
+                up: &blk.up,
+                down_t: &blk.down_t,
+            };
+            let out = sparse_ffn(&hx.view([b * t, -1]), &w, path);
+            x = &x + out.y.view([b, t, -1]);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
+        let x = match output {
+            CachedOutput::Hidden => return x,
+            CachedOutput::LastLogits => x.narrow(1, t - 1, 1),
+            CachedOutput::AllLogits => x,
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        x.matmul(&head.tr()).to_kind(Kind::Float)
+    }
+
+    fn attention_cached(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        pos: i64,
+        kv: Option<&mut (Tensor, Tensor)>,
+    ) -> Tensor {
+        let (b, t, d) = x.size3().unwrap();
+        let hd = self.cfg.head_dim() as i64;
+        let nh = self.cfg.num_heads as i64;
+        let nkv = self.cfg.kv_heads() as i64;
+        let q = x.matmul(&blk.q.tr()).view([b, t, nh, hd]).transpose(1, 2);
+        let k = x.matmul(&blk.k.tr()).view([b, t, nkv, hd]).transpose(1, 2);
+        let v = x.matmul(&blk.v.tr()).view([b, t, nkv, hd]).transpose(1, 2);
+        let cos = self.cos.narrow(0, pos, t);
+        let sin = self.sin.narrow(0, pos, t);
+        let q = apply_rope(&q, &cos, &sin);
+        let k = apply_rope(&k, &cos, &sin);
+        let (k, v) = match kv {
+            None => (k, v),
+            Some((kc, vc)) => {
+                kc.narrow(2, pos, t).copy_(&k);
+                vc.narrow(2, pos, t).copy_(&v);
+                (kc.narrow(2, 0, pos + t), vc.narrow(2, 0, pos + t))
+            }
+        };
+        // Query i (position pos + i) sees keys 0..=pos + i.
+        let mask = (pos > 0 && t > 1).then(|| {
+            let dev = x.device();
+            let qi = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(1) + pos;
+            let kj = Tensor::arange(pos + t, (Kind::Int64, dev)).unsqueeze(0);
+            kj.le_tensor(&qi)
+        });
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask.as_ref(),
+            0.0,
+            pos == 0 && t > 1,
+            None,
+            nh != nkv,
+        );
+        y.transpose(1, 2)
+            .contiguous()
+            .view([b, t, d])
+            .matmul(&blk.o.tr())
+    }
+}
+
 /// RMSNorm computed in f32, cast back to the input dtype, then scaled (HF Llama order).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();

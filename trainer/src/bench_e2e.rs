@@ -1,0 +1,426 @@
+//! `sparse-train bench train` / `bench infer`: whole-model throughput at a config's shape,
+//! sparse FFN against dense, side by side in one process, on the same weights.
+//!
+//! **Imposed sparsity.** A freshly initialised model is ~50 % sparse; the paper's trained
+//! models are ~99.5 % (1.5B: 29 of 5632 units per token). The bench builds the model with
+//! the config's init and then gives every layer's gate a calibrated negative shift through
+//! a constant input direction, as the generator of shared/design/anchors.md §3 does on one
+//! layer:
+//! - residual channel `c = D - 1` is made constant: `embed[:, c] = init_std * sqrt(D)` and
+//!   nothing writes to it (`o_proj` row c and `down_proj^T` column c are zeroed), so the
+//!   FFN input carries `x̂_c = C / rms(x)` (a per-token value, as the anchors' `t_i`);
+//! - `Wg[j, c] = -beta_l * (1 + 0.2 b_j)`, `b_j ~ N(0, 1)`: a per-layer shift `beta_l` and
+//!   unequal unit popularity (±0.5 sigma of the gate at 99.5 %, the anchors' `b_j`);
+//! - `beta_l` is found by bisection (all layers at once, 24 forwards on random tokens, dense
+//!   path, the benchmark's precision) so each layer's mean active units per token is
+//!   `(1 - sparsity) * H`. The other gate columns keep their random init.
+//!
+//! The tied LM head sees channel c as a constant logit offset (softmax-invariant). Inputs
+//! are uniform random token ids (seed 0). Dense and sparse then run on identical weights
+//! (training restores them from a host copy and starts a fresh AdamW before each path).
+//!
+//! **infer**: decoder forward without the LM head (as the paper's benchmark), bf16 weights,
+//! no grad; dense = the `Dense` FFN path (cuBLAS), sparse = `Twell` (CUDA kernels).
+//! **train**: full steps (fwd + bwd + L1 term + clip + AdamW) under bf16 autocast over f32
+//! weights at the config's micro-batch; dense = `Dense`, sparse = `Hybrid`.
+//!
+//! Reported per path: ms per iteration (mean of the timed loop between synchronisations),
+//! tokens/s, ratio to dense, peak memory held by tensors (the caching allocator's peak since
+//! the path started), and energy from NVML's total-energy counter (delta over the timed loop,
+//! whole board) per iteration and per token.
+use crate::config::Config;
+use crate::model::{CachedOutput, Llama};
+use crate::optim::{learning_rate, AdamW};
+use anyhow::{bail, Result};
+use sparse_kernels::cuda_runtime;
+use sparse_kernels::FfnPath;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Reduction, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Infer,
+}
+
+/// Arguments of `sparse-train bench train|infer`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchE2eArgs {
+    /// Run config (YAML): the model shape, micro-batch, seq_len, optimizer and lambda.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config value: `--set train.micro_batch_size=2` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Target fraction of inactive FFN units per token (mean), imposed on every layer.
+    #[arg(long, default_value_t = 0.995)]
+    pub sparsity: f64,
+    /// Sequences per iteration (default: train.micro_batch_size for train, 64 for infer,
+    /// the paper's 64 x 2048).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed iterations per path.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Untimed warm-up iterations per path.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Paths to run, comma separated (default: dense and the mode's sparse path).
+    #[arg(long, value_delimiter = ',')]
+    pub paths: Vec<FfnPath>,
+    /// CUDA device index.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+}
+
+struct Energy {
+    nvml: Option<nvml_wrapper::Nvml>,
+    index: u32,
+}
+
+impl Energy {
+    fn new(index: u32) -> Energy {
+        let nvml = match nvml_wrapper::Nvml::init() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                println!("NVML not available ({e}): no energy figures");
+                None
+            }
+        };
+        Energy { nvml, index }
+    }
+
+    /// Total energy since driver load, mJ.
+    fn total_mj(&self) -> Option<u64> {
+        let d = self.nvml.as_ref()?.device_by_index(self.index).ok()?;
+        d.total_energy_consumption().ok()
+    }
+
+    fn used_bytes(&self) -> Option<u64> {
+        let d = self.nvml.as_ref()?.device_by_index(self.index).ok()?;
+        d.memory_info().ok().map(|m| m.used)
+    }
+
+    fn name(&self) -> Option<String> {
+        let d = self.nvml.as_ref()?.device_by_index(self.index).ok()?;
+        d.name().ok()
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Imposes `target` mean active units per token on every layer (see the module docs);
+/// returns each layer's measured mean after calibration. `forward_stats` runs one forward
+/// of the calibration tokens and returns the per-layer means.
+pub fn impose_sparsity(
+    model: &Llama,
+    target: f64,
+    iters: usize,
+    mut forward_stats: impl FnMut() -> Vec<f64>,
+) -> Vec<f64> {
+    let d = model.cfg.hidden_size as i64;
+    let c = d - 1;
+    let device = model.embed.device();
+    let big = model.cfg.init_std * (d as f64).sqrt();
+    let layers = model.blocks.len();
+    let mut popularity = Vec::with_capacity(layers);
+    tch::no_grad(|| {
+        let _ = model.embed.narrow(1, c, 1).fill_(big);
+        for blk in &model.blocks {
+            let _ = blk.o.narrow(0, c, 1).zero_();
+            let _ = blk.down_t.narrow(1, c, 1).zero_();
+            let h = blk.gate.size()[0];
+            popularity.push(Tensor::randn([h, 1], (Kind::Float, device)) * 0.2 + 1.0);
+        }
+    });
+    let set = |betas: &[f64]| {
+        tch::no_grad(|| {
+            for ((blk, pop), &beta) in model.blocks.iter().zip(&popularity).zip(betas) {
+                let col = (pop * -beta).to_kind(blk.gate.kind());
+                blk.gate.narrow(1, c, 1).copy_(&col);
+            }
+        })
+    };
+    // Geometric bisection on beta in [1e-6, 100]; more actives than wanted -> larger shift.
+    let mut lo = vec![(1e-6f64).ln(); layers];
+    let mut hi = vec![(100f64).ln(); layers];
+    for _ in 0..iters {
+        let mid: Vec<f64> = lo.iter().zip(&hi).map(|(a, b)| (a + b) / 2.0).collect();
+        set(&mid.iter().map(|m| m.exp()).collect::<Vec<_>>());
+        let got = forward_stats();
+        for l in 0..layers {
+            if got[l] > target {
+                lo[l] = mid[l];
+            } else {
+                hi[l] = mid[l];
+            }
+        }
+    }
+    let fin: Vec<f64> = lo
+        .iter()
+        .zip(&hi)
+        .map(|(a, b)| ((a + b) / 2.0).exp())
+        .collect();
+    set(&fin);
+    forward_stats()
+}
+
+fn layer_means(out: &crate::model::ForwardOutput) -> Vec<f64> {
+    let means: Vec<Tensor> = out
+        .layers
+        .iter()
+        .map(|l| l.active_per_token.to_kind(Kind::Float).mean(Kind::Float))
+        .collect();
+    Vec::<f64>::try_from(
+        Tensor::stack(&means, 0)
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu),
+    )
+    .expect("f64 stats")
+}
+
+fn summary(v: &[f64]) -> String {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("mean {mean:.1} (layers {min:.1} .. {max:.1})")
+}
+
+struct Row {
+    path: FfnPath,
+    ms: f64,
+    tokens_per_s: f64,
+    peak: Option<u64>,
+    used_end: Option<u64>,
+    energy_j: Option<f64>,
+    nnz: Option<Vec<f64>>,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Runs `sparse-train bench train` or `bench infer`.
+pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
+    let cfg = Config::load_with_overrides(&args.config, &args.overrides)?;
+    if !(0.0..1.0).contains(&args.sparsity) {
+        bail!("--sparsity {} must be in [0, 1)", args.sparsity);
+    }
+    if args.steps == 0 {
+        bail!("--steps must be >= 1");
+    }
+    if !tch::Cuda::is_available() {
+        bail!("bench train/infer needs a CUDA device (tch sees none)");
+    }
+    let device = Device::Cuda(args.device);
+    let m = &cfg.model;
+    let seq = cfg.train.seq_len as i64;
+    let batch = args.batch.unwrap_or(match mode {
+        Mode::Train => cfg.train.micro_batch_size,
+        Mode::Infer => 64,
+    }) as i64;
+    let tokens_per_iter = (batch * seq) as f64;
+    let paths: Vec<FfnPath> = if args.paths.is_empty() {
+        vec![
+            FfnPath::Dense,
+            match mode {
+                Mode::Train => FfnPath::Hybrid,
+                Mode::Infer => FfnPath::Twell,
+            },
+        ]
+    } else {
+        args.paths.clone()
+    };
+    let energy = Energy::new(args.device as u32);
+    let gpu = energy.name().unwrap_or_else(|| "unknown GPU".into());
+    let h = m.intermediate_size as f64;
+    let target = (1.0 - args.sparsity) * h;
+    println!(
+        "bench {}: GPU {gpu}, config {} (L {}, D {}, H {}, heads {}/{}, vocab {}, {:.2}B params), {} x {} = {} tokens/iter, {}",
+        match mode { Mode::Train => "train", Mode::Infer => "infer" },
+        args.config.display(),
+        m.num_layers,
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_heads,
+        m.kv_heads(),
+        m.vocab_size,
+        m.num_params() as f64 / 1e9,
+        batch,
+        seq,
+        tokens_per_iter,
+        match mode {
+            Mode::Train => "bf16 autocast over f32 weights, fwd+bwd+AdamW",
+            Mode::Infer => "bf16 weights, no grad, decoder body (LM head excluded)",
+        }
+    );
+    tch::manual_seed(cfg.train.seed as i64);
+    tch::Cuda::manual_seed_all(cfg.train.seed);
+    let mut vs = VarStore::new(device);
+    let model = Llama::new(&vs, m);
+    let autocast = mode == Mode::Train;
+    if mode == Mode::Infer {
+        vs.bfloat16();
+    }
+    tch::manual_seed(0);
+    let data = Tensor::randint(m.vocab_size as i64, [batch, seq + 1], (Kind::Int64, device));
+    let inputs = data.narrow(1, 0, seq);
+    let targets = data.narrow(1, 1, seq);
+    let calib = inputs.narrow(0, 0, batch.min(2));
+    let dense_paths = vec![FfnPath::Dense; m.num_layers];
+    let t0 = Instant::now();
+    let nnz = impose_sparsity(&model, target, 24, || {
+        tch::no_grad(|| {
+            let out = tch::autocast(autocast, || model.forward(&calib, &dense_paths));
+            layer_means(&out)
+        })
+    });
+    println!(
+        "imposed sparsity: target {:.2} % = {target:.1} active units/token of {h}; measured (dense, {} calibration tokens) {}; calibration {:.1} s",
+        args.sparsity * 100.0,
+        calib.numel(),
+        summary(&nnz),
+        t0.elapsed().as_secs_f64()
+    );
+    // The calibrated weights, restored before each training path.
+    let snapshot: Option<HashMap<String, Tensor>> = (mode == Mode::Train).then(|| {
+        vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_device(Device::Cpu)))
+            .collect()
+    });
+    let mut rows = Vec::new();
+    for &path in &paths {
+        let layer_paths = vec![path; m.num_layers];
+        if let Some(snap) = &snapshot {
+            tch::no_grad(|| {
+                for (name, mut v) in vs.variables() {
+                    v.copy_(&snap[&name]);
+                }
+            });
+        }
+        sync(device);
+        cuda_runtime::reset_peak(device);
+        let row = match mode {
+            Mode::Infer => {
+                let iter = || {
+                    tch::no_grad(|| {
+                        let _ =
+                            model.forward_cached(&inputs, None, &layer_paths, CachedOutput::Hidden);
+                    })
+                };
+                for _ in 0..args.warmup {
+                    iter();
+                }
+                sync(device);
+                let e0 = energy.total_mj();
+                let t0 = Instant::now();
+                for _ in 0..args.steps {
+                    iter();
+                }
+                sync(device);
+                let s = t0.elapsed().as_secs_f64();
+                let e1 = energy.total_mj();
+                Row {
+                    path,
+                    ms: s * 1e3 / args.steps as f64,
+                    tokens_per_s: tokens_per_iter * args.steps as f64 / s,
+                    peak: cuda_runtime::peak_allocated_bytes(device),
+                    used_end: energy.used_bytes(),
+                    energy_j: e0.zip(e1).map(|(a, b)| (b - a) as f64 / 1e3),
+                    nnz: None,
+                }
+            }
+            Mode::Train => {
+                let mut opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);
+                let lambda = cfg.sparsity.l1_coeff;
+                let mut last = None;
+                let mut step = |i: usize, keep: bool| -> Result<()> {
+                    let out = tch::autocast(true, || model.forward(&inputs, &layer_paths));
+                    let ce = out
+                        .logits
+                        .view([-1, m.vocab_size as i64])
+                        .cross_entropy_loss::<Tensor>(
+                            &targets.reshape([-1]),
+                            None,
+                            Reduction::Sum,
+                            -100,
+                            0.0,
+                        );
+                    let loss = (&ce + &out.l1_sum * lambda) / tokens_per_iter;
+                    loss.backward();
+                    let gn = opt.grad_norm().double_value(&[]);
+                    if !gn.is_finite() {
+                        bail!("{}: non-finite gradient norm at step {i}", path.name());
+                    }
+                    opt.clip(gn, cfg.train.grad_clip);
+                    opt.step(learning_rate(&cfg.train, i));
+                    opt.zero_grad();
+                    if keep {
+                        last = Some(layer_means(&out));
+                    }
+                    Ok(())
+                };
+                for i in 0..args.warmup {
+                    step(i, false)?;
+                }
+                sync(device);
+                let e0 = energy.total_mj();
+                let t0 = Instant::now();
+                for i in 0..args.steps {
+                    step(args.warmup + i, i + 1 == args.steps)?;
+                }
+                sync(device);
+                let s = t0.elapsed().as_secs_f64();
+                let e1 = energy.total_mj();
+                Row {
+                    path,
+                    ms: s * 1e3 / args.steps as f64,
+                    tokens_per_s: tokens_per_iter * args.steps as f64 / s,
+                    peak: cuda_runtime::peak_allocated_bytes(device),
+                    used_end: energy.used_bytes(),
+                    energy_j: e0.zip(e1).map(|(a, b)| (b - a) as f64 / 1e3),
+                    nnz: last,
+                }
+            }
+        };
+        print_row(&row, rows.first(), args.steps, tokens_per_iter);
+        rows.push(row);
+    }
+    if rows.iter().any(|r| r.peak == Some(0) || r.peak.is_none()) {
+        println!("note: the caching allocator reported no peak; 'used' is NVML's device memory in use at the end of the loop (includes the allocator's cache)");
+    }
+    Ok(())
+}
+
+fn print_row(r: &Row, dense: Option<&Row>, steps: usize, tokens_per_iter: f64) {
+    let ratio = dense.map_or(String::from("1.000x"), |d| {
+        format!("{:.3}x", r.tokens_per_s / d.tokens_per_s)
+    });
+    let energy = r.energy_j.map_or(String::from("energy n/a"), |j| {
+        let per_iter = j / steps as f64;
+        format!(
+            "{per_iter:.2} J/iter, {:.3} mJ/token",
+            per_iter * 1e3 / tokens_per_iter
+        )
+    });
+    let mem = match (r.peak, r.used_end) {
+        (Some(p), _) if p > 0 => format!("peak alloc {:.2} GiB", p as f64 / GIB),
+        (_, Some(u)) => format!("peak n/a, NVML used {:.2} GiB", u as f64 / GIB),
+        _ => String::from("memory n/a"),
+    };
+    let nnz = r.nnz.as_ref().map_or(String::new(), |v| {
+        format!(" | actives/token after last step {}", summary(v))
+    });
+    println!(
+        "{:>6}: {:9.2} ms/iter | {:10.0} tokens/s | {ratio} vs dense | {mem} | {energy}{nnz}",
+        r.path.name(),
+        r.ms,
+        r.tokens_per_s
+    );
+}

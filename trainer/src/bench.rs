@@ -11,6 +11,15 @@
 //! no_grad, which also computes the active-unit statistics (one synchronising
 //! `masked_select`). Before timing, each layer's TwELL output is checked against an fp32
 //! dense reference on the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
+//!
+//! `--mode train`: per layer `loss = sum(y * dy) + 1e-4 * l1_sum` and the gradients of x, Wg,
+//! Wu, Wd^T (bf16 leaves). Dense = tch bf16 autograd (cuBLAS); hybrid = `sparse_ffn(..,
+//! FfnPath::Hybrid)` (the SparseFfn autograd function running kernels/cuda/hybrid.cu);
+//! "kernels" = `hybrid_forward` + `hybrid_backward` called directly (no loss ops, no
+//! autograd). Checked first against fp32 autograd (y and grads <= 2e-2 of max|ref|, l1 <=
+//! 2e-3). Memory: the caching allocator's peak above the live inputs during one layer's
+//! fwd+bwd (y, the saved activations, dx and the weight gradients included), and the bytes the
+//! hybrid forward keeps for its backward.
 use anyhow::{bail, Context, Result};
 use sparse_kernels::cuda::{twell_ffn, TwellKernels, TwellLaunch};
 use sparse_kernels::{FfnPath, FfnWeights};
@@ -198,12 +207,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median ms per layer call of `f` over the 4 rotated layers.
-fn time_ms(
+fn time_ms<L>(
     device: Device,
     warmup: usize,
     repeats: usize,
-    layers: &[Layer],
-    mut f: impl FnMut(&Layer) -> Result<Tensor>,
+    layers: &[L],
+    mut f: impl FnMut(&L) -> Result<Tensor>,
 ) -> Result<f64> {
     let mut times = Vec::with_capacity(repeats);
     for r in 0..warmup + repeats {
@@ -249,10 +258,7 @@ fn gpu_name(kernels: &TwellKernels, device: Device) -> String {
 /// Runs `sparse-train bench ffn`.
 pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
     if args.mode == "train" {
-        println!(
-            "bench ffn --mode train: not available: the hybrid training kernels are not wired yet"
-        );
-        return Ok(());
+        return run_ffn_train(args);
     }
     if args.mode != "infer" {
         bail!("--mode `{}`: expected infer or train", args.mode);
@@ -337,6 +343,260 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
             worst.1,
             dense / twell
         );
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// --mode train: dense bf16 autograd fwd+bwd vs the hybrid kernels through `sparse_ffn`.
+
+/// Seed of the upstream gradient `dy` and the L1 weight used by the train mode.
+const TRAIN_DL1: f64 = 1e-4;
+
+/// One layer's training inputs: the layer's tensors as bf16 leaves requiring grad, and `dy`.
+struct TrainLayer {
+    leaves: [Tensor; 4],
+    dy: Tensor,
+}
+
+/// Loss `sum(y * dy) + dl1 * l1_sum`; returns the gradients of `x, Wg, Wu, Wd^T` (not
+/// accumulated into `.grad`).
+fn grads_of(y: &Tensor, l1_sum: &Tensor, dy: &Tensor, leaves: &[Tensor; 4]) -> Result<Vec<Tensor>> {
+    let loss = (y * dy).sum(Kind::Float) + l1_sum * TRAIN_DL1;
+    Ok(Tensor::f_run_backward(&[loss], leaves, false, false)?)
+}
+
+/// Dense training FFN in bf16 through tch autograd (cuBLAS): y, l1 = sum |h|, backward.
+fn dense_train(l: &TrainLayer) -> Result<Vec<Tensor>> {
+    let [x, wg, wu, wd] = &l.leaves;
+    let h = x.matmul(&wg.tr()).relu() * x.matmul(&wu.tr());
+    let y = h.matmul(wd);
+    let l1 = h.abs().sum(Kind::Float);
+    grads_of(&y, &l1, &l.dy, &l.leaves)
+}
+
+/// The hybrid path through `sparse_ffn` (the SparseFfn autograd function, CUDA kernels).
+fn hybrid_train(l: &TrainLayer) -> Result<Vec<Tensor>> {
+    let [x, wg, wu, wd] = &l.leaves;
+    let w = FfnWeights {
+        gate: wg,
+        up: wu,
+        down_t: wd,
+    };
+    let out = sparse_kernels::try_sparse_ffn(x, &w, FfnPath::Hybrid, &Default::default())?;
+    grads_of(&out.y, &out.l1_sum, &l.dy, &l.leaves)
+}
+
+/// The hybrid kernels called directly (no autograd, no loss ops): forward, backward.
+fn hybrid_kernels_only(l: &TrainLayer, dl1: &Tensor) -> Result<[Tensor; 4]> {
+    let [x, wg, wu, wd] = &l.leaves;
+    let _g = tch::no_grad_guard();
+    let f = sparse_kernels::cuda::hybrid_forward(x, wg, wu, wd)?;
+    Ok(sparse_kernels::cuda::hybrid_backward(
+        &f.state, x, wg, wu, wd, &l.dy, dl1,
+    )?)
+}
+
+/// Peak bytes allocated above what was live before `f` (one call), and what `f` returned is
+/// kept alive until the peak is read.
+fn peak_delta<T>(device: Device, f: impl FnOnce() -> Result<T>) -> Result<(u64, T)> {
+    use sparse_kernels::cuda_runtime::{peak_allocated_bytes, reset_peak};
+    tch::Cuda::synchronize(device_index(device));
+    reset_peak(device);
+    // Right after a reset the peak equals what is allocated now.
+    let base = peak_allocated_bytes(device).unwrap_or(0);
+    let out = f()?;
+    tch::Cuda::synchronize(device_index(device));
+    let peak = peak_allocated_bytes(device).unwrap_or(0);
+    Ok((peak.saturating_sub(base), out))
+}
+
+/// Checks that the caching allocator's peak statistic moves (it read 0 on an earlier run).
+fn peak_stat_works(device: Device) -> Result<bool> {
+    let (delta, t) = peak_delta(device, || {
+        Ok(Tensor::f_empty([64 << 20], (Kind::Uint8, device))?)
+    })?;
+    drop(t);
+    Ok(delta >= 64 << 20)
+}
+
+/// max|err| / max|ref| of the hybrid path (y and the four gradients) against fp32 autograd
+/// of the dense function on the same bf16 values.
+fn check_train(l: &TrainLayer) -> Result<[f64; 6]> {
+    let f32leaves: Vec<Tensor> = l
+        .leaves
+        .iter()
+        .map(|t| t.detach().to_kind(Kind::Float).set_requires_grad(true))
+        .collect();
+    let [x, wg, wu, wd] = [&f32leaves[0], &f32leaves[1], &f32leaves[2], &f32leaves[3]];
+    let h = x.matmul(&wg.tr()).relu() * x.matmul(&wu.tr());
+    let y = h.matmul(wd);
+    let l1 = h.abs().sum(Kind::Float);
+    let dyf = l.dy.to_kind(Kind::Float);
+    let loss = (&y * &dyf).sum(Kind::Float) + &l1 * TRAIN_DL1;
+    let want = Tensor::f_run_backward(&[loss], &f32leaves, false, false)?;
+    let [lx, lg, lu, ld] = &l.leaves;
+    let w = FfnWeights {
+        gate: lg,
+        up: lu,
+        down_t: ld,
+    };
+    let out = sparse_kernels::try_sparse_ffn(lx, &w, FfnPath::Hybrid, &Default::default())?;
+    let got = grads_of(&out.y, &out.l1_sum, &l.dy, &l.leaves)?;
+    let rel = |a: &Tensor, b: &Tensor| {
+        (a.to_kind(Kind::Float) - b).abs().max().double_value(&[])
+            / b.abs().max().double_value(&[]).max(1e-30)
+    };
+    let l1w = l1.double_value(&[]);
+    Ok([
+        rel(&out.y, &y.detach()),
+        (out.l1_sum.double_value(&[]) - l1w).abs() / l1w.abs().max(1e-30),
+        rel(&got[0], &want[0]),
+        rel(&got[1], &want[1]),
+        rel(&got[2], &want[2]),
+        rel(&got[3], &want[3]),
+    ])
+}
+
+/// `sparse-train bench ffn --mode train`.
+fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
+    use sparse_kernels::cuda::HybridKernels;
+    if !(0.0..1.0).contains(&args.sparsity) {
+        bail!("--sparsity {} must be in [0, 1)", args.sparsity);
+    }
+    if args.repeats == 0 || args.tokens.is_empty() {
+        bail!("need --repeats >= 1 and at least one --tokens value");
+    }
+    if !tch::Cuda::is_available() {
+        bail!("bench ffn needs a CUDA device (tch sees none)");
+    }
+    let (d, h) = parse_shape(&args.shape)?;
+    let device = Device::Cuda(args.device);
+    let tw = TwellKernels::for_device(device).context("loading the TwELL kernels")?;
+    let hk = HybridKernels::for_device(device).context("loading the hybrid kernels")?;
+    if !hk.supports(1, d, h) {
+        bail!("the hybrid kernels do not take D = {d}, H = {h}");
+    }
+    let peak_ok = peak_stat_works(device)?;
+    println!(
+        "bench ffn --mode train: GPU {} ({}), shape {} (D = {d}, H = {h}), sparsity {:.2} %, bf16 \
+         leaves, loss = sum(y * dy) + {TRAIN_DL1:e} * l1_sum, gate kernel {}",
+        gpu_name(&tw, device),
+        hk.device_name(),
+        args.shape,
+        args.sparsity * 100.0,
+        if tw.uses_wgmma() {
+            "wgmma (sm_90a)"
+        } else {
+            "mma.sync"
+        }
+    );
+    println!(
+        "  times: ms per layer fwd+bwd, median of {} repeats x 4 layers; memory: peak bytes \
+         allocated above the live inputs during one layer's fwd+bwd (caching allocator, \
+         incl. y, dx, dW; peak statistic {})",
+        args.repeats,
+        if peak_ok {
+            "checked: works"
+        } else {
+            "BROKEN: reads no 64 MiB allocation"
+        }
+    );
+    println!(
+        "{:>6} | {:>13} | {:>8} {:>8} {:>8} | {:>9} | {:>9} {:>9} | {:>8} {:>8} | {:>21} | {:>10}",
+        "N",
+        "actives/tok",
+        "err y",
+        "err dW",
+        "err l1",
+        "dense ms",
+        "hybrid ms",
+        "kernels",
+        "d/hyb",
+        "d/kern",
+        "peak MiB dense->hyb",
+        "saved MiB"
+    );
+    for &n in &args.tokens {
+        let n = n as i64;
+        if n < 1 {
+            bail!("--tokens: N must be >= 1");
+        }
+        tch::manual_seed(args.seed + n);
+        let layers = (0..4)
+            .map(|_| {
+                let l = make_layer(n, d, h, args.sparsity, device)?;
+                Ok(TrainLayer {
+                    leaves: [l.x, l.wg, l.wu, l.wd].map(|t| t.set_requires_grad(true)),
+                    dy: Tensor::randn([n, d], (Kind::Float, device)).to_kind(Kind::BFloat16),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dl1 = Tensor::full([1], TRAIN_DL1, (Kind::Float, device));
+        let mut errs = [0.0f64; 6];
+        for l in &layers {
+            let e = check_train(l)?;
+            for (a, b) in errs.iter_mut().zip(e) {
+                *a = a.max(b);
+            }
+        }
+        let err_dw = errs[2..].iter().cloned().fold(0.0, f64::max);
+        if errs[0] > 2e-2 || err_dw > 2e-2 || errs[1] > 2e-3 {
+            bail!(
+                "N = {n}: hybrid off the fp32 reference: y {:.2e}, l1 {:.2e}, grads {err_dw:.2e}",
+                errs[0],
+                errs[1]
+            );
+        }
+        let f = layers[0].leaves.iter().take(2).collect::<Vec<_>>();
+        let apt = tch::no_grad(|| {
+            f[0].matmul(&f[1].tr())
+                .gt(0.0)
+                .sum_dim_intlist(-1, false, Kind::Int64)
+        });
+        let acts = format!(
+            "{:.1} ({})",
+            apt.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]),
+            apt.max().int64_value(&[])
+        );
+        if args.check_only {
+            println!(
+                "{n:>6} | {acts:>13} | {:>8.1e} {err_dw:>8.1e} {:>8.1e} | check only: OK",
+                errs[0], errs[1]
+            );
+            continue;
+        }
+        let (w, r) = (args.warmup, args.repeats);
+        let dense = time_ms(device, w, r, &layers, |l| Ok(dense_train(l)?.remove(0)))?;
+        let hybrid = time_ms(device, w, r, &layers, |l| Ok(hybrid_train(l)?.remove(0)))?;
+        let kern = time_ms(device, w, r, &layers, |l| {
+            let [dx, ..] = hybrid_kernels_only(l, &dl1)?;
+            Ok(dx)
+        })?;
+        let dense2 = time_ms(device, w, r, &layers, |l| Ok(dense_train(l)?.remove(0)))?;
+        // Memory of layer 0: one fwd+bwd each, outputs kept until the peak is read.
+        let l0 = &layers[0];
+        let (pd, _g) = peak_delta(device, || dense_train(l0))?;
+        let (ph, _g) = peak_delta(device, || hybrid_train(l0))?;
+        let saved = {
+            let [x, wg, wu, wd] = &l0.leaves;
+            let _ng = tch::no_grad_guard();
+            sparse_kernels::cuda::hybrid_forward(x, wg, wu, wd)?
+                .state
+                .saved_bytes()
+        };
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        println!(
+            "{n:>6} | {acts:>13} | {:>8.1e} {err_dw:>8.1e} {:>8.1e} | {dense:>9.4} | {hybrid:>9.4} {kern:>9.4} | {:>7.2}x {:>7.2}x | {:>9.1} -> {:>8.1} | {:>10.2}",
+            errs[0],
+            errs[1],
+            dense / hybrid,
+            dense / kern,
+            mib(pd),
+            mib(ph),
+            mib(saved as u64),
+        );
+        println!("       dense rerun after the sparse runs: {dense2:.4} ms");
     }
     Ok(())
 }

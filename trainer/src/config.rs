@@ -184,7 +184,7 @@ pub struct SparsityConfig {
     pub switch_period: usize,
     /// A unit is dead after not firing for this many tokens (global).
     pub tokens_until_dead: u64,
-    /// Re-initialise the gate row of dead units (0 disables).
+    /// Redraw the gate rows of dead units at each log interval (see `dead_units`).
     pub reinit_dead: bool,
 }
 

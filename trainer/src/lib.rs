@@ -5,6 +5,7 @@ pub mod checkpointing;
 pub mod config;
 pub mod corpus_cmd;
 pub mod data;
+pub mod dead_units;
 pub mod generate;
 pub mod inference;
 pub mod metrics;

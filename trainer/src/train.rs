@@ -312,6 +312,18 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
                 dp,
             )?;
             sched.observe(step, &layers);
+            let reinitialized = if cfg.sparsity.reinit_dead {
+                crate::dead_units::reinit_dead_gates(
+                    &model,
+                    &mut opt,
+                    &mut activity.tokens_since_fired,
+                    cfg.sparsity.tokens_until_dead,
+                    t.seed,
+                    step,
+                )
+            } else {
+                vec![0; cfg.model.num_layers]
+            };
             if device.is_cuda() {
                 tch::Cuda::synchronize(0);
             }
@@ -349,7 +361,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
                 "l1": l1, "lambda": lambda, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "memory_gib": mem_gib,
                 "sparsity": sparsity, "nnz_per_token": nnz, "skipped_total": skipped_total,
-                "val_ce": val_ce, "layers": layers,
+                "val_ce": val_ce, "layers": layers, "reinitialized": reinitialized,
                 "ffn_path": sched.paths().iter().map(|p| p.name()).collect::<Vec<_>>(),
             }))?;
             let s = step as i64 + 1;
@@ -379,6 +391,10 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
                 scalars.push((format!("layer{l:02}/sparsity"), ls.sparsity as f32));
                 scalars.push((format!("layer{l:02}/dead"), ls.dead as f32));
                 scalars.push((format!("layer{l:02}/ffn_path"), path.id() as f32));
+                scalars.push((
+                    format!("layer{l:02}/reinitialized"),
+                    reinitialized[l] as f32,
+                ));
             }
             log.scalars(s, &scalars)?;
             log.flush()?;

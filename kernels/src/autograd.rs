@@ -385,12 +385,7 @@ mod cuda_hybrid {
             return Ok(None);
         }
         let _guard = tch::no_grad_guard();
-        let f = hybrid_forward(
-            &bf16(t.x)?,
-            &bf16(t.gate)?,
-            &bf16(t.up)?,
-            &bf16(t.down_t)?,
-        )?;
+        let f = hybrid_forward(&bf16(t.x)?, &bf16(t.gate)?, &bf16(t.up)?, &bf16(t.down_t)?)?;
         let kind = if autocast_enabled() {
             Kind::BFloat16
         } else {
@@ -414,10 +409,7 @@ mod cuda_hybrid {
         dl1: &Tensor,
     ) -> Result<[Tensor; 4], FfnError> {
         let _guard = tch::no_grad_guard();
-        let dl1 = dl1
-            .f_to_kind(Kind::Float)?
-            .f_reshape([1])?
-            .f_contiguous()?;
+        let dl1 = dl1.f_to_kind(Kind::Float)?.f_reshape([1])?.f_contiguous()?;
         let [dx, dwg, dwu, dwd] = hybrid_backward(
             state,
             &bf16(t.x)?,

@@ -62,8 +62,9 @@ impl HybridKernels {
         let tw = TwellKernels::for_device(Device::Cuda(ordinal))?;
         let ctx = tw.ctx.clone();
         let arch = if tw.sm90a { "sm_90a" } else { "sm_80" };
-        let module =
-            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin_bytes("hybrid", arch)?))?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin_bytes(
+            "hybrid", arch,
+        )?))?;
         let f = |name: &str| module.load_function(name);
         let optin = ctx.attribute(
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
@@ -271,14 +272,8 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
         );
         let (rpp, upp, uop, hcp) = (ptr(&row_ptr), ptr(&unit_ptr), ptr(&uorder), ptr(&hctrl));
         let (ecp, egp, eup, csp) = (ptr(&ecol), ptr(&eg), ptr(&eu), ptr(&csc));
-        let (xp, wup, wdp, yp, ltp, l1p) = (
-            ptr(x),
-            ptr(wu),
-            ptr(wdt),
-            ptr(&y),
-            ptr(&l1_tok),
-            ptr(&l1),
-        );
+        let (xp, wup, wdp, yp, ltp, l1p) =
+            (ptr(x), ptr(wu), ptr(wdt), ptr(&y), ptr(&l1_tok), ptr(&l1));
         let capi = cap as i32;
         let hgrid = ((h + 255) / 256) as u32;
         // SAFETY: argument lists match the extern "C" kernels of hybrid.cu (see its header);
@@ -442,14 +437,7 @@ pub fn hybrid_backward(
     let dwg = Tensor::f_empty([h, d], bf)?;
     let dwu = Tensor::f_empty([h, d], bf)?;
     let dwd = Tensor::f_empty([h, d], bf)?;
-    let (dyp, dlp, wgp, wup, wdp, xp) = (
-        ptr(dy),
-        ptr(dl1),
-        ptr(wg),
-        ptr(wu),
-        ptr(wdt),
-        ptr(x),
-    );
+    let (dyp, dlp, wgp, wup, wdp, xp) = (ptr(dy), ptr(dl1), ptr(wg), ptr(wu), ptr(wdt), ptr(x));
     let (rpp, ecp, egp, eup, rcp, dxp, hcp) = (
         ptr(&s.row_ptr),
         ptr(&s.ecol),

@@ -105,9 +105,7 @@ macro_rules! kargs {
 }
 
 mod hybrid;
-pub use hybrid::{
-    hybrid_backward, hybrid_forward, HybridForward, HybridKernels, HybridState,
-};
+pub use hybrid::{hybrid_backward, hybrid_forward, HybridForward, HybridKernels, HybridState};
 
 /// Launches `f` on `stream` (a raw `CUstream`, here tch's current stream).
 ///

@@ -1,6 +1,8 @@
 //! Checkpoints end to end on the shipped tiny corpus (CPU): bit-exact resume, graceful stop on
 //! signals, resumes that must fail without touching the run, and the non-finite step guard.
-use sparse_train_tests::{assert_success, copy_tree, run, step_records, tree_digest, Trainer};
+use sparse_train_tests::{
+    assert_success, copy_tree, losses, run, step_records, tree_digest, Trainer,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -436,4 +438,48 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
         values += view.data().len() / 4;
     }
     assert!(values > 1_000_000, "{values} weights");
+}
+
+/// The auto path scheduler decides from the statistics of a whole log interval; a resume in
+/// the middle of one restores its running sums, so the decisions and losses stay identical.
+#[test]
+fn resume_mid_interval_keeps_the_path_decisions() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let common = [
+        "--config",
+        "configs/tiny.yaml",
+        "--max-steps",
+        "12",
+        "--quiet",
+        "--set",
+        "train.log_every=10",
+        "--set",
+        "checkpoint.every=5",
+        "--set",
+        "sparsity.switch_period=10",
+        "--set",
+        "sparsity.l0_cutoff=254.8",
+    ];
+    let mut first = common.to_vec();
+    first.extend(["--out-dir", a.path().to_str().unwrap()]);
+    assert_success(&run(&first));
+    let ckpt = a.path().join("checkpoints/step_00000005");
+    let mut second = common.to_vec();
+    second.extend([
+        "--out-dir",
+        b.path().to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert_success(&run(&second));
+    let paths = |d: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v.get("log_step").map(|_| v["ffn_path"].clone()))
+            .collect()
+    };
+    assert_eq!(paths(a.path()).last(), paths(b.path()).last());
+    assert_eq!(losses(a.path())[5..], losses(b.path())[..]);
 }

@@ -4,6 +4,7 @@
 //! Nothing random happens after initialisation (no dropout; the data order is a function of
 //! the seed and the cursor), so the seed and the data cursor are the whole RNG state.
 use crate::config::Config;
+use crate::metrics::IntervalActivity;
 use crate::optim::AdamW;
 use crate::scheduler::PathScheduler;
 use anyhow::{bail, Context, Result};
@@ -35,6 +36,9 @@ pub struct TrainerState {
     pub world_size: usize,
     /// The run's config.
     pub config: Config,
+    /// Statistics of the unfinished log interval (the path scheduler decides from them).
+    #[serde(default)]
+    pub interval: IntervalActivity,
 }
 
 /// HF name of an internal parameter name, and whether the tensor is stored transposed.

@@ -18,6 +18,15 @@ pub struct LayerActivity {
     step_fired: Vec<Option<Tensor>>,
 }
 
+/// The running sums of an unfinished log interval (global over ranks).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct IntervalActivity {
+    pub active_sum: Vec<i64>,
+    pub active_max: Vec<i64>,
+    pub l1_sum: Vec<f64>,
+    pub tokens: u64,
+}
+
 /// What a layer did over a log interval.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerSummary {
@@ -71,6 +80,49 @@ impl LayerActivity {
                     advanced.where_self(&fired.logical_not(), &advanced.zeros_like());
             }
         }
+    }
+
+    /// The interval's running sums, combined over the data-parallel ranks (all take part),
+    /// for a checkpoint: a run resumed mid-interval then takes the same path decisions.
+    pub fn export_interval(&self, dp: &Collective) -> Result<IntervalActivity, LaunchError> {
+        let mut sums = Tensor::cat(
+            &[
+                Tensor::stack(&self.active_sum, 0).to_kind(Kind::Double),
+                Tensor::stack(&self.l1_sum, 0).to_kind(Kind::Double),
+            ],
+            0,
+        );
+        dp.all_reduce_sum(&mut sums)?;
+        let v: Vec<f64> = Vec::try_from(sums.to_device(Device::Cpu)).expect("f64 sums");
+        let layers = self.active_sum.len();
+        Ok(IntervalActivity {
+            active_sum: v[..layers].iter().map(|&x| x as i64).collect(),
+            active_max: self
+                .active_max
+                .iter()
+                .map(|m| dp.all_reduce_max_f64(m.int64_value(&[]) as f64) as i64)
+                .collect(),
+            l1_sum: v[layers..].to_vec(),
+            tokens: self.tokens * dp.size() as u64,
+        })
+    }
+
+    /// Restores an interval saved by [`LayerActivity::export_interval`]: rank 0 holds the
+    /// sums, every rank its share of the tokens.
+    pub fn import_interval(&mut self, saved: &IntervalActivity, dp: &Collective) {
+        let main = dp.rank() == 0;
+        for l in 0..self.active_sum.len() {
+            let device = self.active_sum[l].device();
+            let (sum, l1) = if main {
+                (saved.active_sum[l], saved.l1_sum[l])
+            } else {
+                (0, 0.0)
+            };
+            self.active_sum[l] = Tensor::from(sum).to_device(device);
+            self.active_max[l] = Tensor::from(saved.active_max[l]).to_device(device);
+            self.l1_sum[l] = Tensor::from(l1 as f32).to_device(device);
+        }
+        self.tokens = saved.tokens / dp.size() as u64;
     }
 
     /// Combines this step's "which units fired" over the data-parallel ranks, so every rank

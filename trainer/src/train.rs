@@ -152,6 +152,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
         next_path_decision: sched.next_decision(),
         world_size: world.size(),
         config: cfg.clone(),
+        interval: Default::default(),
     };
     if let Some(resume) = &opts.resume {
         let path = checkpointing::resolve(resume.as_deref(), &t.out_dir);
@@ -163,6 +164,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
             &mut activity.tokens_since_fired,
         )?;
         state.config = cfg.clone();
+        if state.interval.active_sum.len() == cfg.model.num_layers {
+            activity.import_interval(&state.interval, dp);
+        }
     }
     let mut zero1 = cfg.parallel.zero1.then(|| Zero1::new(&opt, dp));
     let restart_at = opts.resume.is_some().then_some(state.step as i64 + 1);
@@ -418,6 +422,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
             if let Some(z) = zero1.as_ref() {
                 z.gather_moments(&mut opt, dp)?;
             }
+            state.interval = activity.export_interval(dp)?;
             if main {
                 let snap =
                     checkpointing::snapshot(&cfg, &opt, &state, &activity.tokens_since_fired)?;

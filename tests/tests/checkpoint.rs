@@ -483,3 +483,58 @@ fn resume_mid_interval_keeps_the_path_decisions() {
     assert_eq!(paths(a.path()).last(), paths(b.path()).last());
     assert_eq!(losses(a.path())[5..], losses(b.path())[..]);
 }
+
+/// SIGKILL of the trainer at random moments while it writes a checkpoint every step: after
+/// every kill the run's `latest` loads and verifies, and the next resume continues from it.
+#[test]
+fn sigkill_during_checkpoint_writes_never_corrupts_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = [
+        "--config",
+        "configs/tiny.yaml",
+        "--quiet",
+        "--out-dir",
+        out,
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep_last=2",
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "train.eval_every=0",
+    ];
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    // A first checkpoint to fall back on, then 20 killed resumes.
+    let mut first: Vec<&str> = args.to_vec();
+    first.extend(["--max-steps", "1"]);
+    assert_success(&run(&first));
+    let mut last_step = 1;
+    for trial in 0..20 {
+        let mut a: Vec<&str> = args.to_vec();
+        a.push("--resume");
+        // Each trial trains at least one step of its own before the kill.
+        let before = sparse_train_tests::completed_steps(dir.path());
+        let mut t = Trainer::spawn(&a);
+        t.wait_for_steps(dir.path(), before + 1, Duration::from_secs(120));
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(50 + (seed >> 33) % 900));
+        t.signal(libc::SIGKILL);
+        assert!(t.wait_timeout(Duration::from_secs(30)).is_some());
+        let ckpt = sparse_checkpoints::load(dir.path())
+            .unwrap_or_else(|e| panic!("trial {trial}: latest does not load: {e}"));
+        let step = ckpt.trainer_state["step"].as_u64().unwrap();
+        assert!(
+            step >= last_step,
+            "trial {trial}: latest went back from {last_step} to {step}"
+        );
+        last_step = step;
+    }
+    assert!(last_step > 0);
+}

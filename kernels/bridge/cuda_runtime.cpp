@@ -1,5 +1,10 @@
 // CUDA runtime facts that tch does not expose: the caching allocator's peak statistics and
-// the current stream of a device (so our kernels launch in order with tch's work).
+// the current stream of a device (so our kernels launch in order with tch's work), and the
+// CUDA autocast state. No C++ exception may cross into Rust (it aborts the process): every
+// entry point catches and reports failure as -1 / nullptr. The allocator's statistics need
+// CUDA initialised in the process (the caching allocator is set up lazily on the first CUDA
+// tensor); before that resetPeakStats/getDeviceStats throw "Allocator not initialized".
+#include <ATen/autocast_mode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cstdint>
@@ -7,21 +12,48 @@
 extern "C" {
 
 int64_t sparse_cuda_peak_allocated_bytes(int32_t device) {
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
-  return stats.allocated_bytes[0].peak;  // StatType::AGGREGATE
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    return stats.allocated_bytes[0].peak;  // StatType::AGGREGATE
+  } catch (...) {
+    return -1;
+  }
 }
 
 int64_t sparse_cuda_peak_reserved_bytes(int32_t device) {
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
-  return stats.reserved_bytes[0].peak;
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    return stats.reserved_bytes[0].peak;
+  } catch (...) {
+    return -1;
+  }
 }
 
-void sparse_cuda_reset_peak(int32_t device) {
-  c10::cuda::CUDACachingAllocator::resetPeakStats(device);
+int32_t sparse_cuda_reset_peak(int32_t device) {
+  try {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
 }
 
 void* sparse_cuda_current_stream(int32_t device) {
-  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(device).stream());
+  try {
+    return static_cast<void*>(c10::cuda::getCurrentCUDAStream(device).stream());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// -1 when CUDA autocast is off, else its dtype as a c10::ScalarType code.
+int32_t sparse_cuda_autocast_dtype() {
+  try {
+    if (!at::autocast::is_autocast_enabled(at::kCUDA)) return -1;
+    return static_cast<int32_t>(at::autocast::get_autocast_dtype(at::kCUDA));
+  } catch (...) {
+    return -1;
+  }
 }
 
 }  // extern "C"

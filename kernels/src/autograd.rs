@@ -17,7 +17,7 @@
 //! on the hybrid path run the hybrid training kernels of `kernels/cuda/hybrid.cu`
 //! ([`crate::cuda::hybrid_forward`] / [`crate::cuda::hybrid_backward`]) in bf16, forward and
 //! backward, saving only the packed actives (CSR with g and u, and its transpose); `y` comes
-//! back in bf16 under autocast (else x's dtype), the gradients in their input's dtype,
+//! back in autocast's dtype under autocast (else x's dtype), the gradients in their input's dtype,
 //! `l1_sum` as f32; shapes the kernels do not take fall back as below. The TwELL path when a
 //! gradient is needed runs the exact differentiable fallback: the same function with dense
 //! tch ops (`dense`), f32 math; `y` and the gradients come back in their input's dtype,
@@ -368,14 +368,8 @@ mod cuda_hybrid {
         t.f_to_kind(Kind::BFloat16)?.f_contiguous()
     }
 
-    /// Whether CUDA autocast is on (the trainer's bf16 autocast over fp32 master weights).
-    fn autocast_enabled() -> bool {
-        // SAFETY: reads a thread-local flag of libtorch.
-        unsafe { torch_sys::at_autocast_is_enabled() != 0 }
-    }
-
     /// `None` when the kernels do not take the shape (the caller runs the dense fallback).
-    /// Computes in bf16 (inputs cast); `y` comes back in bf16 under autocast, else in x's
+    /// Computes in bf16 (inputs cast); `y` comes back in autocast's dtype, else in x's
     /// dtype; `l1_sum` f32; the counts are the kernels' (no host sync beyond the forward's
     /// one status read).
     pub(super) fn forward(t: &Inputs) -> Result<Option<([Tensor; 5], HybridState)>, FfnError> {
@@ -386,11 +380,9 @@ mod cuda_hybrid {
         }
         let _guard = tch::no_grad_guard();
         let f = hybrid_forward(&bf16(t.x)?, &bf16(t.gate)?, &bf16(t.up)?, &bf16(t.down_t)?)?;
-        let kind = if autocast_enabled() {
-            Kind::BFloat16
-        } else {
-            t.x.kind()
-        };
+        // Under autocast (the trainer's bf16 over fp32 master weights) y takes autocast's
+        // dtype, as the dense path's matmuls would give; else x's.
+        let kind = crate::cuda_runtime::cuda_autocast_kind().unwrap_or(t.x.kind());
         let outs = [
             f.y.f_to_kind(kind)?,
             f.l1_sum,

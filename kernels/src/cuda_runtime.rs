@@ -5,8 +5,9 @@ use tch::Device;
 extern "C" {
     fn sparse_cuda_peak_allocated_bytes(device: i32) -> i64;
     fn sparse_cuda_peak_reserved_bytes(device: i32) -> i64;
-    fn sparse_cuda_reset_peak(device: i32);
+    fn sparse_cuda_reset_peak(device: i32) -> i32;
     fn sparse_cuda_current_stream(device: i32) -> *mut std::ffi::c_void;
+    fn sparse_cuda_autocast_dtype() -> i32;
 }
 
 fn cuda_index(device: Device) -> Option<i32> {
@@ -16,28 +17,45 @@ fn cuda_index(device: Device) -> Option<i32> {
     }
 }
 
-/// Peak bytes held by live tensors on `device` since the last reset (`None` off CUDA).
+/// Peak bytes held by live tensors on `device` since the last reset (`None` off CUDA, or
+/// when the allocator has no statistics yet: CUDA not initialised in this process).
 pub fn peak_allocated_bytes(device: Device) -> Option<u64> {
-    // SAFETY: the device index is valid (CUDA is available and tch created the device).
-    cuda_index(device).map(|d| unsafe { sparse_cuda_peak_allocated_bytes(d) } as u64)
+    // SAFETY: the C++ side catches every exception (bad index, allocator not initialised).
+    let v = cuda_index(device).map(|d| unsafe { sparse_cuda_peak_allocated_bytes(d) })?;
+    u64::try_from(v).ok()
 }
 
 /// Peak bytes reserved by the caching allocator on `device` since the last reset.
 pub fn peak_reserved_bytes(device: Device) -> Option<u64> {
     // SAFETY: as above.
-    cuda_index(device).map(|d| unsafe { sparse_cuda_peak_reserved_bytes(d) } as u64)
+    let v = cuda_index(device).map(|d| unsafe { sparse_cuda_peak_reserved_bytes(d) })?;
+    u64::try_from(v).ok()
 }
 
-/// Starts a new peak-memory window on `device` (no-op off CUDA).
-pub fn reset_peak(device: Device) {
-    if let Some(d) = cuda_index(device) {
+/// Starts a new peak-memory window on `device` (no-op off CUDA). Returns false when the
+/// allocator refused (CUDA not initialised yet: allocate a CUDA tensor first).
+pub fn reset_peak(device: Device) -> bool {
+    match cuda_index(device) {
         // SAFETY: as above.
-        unsafe { sparse_cuda_reset_peak(d) }
+        Some(d) => unsafe { sparse_cuda_reset_peak(d) == 0 },
+        None => false,
     }
 }
 
 /// The `cudaStream_t` tch's work on `device` is queued on (`None` off CUDA).
 pub fn current_stream(device: Device) -> Option<*mut std::ffi::c_void> {
     // SAFETY: as above.
-    cuda_index(device).map(|d| unsafe { sparse_cuda_current_stream(d) })
+    let s = cuda_index(device).map(|d| unsafe { sparse_cuda_current_stream(d) })?;
+    (!s.is_null()).then_some(s)
+}
+
+/// The dtype of CUDA autocast on this thread, `None` when it is off.
+pub fn cuda_autocast_kind() -> Option<tch::Kind> {
+    // SAFETY: reads libtorch's thread-local autocast state; catches every exception.
+    match unsafe { sparse_cuda_autocast_dtype() } {
+        -1 => None,
+        5 => Some(tch::Kind::Half),
+        15 => Some(tch::Kind::BFloat16),
+        _ => Some(tch::Kind::Float),
+    }
 }

@@ -412,7 +412,13 @@ fn peak_delta<T>(device: Device, f: impl FnOnce() -> Result<T>) -> Result<(u64, 
 }
 
 /// Checks that the caching allocator's peak statistic moves (it read 0 on an earlier run).
+/// The allocator is set up lazily by the first CUDA tensor; before that its statistics
+/// calls throw (the bridge now catches that), so a tensor is allocated first.
 fn peak_stat_works(device: Device) -> Result<bool> {
+    let _init = Tensor::f_zeros([1], (Kind::Float, device))?;
+    if !sparse_kernels::cuda_runtime::reset_peak(device) {
+        return Ok(false);
+    }
     let (delta, t) = peak_delta(device, || {
         Ok(Tensor::f_empty([64 << 20], (Kind::Uint8, device))?)
     })?;

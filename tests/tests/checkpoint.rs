@@ -538,3 +538,59 @@ fn sigkill_during_checkpoint_writes_never_corrupts_latest() {
     }
     assert!(last_step > 0);
 }
+
+/// A run that physically removed dead FFN units resumes with the same shapes and losses,
+/// and its checkpoint still holds full-size HF weights (removed units as zero rows).
+#[test]
+fn resume_after_a_repack_continues_identically() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let common = [
+        "--config",
+        "configs/tiny.yaml",
+        "--max-steps",
+        "30",
+        "--quiet",
+        "--set",
+        "sparsity.repack_every=10",
+        "--set",
+        "sparsity.tokens_until_dead=1280",
+        "--set",
+        "checkpoint.every=5",
+        "--set",
+        "checkpoint.keep_last=10",
+    ];
+    let mut first = common.to_vec();
+    first.extend(["--out-dir", a.path().to_str().unwrap()]);
+    let out = run(&first);
+    assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("repacked the FFN"),
+        "no repack happened"
+    );
+    let ckpt = a.path().join("checkpoints/step_00000025");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let layout = state["trainer_state"]["ffn_layout"].as_array().unwrap();
+    assert!(
+        layout.iter().any(|l| l.as_array().unwrap().len() < 512),
+        "no layer shrank"
+    );
+    let mut second = common.to_vec();
+    second.extend([
+        "--out-dir",
+        b.path().to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert_success(&run(&second));
+    assert_eq!(losses(a.path())[25..], losses(b.path())[..]);
+    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("model.layers.1.mlp.down_proj.weight")
+            .unwrap()
+            .shape(),
+        [128, 512]
+    );
+}

@@ -6,6 +6,7 @@
 use crate::config::Config;
 use crate::metrics::IntervalActivity;
 use crate::optim::AdamW;
+use crate::repack;
 use crate::scheduler::PathScheduler;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,20 @@ pub struct TrainerState {
     /// Statistics of the unfinished log interval (the path scheduler decides from them).
     #[serde(default)]
     pub interval: IntervalActivity,
+    /// After a physical repack: per layer, the original indices of the FFN units kept
+    /// (empty: no repack, every unit present).
+    #[serde(default)]
+    pub ffn_layout: Vec<Vec<i64>>,
+}
+
+impl TrainerState {
+    /// Kept units of `layer` when it was repacked to fewer than `hidden` units.
+    fn repacked(&self, layer: usize, hidden: usize) -> Option<&[i64]> {
+        self.ffn_layout
+            .get(layer)
+            .map(Vec::as_slice)
+            .filter(|k| k.len() < hidden)
+    }
 }
 
 /// HF name of an internal parameter name, and whether the tensor is stored transposed.
@@ -122,13 +137,16 @@ pub fn snapshot(
     }
     let mut weights = BTreeMap::new();
     let mut optimizer = BTreeMap::new();
+    let hidden = cfg.model.intermediate_size;
     for p in &opt.params {
         let (hf, transposed) = hf_name(&p.name);
-        let w = if transposed {
-            p.param.tr()
-        } else {
-            p.param.shallow_clone()
-        };
+        let mut w = p.param.shallow_clone();
+        if let Some(kept) = repack::ffn_layer(&p.name).and_then(|l| state.repacked(l, hidden)) {
+            // Back to the full H with zero rows for removed units (a zero row never fires).
+            let full = w.new_zeros([hidden as i64, w.size()[1]], (w.kind(), w.device()));
+            w = full.index_copy(0, &Tensor::from_slice(kept).to_device(w.device()), &w);
+        }
+        let w = if transposed { w.tr() } else { w };
         weights.insert(hf, to_raw(&w));
         optimizer.insert(format!("exp_avg.{}", p.name), to_raw(&p.exp_avg));
         optimizer.insert(format!("exp_avg_sq.{}", p.name), to_raw(&p.exp_avg_sq));
@@ -206,11 +224,32 @@ pub fn restore(
         );
     }
     // Check every tensor before touching anything.
+    let hidden = cfg.model.intermediate_size;
+    if state
+        .ffn_layout
+        .iter()
+        .any(|k| k.len() > hidden || k.is_empty())
+    {
+        bail!(
+            "{}: ffn_layout does not fit model.intermediate_size = {hidden}",
+            path.display()
+        );
+    }
+    for l in 0..cfg.model.num_layers {
+        if let Some(kept) = state.repacked(l, hidden) {
+            let keep = Tensor::from_slice(kept).to_device(opt.params[0].param.device());
+            repack::apply_keep(opt, l, &keep);
+            dead_clocks[l] = dead_clocks[l].index_select(0, &keep);
+        }
+    }
     let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
     for p in &opt.params {
         let mut shape: Vec<usize> = p.param.size().iter().map(|&d| d as usize).collect();
         let (hf, transposed) = hf_name(&p.name);
         let moment_shape = shape.clone();
+        if repack::ffn_layer(&p.name).is_some() {
+            shape[0] = hidden;
+        }
         if transposed {
             shape.reverse();
         }
@@ -248,7 +287,10 @@ pub fn restore(
         for p in &mut opt.params {
             let (hf, transposed) = hf_name(&p.name);
             let w = from_raw(&hf, &ckpt.weights[&hf], device)?;
-            let w = if transposed { w.tr().contiguous() } else { w };
+            let mut w = if transposed { w.tr().contiguous() } else { w };
+            if let Some(kept) = repack::ffn_layer(&p.name).and_then(|l| state.repacked(l, hidden)) {
+                w = w.index_select(0, &Tensor::from_slice(kept).to_device(device));
+            }
             p.param.copy_(&w);
             p.exp_avg.copy_(&from_raw(
                 &p.name,

@@ -186,6 +186,8 @@ pub struct SparsityConfig {
     pub tokens_until_dead: u64,
     /// Redraw the gate rows of dead units at each log interval (see `dead_units`).
     pub reinit_dead: bool,
+    /// Every this many optimizer steps, physically remove dead units (0: never; see `repack`).
+    pub repack_every: usize,
 }
 
 impl Default for SparsityConfig {
@@ -199,6 +201,7 @@ impl Default for SparsityConfig {
             switch_period: 20,
             tokens_until_dead: 1 << 20,
             reinit_dead: false,
+            repack_every: 0,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod prepare;
+pub mod repack;
 pub mod scheduler;
 pub mod stop;
 pub mod train;

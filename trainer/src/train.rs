@@ -6,6 +6,7 @@ use crate::data::{DataLoader, TokenSource};
 use crate::metrics::{peak_rss_bytes, JsonlSink, LayerActivity};
 use crate::model::Llama;
 use crate::optim::{l1_coeff, learning_rate, AdamW, Zero1};
+use crate::repack;
 use crate::scheduler::PathScheduler;
 use crate::stop::StopSignal;
 use anyhow::{bail, Context, Result};
@@ -140,6 +141,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
     let mut sched = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers)?;
     let mut activity =
         LayerActivity::new(cfg.model.num_layers, cfg.model.intermediate_size, device);
+    let mut layout = repack::full_layout(cfg.model.num_layers, cfg.model.intermediate_size);
     let stop = StopSignal::install().context("installing signal handlers")?;
     let mut state = TrainerState {
         step: 0,
@@ -153,6 +155,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
         world_size: world.size(),
         config: cfg.clone(),
         interval: Default::default(),
+        ffn_layout: Vec::new(),
     };
     if let Some(resume) = &opts.resume {
         let path = checkpointing::resolve(resume.as_deref(), &t.out_dir);
@@ -164,6 +167,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
             &mut activity.tokens_since_fired,
         )?;
         state.config = cfg.clone();
+        for (l, kept) in state.ffn_layout.iter().enumerate() {
+            layout[l] = Tensor::from_slice(kept);
+        }
         if state.interval.active_sum.len() == cfg.model.num_layers {
             activity.import_interval(&state.interval, dp);
         }
@@ -303,6 +309,31 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
         opt.zero_grad();
         cursor += t.batch_size as u64;
         activity.end_step(step_tokens);
+        let repack_every = cfg.sparsity.repack_every;
+        if repack_every > 0 && (step + 1) % repack_every == 0 {
+            if let Some(z) = zero1.as_ref() {
+                z.gather_moments(&mut opt, dp)?;
+            }
+            let removed = repack::prune_dead(
+                &mut opt,
+                &mut activity.tokens_since_fired,
+                &mut layout,
+                cfg.sparsity.tokens_until_dead,
+            );
+            if zero1.is_some() {
+                zero1 = Some(Zero1::new(&opt, dp));
+            }
+            if removed.iter().any(|&n| n > 0) {
+                let h: Vec<i64> = layout.iter().map(|k| k.size()[0]).collect();
+                log_line(
+                    &pb,
+                    format!(
+                        "step {}: repacked the FFN, units per layer now {h:?}",
+                        step + 1
+                    ),
+                );
+            }
+        }
         interval_tokens += step_tokens;
         interval_ce += ce;
         interval_steps += 1;
@@ -423,6 +454,15 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
                 z.gather_moments(&mut opt, dp)?;
             }
             state.interval = activity.export_interval(dp)?;
+            let hidden = cfg.model.intermediate_size as i64;
+            state.ffn_layout = if layout.iter().all(|k| k.size()[0] == hidden) {
+                Vec::new()
+            } else {
+                layout
+                    .iter()
+                    .map(|k| Vec::<i64>::try_from(k).expect("int64 layout"))
+                    .collect()
+            };
             if main {
                 let snap =
                     checkpointing::snapshot(&cfg, &opt, &state, &activity.tokens_since_fired)?;

@@ -42,11 +42,12 @@ pub fn reset_peak(device: Device) -> bool {
     }
 }
 
-/// The `cudaStream_t` tch's work on `device` is queued on (`None` off CUDA).
+/// The `cudaStream_t` tch's work on `device` is queued on (`None` off CUDA). A null
+/// pointer is the legacy default stream, tch's usual current stream: a valid stream, not a
+/// failure.
 pub fn current_stream(device: Device) -> Option<*mut std::ffi::c_void> {
     // SAFETY: as above.
-    let s = cuda_index(device).map(|d| unsafe { sparse_cuda_current_stream(d) })?;
-    (!s.is_null()).then_some(s)
+    cuda_index(device).map(|d| unsafe { sparse_cuda_current_stream(d) })
 }
 
 /// The dtype of CUDA autocast on this thread, `None` when it is off.

@@ -52,6 +52,10 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
+    /// Dtype of the matrix products (bf16 for mixed precision over fp32 master weights).
+    /// Weights are cast at use, differentiably, so their gradients land in fp32; norms,
+    /// the residual stream, softmax statistics and the loss stay fp32.
+    pub compute: Kind,
 }
 
 fn linear(p: Path, out_dim: usize, in_dim: usize, std: f64, name: &str) -> Tensor {
@@ -116,7 +120,33 @@ impl Llama {
             lm_head,
             cos,
             sin,
+            compute: Kind::Float,
         }
+    }
+
+    /// `t` in the compute dtype (a differentiable cast; no-op when it already is).
+    fn c(&self, t: &Tensor) -> Tensor {
+        if t.kind() == self.compute {
+            t.shallow_clone()
+        } else {
+            t.to_kind(self.compute)
+        }
+    }
+
+    /// `x W^T` in the compute dtype.
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        self.c(x).matmul(&self.c(w).tr())
+    }
+
+    /// The FFN of `blk` on `hx: [B, T, D]` in the compute dtype.
+    fn ffn(&self, blk: &Block, hx: &Tensor, path: FfnPath) -> sparse_kernels::FfnOutput {
+        let (gate, up, down_t) = (self.c(&blk.gate), self.c(&blk.up), self.c(&blk.down_t));
+        let w = FfnWeights {
+            gate: &gate,
+            up: &up,
+            down_t: &down_t,
+        };
+        sparse_ffn(&self.c(hx).view([-1, self.cfg.hidden_size as i64]), &w, path)
     }
 
     /// `tokens: [B, T]` int64 -> logits `[B, T, V]` and the L1 term; `paths[l]` picks each
@@ -134,12 +164,7 @@ impl Llama {
                     t,
                 );
             let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
-            let w = FfnWeights {
-                gate: &blk.gate,
-                up: &blk.up,
-                down_t: &blk.down_t,
-            };
-            let out = sparse_ffn(&hx.view([b * t, -1]), &w, path);
+            let out = self.ffn(blk, &hx, path);
             x = &x + out.y.view([b, t, -1]);
             layers.push(LayerStats {
                 l1_sum: out.l1_sum.detach(),
@@ -153,7 +178,7 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = x.matmul(&head.tr()).to_kind(Kind::Float);
+        let logits = self.linear(&x, head).to_kind(Kind::Float);
         let l1_sum = l1_total.expect("at least one layer") / self.blocks.len() as f64;
         ForwardOutput {
             logits,
@@ -167,9 +192,9 @@ impl Llama {
         let hd = self.cfg.head_dim() as i64;
         let nh = self.cfg.num_heads as i64;
         let nkv = self.cfg.kv_heads() as i64;
-        let q = x.matmul(&blk.q.tr()).view([b, t, nh, hd]).transpose(1, 2);
-        let k = x.matmul(&blk.k.tr()).view([b, t, nkv, hd]).transpose(1, 2);
-        let v = x.matmul(&blk.v.tr()).view([b, t, nkv, hd]).transpose(1, 2);
+        let q = self.linear(x, &blk.q).view([b, t, nh, hd]).transpose(1, 2);
+        let k = self.linear(x, &blk.k).view([b, t, nkv, hd]).transpose(1, 2);
+        let v = self.linear(x, &blk.v).view([b, t, nkv, hd]).transpose(1, 2);
         let cos = self.cos.narrow(0, 0, t);
         let sin = self.sin.narrow(0, 0, t);
         let q = apply_rope(&q, &cos, &sin);
@@ -184,10 +209,7 @@ impl Llama {
             None,
             nh != nkv,
         );
-        y.transpose(1, 2)
-            .contiguous()
-            .view([b, t, d])
-            .matmul(&blk.o.tr())
+        self.linear(&y.transpose(1, 2).contiguous().view([b, t, d]), &blk.o)
     }
 }
 
@@ -295,12 +317,7 @@ impl Llama {
             );
             x = &x + a;
             let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
-            let w = FfnWeights {
-                gate: &blk.gate,
-                up: &blk.up,
-                down_t: &blk.down_t,
-            };
-            let out = sparse_ffn(&hx.view([b * t, -1]), &w, path);
+            let out = self.ffn(blk, &hx, path);
             x = &x + out.y.view([b, t, -1]);
         }
         if let Some(c) = cache {
@@ -313,7 +330,7 @@ impl Llama {
             CachedOutput::AllLogits => x,
         };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        x.matmul(&head.tr()).to_kind(Kind::Float)
+        self.linear(&x, head).to_kind(Kind::Float)
     }
 
     fn attention_cached(
@@ -327,9 +344,9 @@ impl Llama {
         let hd = self.cfg.head_dim() as i64;
         let nh = self.cfg.num_heads as i64;
         let nkv = self.cfg.kv_heads() as i64;
-        let q = x.matmul(&blk.q.tr()).view([b, t, nh, hd]).transpose(1, 2);
-        let k = x.matmul(&blk.k.tr()).view([b, t, nkv, hd]).transpose(1, 2);
-        let v = x.matmul(&blk.v.tr()).view([b, t, nkv, hd]).transpose(1, 2);
+        let q = self.linear(x, &blk.q).view([b, t, nh, hd]).transpose(1, 2);
+        let k = self.linear(x, &blk.k).view([b, t, nkv, hd]).transpose(1, 2);
+        let v = self.linear(x, &blk.v).view([b, t, nkv, hd]).transpose(1, 2);
         let cos = self.cos.narrow(0, pos, t);
         let sin = self.sin.narrow(0, pos, t);
         let q = apply_rope(&q, &cos, &sin);
@@ -359,10 +376,7 @@ impl Llama {
             None,
             nh != nkv,
         );
-        y.transpose(1, 2)
-            .contiguous()
-            .view([b, t, d])
-            .matmul(&blk.o.tr())
+        self.linear(&y.transpose(1, 2).contiguous().view([b, t, d]), &blk.o)
     }
 }
 

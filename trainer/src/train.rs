@@ -93,13 +93,18 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
     if t.device == DeviceChoice::Cuda && !device.is_cuda() {
         bail!("config train.device is `cuda` but no CUDA device is available");
     }
-    let autocast = t.precision == Precision::Bf16 && device.is_cuda();
+    // Mixed precision: bf16 matrix products over fp32 master weights (explicit casts in the
+    // model rather than libtorch's autocast, whose weight-cast cache is not ours to manage).
+    let bf16 = t.precision == Precision::Bf16 && device.is_cuda();
     tch::manual_seed(t.seed as i64);
     if device.is_cuda() {
         tch::Cuda::manual_seed_all(t.seed);
     }
     let vs = VarStore::new(device);
-    let model = Llama::new(&vs, &cfg.model);
+    let mut model = Llama::new(&vs, &cfg.model);
+    if bf16 {
+        model.compute = Kind::BFloat16;
+    }
     let mut opt = AdamW::new(vs.variables().into_iter().collect(), t);
     // Identical initial weights on every rank (same seed; the broadcast makes it certain).
     for p in &mut opt.params {
@@ -233,7 +238,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
                 .to_device(device);
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
-            let out = tch::autocast(autocast, || model.forward(&inputs, &paths));
+            let out = model.forward(&inputs, &paths);
             let ce_sum = out
                 .logits
                 .view([-1, cfg.model.vocab_size as i64])
@@ -379,7 +384,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
             let mut val_ce = None;
             if let Some(v) = val.as_mut() {
                 if (step + 1) % t.eval_every == 0 || last {
-                    val_ce = Some(evaluate(&model, v, &cfg, &paths, device, autocast)?);
+                    val_ce = Some(evaluate(&model, v, &cfg, &paths, device)?);
                 }
             }
             let msg = format!(
@@ -594,7 +599,6 @@ fn evaluate(
     cfg: &Config,
     paths: &[sparse_kernels::FfnPath],
     device: Device,
-    autocast: bool,
 ) -> Result<f64> {
     let t = &cfg.train;
     let n = t
@@ -609,7 +613,7 @@ fn evaluate(
                 .to_device(device);
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
-            let out = tch::autocast(autocast, || model.forward(&inputs, paths));
+            let out = model.forward(&inputs, paths);
             total += out
                 .logits
                 .view([-1, cfg.model.vocab_size as i64])

@@ -21,7 +21,7 @@
 //!
 //! **infer**: decoder forward without the LM head (as the paper's benchmark), bf16 weights,
 //! no grad; dense = the `Dense` FFN path (cuBLAS), sparse = `Twell` (CUDA kernels).
-//! **train**: full steps (fwd + bwd + L1 term + clip + AdamW) under bf16 autocast over f32
+//! **train**: full steps (fwd + bwd + L1 term + clip + AdamW) with bf16 matrix products over f32
 //! weights at the config's micro-batch, lr `--lr` (default 0, see its help); dense =
 //! `Dense`, sparse = `Hybrid`.
 //!
@@ -263,15 +263,15 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         seq,
         tokens_per_iter,
         match mode {
-            Mode::Train => "bf16 autocast over f32 weights, fwd+bwd+AdamW",
+            Mode::Train => "bf16 matrix products over f32 weights, fwd+bwd+AdamW",
             Mode::Infer => "bf16 weights, no grad, decoder body (LM head excluded)",
         }
     );
     tch::manual_seed(cfg.train.seed as i64);
     tch::Cuda::manual_seed_all(cfg.train.seed);
     let mut vs = VarStore::new(device);
-    let model = Llama::new(&vs, m);
-    let autocast = mode == Mode::Train;
+    let mut model = Llama::new(&vs, m);
+    model.compute = Kind::BFloat16;
     if mode == Mode::Infer {
         vs.bfloat16();
     }
@@ -284,7 +284,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     let t0 = Instant::now();
     let nnz = impose_sparsity(&model, target, 24, || {
         tch::no_grad(|| {
-            let out = tch::autocast(autocast, || model.forward(&calib, &dense_paths));
+            let out = model.forward(&calib, &dense_paths);
             layer_means(&out)
         })
     });
@@ -349,7 +349,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                 let lambda = cfg.sparsity.l1_coeff;
                 let mut last = None;
                 let mut step = |i: usize, keep: bool| -> Result<()> {
-                    let out = tch::autocast(true, || model.forward(&inputs, &layer_paths));
+                    let out = model.forward(&inputs, &layer_paths);
                     let ce = out
                         .logits
                         .view([-1, m.vocab_size as i64])

@@ -235,11 +235,11 @@ pub fn restore(
             path.display()
         );
     }
-    for l in 0..cfg.model.num_layers {
+    for (l, clock) in dead_clocks.iter_mut().enumerate() {
         if let Some(kept) = state.repacked(l, hidden) {
             let keep = Tensor::from_slice(kept).to_device(opt.params[0].param.device());
             repack::apply_keep(opt, l, &keep);
-            dead_clocks[l] = dead_clocks[l].index_select(0, &keep);
+            *clock = clock.index_select(0, &keep);
         }
     }
     let mut expected: Vec<(String, Vec<usize>)> = Vec::new();

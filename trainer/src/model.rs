@@ -146,7 +146,11 @@ impl Llama {
             up: &up,
             down_t: &down_t,
         };
-        sparse_ffn(&self.c(hx).view([-1, self.cfg.hidden_size as i64]), &w, path)
+        sparse_ffn(
+            &self.c(hx).view([-1, self.cfg.hidden_size as i64]),
+            &w,
+            path,
+        )
     }
 
     /// `tokens: [B, T]` int64 -> logits `[B, T, V]` and the L1 term; `paths[l]` picks each

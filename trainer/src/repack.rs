@@ -114,7 +114,7 @@ mod tests {
             let _ = g.index_fill_(0, &dead, 0.0);
         });
         for p in &mut opt.params {
-            let _ = p.exp_avg.copy_(&Tensor::rand_like(&p.param));
+            p.exp_avg.copy_(&Tensor::rand_like(&p.param));
         }
         let tokens = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         let before = tch::no_grad(|| model.forward(&tokens, &[FfnPath::Dense; 2]).logits);

@@ -1,6 +1,8 @@
 """Plots and summary numbers of the 125m sparsity study (docs/study/README.md).
 
-Reads the metrics.jsonl files next to this script and writes PNGs beside them:
+Reads the metrics.jsonl files next to this script and writes PNGs beside them (ce.png,
+sparsity.png, layers_sparse.png, layers_dense.png; diagnostic.png from the earlier diagnosis of
+the bf16 autocast problem, diagnostic/*):
 
     ~/.cache/sparse-train/venv/bin/python docs/study/plot_study.py
 
@@ -45,7 +47,7 @@ def plot_ce(runs, out):
     ax.axhline(10.826, color="grey", ls=":", lw=1, label="ln(50257): uniform prediction")
     ax.set_xlabel("optimizer step (65,536 tokens each)")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("125m study (bf16 autocast): train and validation CE")
+    ax.set_title("125m study (bf16 mixed precision): train and validation CE")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -65,7 +67,7 @@ def plot_sparsity(runs, out):
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("FFN activity (the two runs' curves coincide exactly)")
+    fig.suptitle("FFN activity: dense (lambda = 0) vs L1-sparse (lambda -> 1.28e-3)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -109,7 +111,8 @@ def plot_diagnostic(out):
         ax.set_xlabel("optimizer step (16,384 tokens each)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="precision-lambda")
-    fig.suptitle("Diagnostic: 150 steps on the BBC shard, bf16 autocast vs fp32")
+    fig.suptitle("Earlier diagnosis (old binary, libtorch autocast): 150 steps on the BBC shard, "
+                 "bf16 autocast vs fp32")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -141,6 +144,8 @@ def main():
     plot_sparsity(runs, HERE / "sparsity.png")
     plot_layers(runs["sparse (lambda -> 1.28e-3)"][1], HERE / "layers_sparse.png",
                 "Sparse run (125m.yaml): per-layer FFN activity")
+    plot_layers(runs["dense (lambda = 0)"][1], HERE / "layers_dense.png",
+                "Dense run (125m-dense.yaml): per-layer FFN activity")
     plot_diagnostic(HERE / "diagnostic.png")
     for label, (steps, logs) in runs.items():
         summary(label, steps, logs)
@@ -148,6 +153,16 @@ def main():
     same = all(a["ce"] == b["ce"] and a["grad_norm"] == b["grad_norm"] and a["l1"] == b["l1"]
                for a, b in zip(d, s))
     print(f"per-step ce, l1 and grad_norm bit-identical between the two runs: {same}")
+    vd, vs = (runs[k][1][-1]["val_ce"] for k in RUNS)
+    print(f"final val CE dense {vd:.4f}, sparse {vs:.4f}, sparse vs dense {100 * (vs / vd - 1):+.3f} %")
+    for label, (steps, logs) in runs.items():
+        tail = [s["ce"] for s in steps[-25:]]
+        layers = logs[-1]["layers"]
+        print(f"  {label}: train CE mean of last 25 steps {sum(tail) / len(tail):.4f}; "
+              f"layers nnz mean {min(l['nnz_mean'] for l in layers):.1f}-"
+              f"{max(l['nnz_mean'] for l in layers):.1f}, nnz max "
+              f"{min(l['nnz_max'] for l in layers)}-{max(l['nnz_max'] for l in layers)}, "
+              f"dead {sum(l['dead'] for l in layers)} in all")
     for name in DIAG:
         path = HERE / "diagnostic" / name / "metrics.jsonl"
         if path.exists():

@@ -374,11 +374,10 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
             } else {
                 0.0
             };
-            let mem_gib = if device.is_cuda() {
-                0.0
-            } else {
-                peak_rss_bytes() as f64 / (1u64 << 30) as f64
-            };
+            // Peak bytes held by tensors (caching allocator) on GPU, peak RSS on CPU.
+            let mem_bytes = sparse_kernels::cuda_runtime::peak_allocated_bytes(device)
+                .unwrap_or_else(peak_rss_bytes);
+            let mem_gib = mem_bytes as f64 / (1u64 << 30) as f64;
             let nnz: f64 = layers.iter().map(|l| l.nnz_mean).sum::<f64>() / layers.len() as f64;
             let sparsity = 1.0 - nnz / cfg.model.intermediate_size as f64;
             let mut val_ce = None;

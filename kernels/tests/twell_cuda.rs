@@ -17,7 +17,11 @@ fn case(n: i64, d: i64, h: i64, shift: f64, heavy_rows: i64) {
     let wd = Tensor::randn([h, d], opts) / (h as f64).sqrt();
     let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
     let (x, wg, wu, wd) = (bf(&x), bf(&wg), bf(&wu), bf(&wd));
-    let w = FfnWeights { gate: &wg, up: &wu, down_t: &wd };
+    let w = FfnWeights {
+        gate: &wg,
+        up: &wu,
+        down_t: &wd,
+    };
     let out = tch::no_grad(|| sparse_ffn(&x, &w, FfnPath::Twell));
     let f = |t: &Tensor| t.to_kind(Kind::Float);
     let g = f(&x).matmul(&f(&wg).tr());
@@ -34,7 +38,10 @@ fn case(n: i64, d: i64, h: i64, shift: f64, heavy_rows: i64) {
         let diff = (got - want).abs();
         let flips = diff.sum(Kind::Int64).int64_value(&[]);
         println!("  active-count flips {flips} of {total}");
-        assert!(diff.max().int64_value(&[]) <= 2 && flips <= total / 1000 + 2, "active counts differ: {flips} of {total}");
+        assert!(
+            diff.max().int64_value(&[]) <= 2 && flips <= total / 1000 + 2,
+            "active counts differ: {flips} of {total}"
+        );
     }
     assert!(out.l1_sum.isnan().int64_value(&[]) == 1);
 }
@@ -45,7 +52,9 @@ fn twell_kernels_match_dense_on_gpu() {
         println!("skipped: no CUDA device (the TwELL kernels need a GPU)");
         return;
     }
-    if !sparse_kernels::cuda::has_embedded_cubins() && std::env::var_os("SPARSE_TRAIN_CUBINS").is_none() {
+    if !sparse_kernels::cuda::has_embedded_cubins()
+        && std::env::var_os("SPARSE_TRAIN_CUBINS").is_none()
+    {
         println!("skipped: built without nvcc and SPARSE_TRAIN_CUBINS unset: no cubins");
         return;
     }
@@ -69,8 +78,14 @@ fn twell_with_grad_falls_back_exactly() {
     let dev = Device::Cuda(0);
     let opts = (Kind::Float, dev);
     let x = Tensor::randn([33, 64], opts).set_requires_grad(true);
-    let ws: Vec<Tensor> = (0..3).map(|_| (Tensor::randn([100, 64], opts) * 0.2).set_requires_grad(true)).collect();
-    let w = FfnWeights { gate: &ws[0], up: &ws[1], down_t: &ws[2] };
+    let ws: Vec<Tensor> = (0..3)
+        .map(|_| (Tensor::randn([100, 64], opts) * 0.2).set_requires_grad(true))
+        .collect();
+    let w = FfnWeights {
+        gate: &ws[0],
+        up: &ws[1],
+        down_t: &ws[2],
+    };
     let out = sparse_ffn(&x, &w, FfnPath::Twell);
     let dense = sparse_kernels::ffn::dense_ffn(&x, &w);
     assert!(out.y.allclose(&dense.y, 1e-4, 1e-4, false));

@@ -428,7 +428,11 @@ fn peak_stat_works(device: Device) -> Result<bool> {
 
 /// max|err| / max|ref| of the hybrid path (y and the four gradients) against fp32 autograd
 /// of the dense function on the same bf16 values.
-fn check_train(l: &TrainLayer) -> Result<[f64; 6]> {
+/// Errors of the hybrid path against the fp32 reference (y, l1, dx, dWg, dWu, dWd^T), and of
+/// the dense bf16 path (cuBLAS) for the four gradients: near g = 0 a bf16 gate decides the
+/// ReLU differently from fp32, and since dg = dh * u * [g > 0] jumps there, a single tie moves
+/// a rarely-active unit's weight gradient by O(1/tokens-it-fired-on) in either bf16 path.
+fn check_train(l: &TrainLayer) -> Result<([f64; 6], [f64; 4])> {
     let f32leaves: Vec<Tensor> = l
         .leaves
         .iter()
@@ -454,14 +458,18 @@ fn check_train(l: &TrainLayer) -> Result<[f64; 6]> {
             / b.abs().max().double_value(&[]).max(1e-30)
     };
     let l1w = l1.double_value(&[]);
-    Ok([
-        rel(&out.y, &y.detach()),
-        (out.l1_sum.double_value(&[]) - l1w).abs() / l1w.abs().max(1e-30),
-        rel(&got[0], &want[0]),
-        rel(&got[1], &want[1]),
-        rel(&got[2], &want[2]),
-        rel(&got[3], &want[3]),
-    ])
+    let dense = dense_train(l)?;
+    Ok((
+        [
+            rel(&out.y, &y.detach()),
+            (out.l1_sum.double_value(&[]) - l1w).abs() / l1w.abs().max(1e-30),
+            rel(&got[0], &want[0]),
+            rel(&got[1], &want[1]),
+            rel(&got[2], &want[2]),
+            rel(&got[3], &want[3]),
+        ],
+        [0, 1, 2, 3].map(|i| rel(&dense[i], &want[i])),
+    ))
 }
 
 /// `sparse-train bench ffn --mode train`.
@@ -540,18 +548,29 @@ fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let dl1 = Tensor::full([1], TRAIN_DL1, (Kind::Float, device));
         let mut errs = [0.0f64; 6];
+        let mut dense_errs = [0.0f64; 4];
         for l in &layers {
-            let e = check_train(l)?;
+            let (e, de) = check_train(l)?;
             for (a, b) in errs.iter_mut().zip(e) {
+                *a = a.max(b);
+            }
+            for (a, b) in dense_errs.iter_mut().zip(de) {
                 *a = a.max(b);
             }
         }
         let err_dw = errs[2..].iter().cloned().fold(0.0, f64::max);
-        if errs[0] > 2e-2 || err_dw > 2e-2 || errs[1] > 2e-3 {
+        // Each gradient within 2e-2 of fp32, or no further than twice what dense bf16 is.
+        let grads_ok = (0..4).all(|i| errs[2 + i] <= 2e-2f64.max(2.0 * dense_errs[i]));
+        println!(
+            "  N = {n}: gradient error vs fp32, hybrid {:.2e} {:.2e} {:.2e} {:.2e}, dense bf16 {:.2e} {:.2e} {:.2e} {:.2e}",
+            errs[2], errs[3], errs[4], errs[5], dense_errs[0], dense_errs[1], dense_errs[2], dense_errs[3]
+        );
+        if errs[0] > 2e-2 || !grads_ok || errs[1] > 2e-3 {
             bail!(
-                "N = {n}: hybrid off the fp32 reference: y {:.2e}, l1 {:.2e}, grads {err_dw:.2e}",
+                "N = {n}: hybrid off the fp32 reference: y {:.2e}, l1 {:.2e}, grads {err_dw:.2e} (dense bf16 {:.2e})",
                 errs[0],
-                errs[1]
+                errs[1],
+                dense_errs.iter().cloned().fold(0.0, f64::max)
             );
         }
         let f = layers[0].leaves.iter().take(2).collect::<Vec<_>>();

@@ -57,6 +57,17 @@ pub trait SparseRows {
     fn n_cols(&self) -> usize;
     /// Calls `f(col, value)` for every stored entry of `row`, in increasing column order.
     fn for_each_in_row<F: FnMut(usize, f32)>(&self, row: usize, f: F);
+
+    /// The dense `[rows, cols]` matrix (row-major).
+    fn unpack(&self) -> Vec<f32> {
+        let cols = self.n_cols();
+        let mut out = vec![0.0f32; self.n_rows() * cols];
+        for r in 0..self.n_rows() {
+            let row = &mut out[r * cols..(r + 1) * cols];
+            self.for_each_in_row(r, |c, v| row[c] = v);
+        }
+        out
+    }
 }
 
 /// Errors of the CPU reference: inconsistent shapes.

@@ -217,16 +217,6 @@ impl TwellMatrix {
         Ok(m)
     }
 
-    /// The dense `[rows, cols]` matrix, values widened from bf16 (exact).
-    pub fn unpack(&self) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.rows * self.cols];
-        for r in 0..self.rows {
-            let row = &mut out[r * self.cols..(r + 1) * self.cols];
-            self.for_each_in_row(r, |c, v| row[c] = v);
-        }
-        out
-    }
-
     pub fn rows(&self) -> usize {
         self.rows
     }

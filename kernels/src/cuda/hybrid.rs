@@ -25,7 +25,10 @@ use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaModule};
 use tch::{Device, Kind, Tensor};
 
-use super::{cubin_bytes, cuda_ordinal, launch, ptr, CudaKernelError, Result, TwellKernels};
+use super::{
+    cubin_bytes, cuda_ordinal, launch, load_once, ptr, CudaKernelError, PerDevice, Result,
+    TwellKernels,
+};
 use super::{TwellWorkspace, TILE};
 
 const ST_GATE_SPILL: i32 = 1;
@@ -94,18 +97,8 @@ impl HybridKernels {
 
     /// The loaded module of `device`, loaded once per process.
     pub fn for_device(device: Device) -> Result<Arc<HybridKernels>> {
-        static LOADED: OnceLock<Mutex<HashMap<usize, Arc<HybridKernels>>>> = OnceLock::new();
-        let ordinal = cuda_ordinal(device)?;
-        let mut map = LOADED
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = map.get(&ordinal) {
-            return Ok(k.clone());
-        }
-        let k = Arc::new(HybridKernels::load(ordinal)?);
-        map.insert(ordinal, k.clone());
-        Ok(k)
+        static LOADED: PerDevice<HybridKernels> = OnceLock::new();
+        load_once(&LOADED, device, HybridKernels::load)
     }
 
     /// The device's name as the driver reports it.

@@ -204,6 +204,28 @@ fn tw_index(tw: i64) -> usize {
     }
 }
 
+/// Kernels loaded once per process and device.
+type PerDevice<K> = OnceLock<Mutex<HashMap<usize, Arc<K>>>>;
+
+/// The entry of `device` in `cache`, loaded by `load(ordinal)` on first use.
+fn load_once<K>(
+    cache: &PerDevice<K>,
+    device: Device,
+    load: fn(usize) -> Result<K>,
+) -> Result<Arc<K>> {
+    let ordinal = cuda_ordinal(device)?;
+    let mut map = cache
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = map.get(&ordinal) {
+        return Ok(k.clone());
+    }
+    let k = Arc::new(load(ordinal)?);
+    map.insert(ordinal, k.clone());
+    Ok(k)
+}
+
 fn cuda_ordinal(device: Device) -> Result<usize> {
     match device {
         Device::Cuda(i) => {
@@ -286,18 +308,8 @@ impl TwellKernels {
 
     /// The loaded module of `device`, loaded once per process.
     pub fn for_device(device: Device) -> Result<Arc<TwellKernels>> {
-        static LOADED: OnceLock<Mutex<HashMap<usize, Arc<TwellKernels>>>> = OnceLock::new();
-        let ordinal = cuda_ordinal(device)?;
-        let mut map = LOADED
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = map.get(&ordinal) {
-            return Ok(k.clone());
-        }
-        let k = Arc::new(TwellKernels::load(ordinal)?);
-        map.insert(ordinal, k.clone());
-        Ok(k)
+        static LOADED: PerDevice<TwellKernels> = OnceLock::new();
+        load_once(&LOADED, device, TwellKernels::load)
     }
 
     /// The device's name as the driver reports it (e.g. "NVIDIA H100 80GB HBM3").

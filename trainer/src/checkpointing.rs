@@ -57,7 +57,7 @@ impl TrainerState {
 }
 
 /// HF name of an internal parameter name, and whether the tensor is stored transposed.
-fn hf_name(name: &str) -> (String, bool) {
+pub(crate) fn hf_name(name: &str) -> (String, bool) {
     match name.strip_suffix(".weight_t") {
         Some(base) => (format!("{base}.weight"), true),
         None => (name.to_string(), false),
@@ -80,7 +80,7 @@ fn to_raw(t: &Tensor) -> RawTensor {
     }
 }
 
-fn from_raw(name: &str, raw: &RawTensor, device: Device) -> Result<Tensor> {
+pub(crate) fn from_raw(name: &str, raw: &RawTensor, device: Device) -> Result<Tensor> {
     if raw.dtype != Dtype::F32 {
         bail!("tensor `{name}`: dtype {:?}, expected F32", raw.dtype);
     }

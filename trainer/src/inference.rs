@@ -1,11 +1,11 @@
 //! Loading a trained model from a checkpoint for inference (`logits`, `generate`).
-use crate::checkpointing::TrainerState;
+use crate::checkpointing::{from_raw, hf_name, TrainerState};
 use crate::config::Config;
 use crate::model::Llama;
 use anyhow::{Context, Result};
 use sparse_checkpoints::Dtype;
 use std::path::Path;
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{nn::VarStore, Device};
 
 /// A model restored from a checkpoint directory or a run directory (its latest).
 pub struct LoadedModel {
@@ -25,36 +25,27 @@ pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
     let mut expected = Vec::new();
     for (name, t) in vs.variables() {
         let mut shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let hf = match name.strip_suffix(".weight_t") {
-            Some(base) => {
-                shape.reverse();
-                format!("{base}.weight")
-            }
-            None => name.clone(),
-        };
-        expected.push((name, hf, shape));
+        let (hf, transposed) = hf_name(&name);
+        if transposed {
+            shape.reverse();
+        }
+        expected.push((name, hf, transposed, shape));
     }
     let exp: Vec<sparse_checkpoints::ExpectedTensor> = expected
         .iter()
-        .map(|(_, hf, s)| (hf.as_str(), Dtype::F32, s.as_slice()))
+        .map(|(_, hf, _, s)| (hf.as_str(), Dtype::F32, s.as_slice()))
         .collect();
     sparse_checkpoints::check_tensors(&ckpt, &exp)
         .with_context(|| format!("loading {}", path.display()))?;
     let vars = vs.variables();
-    tch::no_grad(|| {
-        for (name, hf, _) in &expected {
-            let raw = &ckpt.weights[hf];
-            let shape: Vec<i64> = raw.shape.iter().map(|&d| d as i64).collect();
-            let w = Tensor::from_data_size(&raw.data, &shape, Kind::Float).to_device(device);
-            let w = if name.ends_with(".weight_t") {
-                w.tr().contiguous()
-            } else {
-                w
-            };
-            let mut v = vars[name].shallow_clone();
-            v.copy_(&w);
+    tch::no_grad(|| -> Result<()> {
+        for (name, hf, transposed, _) in &expected {
+            let w = from_raw(hf, &ckpt.weights[hf], device)?;
+            let w = if *transposed { w.tr().contiguous() } else { w };
+            vars[name].shallow_clone().copy_(&w);
         }
-    });
+        Ok(())
+    })?;
     vs.freeze();
     Ok(LoadedModel { config, model, vs })
 }

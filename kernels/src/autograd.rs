@@ -51,6 +51,11 @@ pub struct SparseFfnConfig {
     pub hybrid: HybridConfig,
     /// Hybrid layout of `P^T: [H, N]` (both paths' backward).
     pub hybrid_transposed: HybridConfig,
+    /// Compute `l1_sum` and the activity counts. Inference turns it off: then, where no
+    /// gradient is needed, the dense and CUDA TwELL paths skip that work (a pass over the
+    /// packed format, one host synchronisation per call) and return `l1_sum` = NaN and
+    /// empty (numel 0) counts. Paths that get the counts for free still return them.
+    pub statistics: bool,
 }
 
 impl Default for SparseFfnConfig {
@@ -59,6 +64,7 @@ impl Default for SparseFfnConfig {
             twell: TwellConfig::default(),
             hybrid: HybridConfig::TOKENS,
             hybrid_transposed: HybridConfig::UNITS,
+            statistics: true,
         }
     }
 }
@@ -212,7 +218,7 @@ pub fn apply(
             up: w.up,
             down_t: w.down_t,
         };
-        if let Some(outs) = cuda_twell::forward(&config.twell, &t)? {
+        if let Some(outs) = cuda_twell::forward(&config.twell, config.statistics, &t)? {
             let [y, l1_sum, active_per_token, active_per_unit, overflow_rows] = outs;
             return Ok(FfnOutput {
                 y,
@@ -287,7 +293,7 @@ fn forward(op: &Op, t: &Inputs) -> Result<([Tensor; 5], Saved), FfnError> {
         // Inside the autograd function grad mode is off: inputs requiring grad mean the
         // backward will run, so only a no-grad call may take the inference kernels.
         Device::Cuda(_) if op.format == SparseFormat::Twell && !inputs_require_grad(t) => {
-            match cuda_twell::forward(&op.config.twell, t)? {
+            match cuda_twell::forward(&op.config.twell, op.config.statistics, t)? {
                 Some(outs) => Ok((outs, Saved::Dense)),
                 None => Ok((dense::forward(t), Saved::Dense)),
             }
@@ -323,7 +329,7 @@ fn grad_mode_enabled() -> bool {
 }
 
 /// Whether the output of this call will be differentiated.
-fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
+pub(crate) fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
     [x, w.gate, w.up, w.down_t]
         .iter()
         .any(|t| t.requires_grad())
@@ -337,7 +343,11 @@ mod cuda_twell {
 
     /// `None` when the kernels do not cover the format (tile other than 256 columns or a
     /// compression other than 8/4/2): the caller runs the dense fallback.
-    pub(super) fn forward(cfg: &TwellConfig, t: &Inputs) -> Result<Option<[Tensor; 5]>, FfnError> {
+    pub(super) fn forward(
+        cfg: &TwellConfig,
+        statistics: bool,
+        t: &Inputs,
+    ) -> Result<Option<[Tensor; 5]>, FfnError> {
         let tw = (cfg.tile == 256 && [2, 4, 8].contains(&cfg.compression))
             .then(|| 256 / cfg.compression as i64);
         let Some(tw) = tw else { return Ok(None) };
@@ -347,11 +357,13 @@ mod cuda_twell {
             ..TwellLaunch::for_tokens(n)
         };
         let _guard = tch::no_grad_guard();
-        let (y, stats) = twell_ffn(t.x, t.gate, t.up, t.down_t, launch, true)?;
-        let Some((apt, apu, overflow)) = stats else {
-            return Err(FfnError::Bridge(
-                "TwELL kernels returned no statistics".into(),
-            ));
+        let (y, stats) = twell_ffn(t.x, t.gate, t.up, t.down_t, launch, statistics)?;
+        let (apt, apu, overflow) = match stats {
+            Some(s) => s,
+            None => {
+                let empty = || Tensor::f_zeros([0], (Kind::Int64, t.x.device()));
+                (empty()?, empty()?, empty()?)
+            }
         };
         let y = y.f_to_kind(t.x.kind())?;
         let l1 = Tensor::f_full([], f64::NAN, (Kind::Float, t.x.device()))?;

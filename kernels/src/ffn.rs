@@ -96,9 +96,26 @@ pub fn try_sparse_ffn(
     config: &SparseFfnConfig,
 ) -> Result<FfnOutput, FfnError> {
     match path {
+        FfnPath::Dense if !config.statistics && !autograd::grad_needed(x, w) => {
+            Ok(dense_ffn_inference(x, w))
+        }
         FfnPath::Dense => Ok(dense_ffn(x, w)),
         FfnPath::Twell => autograd::apply(x, w, SparseFormat::Twell, config),
         FfnPath::Hybrid => autograd::apply(x, w, SparseFormat::Hybrid, config),
+    }
+}
+
+/// The dense FFN without statistics or L1 (inference; see [`SparseFfnConfig::statistics`]):
+/// three matrix products and the gating, `l1_sum` NaN, empty counts.
+pub fn dense_ffn_inference(x: &Tensor, w: &FfnWeights) -> FfnOutput {
+    let h = x.matmul(&w.gate.tr()).relu_() * x.matmul(&w.up.tr());
+    let empty = || Tensor::zeros([0], (Kind::Int64, x.device()));
+    FfnOutput {
+        y: h.matmul(w.down_t),
+        l1_sum: Tensor::full([], f64::NAN, (Kind::Float, x.device())),
+        active_per_token: empty(),
+        active_per_unit: empty(),
+        overflow_rows: empty(),
     }
 }
 

@@ -35,6 +35,7 @@ fn tiny_formats() -> SparseFfnConfig {
             ell_width: 8,
             tail_capacity: 3,
         },
+        statistics: true,
     }
 }
 
@@ -256,6 +257,44 @@ fn inference_without_grad_matches_oracle() {
             );
         }
     });
+}
+
+/// With statistics off (inference), every path still gives the oracle's `y`; the dense path
+/// then skips the L1 term and the counts (NaN, empty), and with a gradient needed the flag
+/// is ignored (the L1 term is part of the loss).
+#[test]
+fn statistics_off_keeps_y_and_drops_the_counts() {
+    let leaves = problem(50, 16, 64, 0.05, 4);
+    let w = FfnWeights {
+        gate: &leaves[1],
+        up: &leaves[2],
+        down_t: &leaves[3],
+    };
+    let off = SparseFfnConfig {
+        statistics: false,
+        ..SparseFfnConfig::default()
+    };
+    tch::no_grad(|| {
+        let want = sparse_kernels::ffn::dense_ffn(&leaves[0], &w);
+        for path in [FfnPath::Dense, FfnPath::Twell, FfnPath::Hybrid] {
+            let got = try_sparse_ffn(&leaves[0], &w, path, &off).unwrap();
+            assert_close(
+                &format!("{} y without statistics", path.name()),
+                &got.y,
+                &want.y,
+                tolerance(path),
+            );
+        }
+        let dense = try_sparse_ffn(&leaves[0], &w, FfnPath::Dense, &off).unwrap();
+        assert!(dense.l1_sum.double_value(&[]).is_nan());
+        assert_eq!(dense.active_per_token.numel(), 0);
+        assert_eq!(dense.active_per_unit.numel(), 0);
+    });
+    let x = leaves[0].set_requires_grad(true);
+    let got = try_sparse_ffn(&x, &w, FfnPath::Dense, &off).unwrap();
+    let want = sparse_kernels::ffn::dense_ffn(&x, &w);
+    assert_close("dense l1 with grad", &got.l1_sum, &want.l1_sum, 1e-6);
+    assert!(got.active_per_token.equal(&want.active_per_token));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The TwELL CUDA kernels through `sparse_ffn` against the dense oracle (GPU only: skips with
 //! a printed reason on a machine without CUDA).
-use sparse_kernels::{sparse_ffn, FfnPath, FfnWeights};
+use sparse_kernels::{sparse_ffn, try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use tch::{Device, Kind, Tensor};
 
 fn case(n: i64, d: i64, h: i64, shift: f64, heavy_rows: i64) {
@@ -44,6 +44,19 @@ fn case(n: i64, d: i64, h: i64, shift: f64, heavy_rows: i64) {
         );
     }
     assert!(out.l1_sum.isnan().int64_value(&[]) == 1);
+    // Statistics off (inference): the same kernels, the same y, no counts.
+    let off = SparseFfnConfig {
+        statistics: false,
+        ..SparseFfnConfig::default()
+    };
+    let quiet = tch::no_grad(|| try_sparse_ffn(&x, &w, FfnPath::Twell, &off)).unwrap();
+    let err = (f(&quiet.y) - &want).abs().max().double_value(&[]);
+    assert!(
+        err / scale < 2e-2,
+        "N={n}, statistics off: relative error {}",
+        err / scale
+    );
+    assert_eq!(quiet.active_per_token.numel(), 0);
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! kernels/cuda/twell.cu called directly (`sparse_kernels::cuda::twell_ffn`, no statistics);
 //! the column "op" is the same forward through `sparse_ffn(.., FfnPath::Twell)` under
 //! no_grad, which also computes the active-unit statistics (one synchronising
-//! `masked_select`). Before timing, each layer's TwELL output is checked against an fp32
+//! `masked_select`); "op nostat" the op with `statistics: false`, as inference runs it. Before timing, each layer's TwELL output is checked against an fp32
 //! dense reference on the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
 //!
 //! `--mode train`: per layer `loss = sum(y * dy) + 1e-4 * l1_sum` and the gradients of x, Wg,
@@ -284,8 +284,16 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
         if kernels.uses_wgmma() { "wgmma (sm_90a)" } else { "mma.sync" }
     );
     println!(
-        "{:>6} | {:>13} | {:>9} {:>9} | {:>9} | {:>9} | {:>8} | {:>9}",
-        "N", "actives/tok", "err/max", "worst row", "dense ms", "TwELL ms", "dense/TW", "op ms"
+        "{:>6} | {:>13} | {:>9} {:>9} | {:>9} | {:>9} | {:>8} | {:>9} | {:>9}",
+        "N",
+        "actives/tok",
+        "err/max",
+        "worst row",
+        "dense ms",
+        "TwELL ms",
+        "dense/TW",
+        "op ms",
+        "op nostat"
     );
     for &n in &args.tokens {
         let n = n as i64;
@@ -326,19 +334,27 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
         let twell = time_ms(device, w, r, &layers, |l| {
             Ok(twell_ffn(&l.x, &l.wg, &l.wu, &l.wd, launch, false)?.0)
         })?;
-        let op = time_ms(device, w, r, &layers, |l| {
-            let wts = FfnWeights {
-                gate: &l.wg,
-                up: &l.wu,
-                down_t: &l.wd,
+        let op_with = |statistics: bool| {
+            let config = sparse_kernels::SparseFfnConfig {
+                statistics,
+                ..Default::default()
             };
-            Ok(tch::no_grad(|| {
-                sparse_kernels::try_sparse_ffn(&l.x, &wts, FfnPath::Twell, &Default::default())
-            })?
-            .y)
-        })?;
+            time_ms(device, w, r, &layers, |l| {
+                let wts = FfnWeights {
+                    gate: &l.wg,
+                    up: &l.wu,
+                    down_t: &l.wd,
+                };
+                Ok(tch::no_grad(|| {
+                    sparse_kernels::try_sparse_ffn(&l.x, &wts, FfnPath::Twell, &config)
+                })?
+                .y)
+            })
+        };
+        let op = op_with(true)?;
+        let op_quiet = op_with(false)?;
         println!(
-            "{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | {dense:>9.4} | {twell:>9.4} | {:>7.2}x | {op:>9.4}",
+            "{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | {dense:>9.4} | {twell:>9.4} | {:>7.2}x | {op:>9.4} | {op_quiet:>9.4}",
             worst.0,
             worst.1,
             dense / twell

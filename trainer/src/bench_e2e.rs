@@ -21,6 +21,11 @@
 //!
 //! **infer**: decoder forward without the LM head (as the paper's benchmark), bf16 weights,
 //! no grad; dense = the `Dense` FFN path (cuBLAS), sparse = `Twell` (CUDA kernels).
+//! **generate**: `generate_tokens` (prefill of a random prompt, then greedy decoding of one
+//! token per step against the KV cache, LM head included, no early stop) at each
+//! `--gen-batch`, bf16 weights; dense = `Dense`, sparse = `Twell`. Reported per path and
+//! batch: prefill ms, decode ms/step, decode tokens/s, energy per decoded token, and how
+//! many greedy tokens agree with the dense path's (bf16 rounding can flip near-ties).
 //! **train**: full steps (fwd + bwd + L1 term + clip + AdamW) with bf16 matrix products over f32
 //! weights at the config's micro-batch, lr `--lr` (default 0, see its help); dense =
 //! `Dense`, sparse = `Hybrid`.
@@ -45,6 +50,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 pub enum Mode {
     Train,
     Infer,
+    Generate,
 }
 
 /// Arguments of `sparse-train bench train|infer`.
@@ -82,6 +88,15 @@ pub struct BenchE2eArgs {
     /// CUDA device index.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
+    /// generate: batch sizes to run (sequences decoded together), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub gen_batch: Vec<usize>,
+    /// generate: prompt length in tokens (random ids).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// generate: new tokens per sequence (greedy, no early stop).
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
 }
 
 struct Energy {
@@ -110,6 +125,39 @@ impl Energy {
     fn used_bytes(&self) -> Option<u64> {
         let d = self.nvml.as_ref()?.device_by_index(self.index).ok()?;
         d.memory_info().ok().map(|m| m.used)
+    }
+
+    /// Current SM clock, MHz.
+    fn sm_clock(&self) -> Option<u32> {
+        let d = self.nvml.as_ref()?.device_by_index(self.index).ok()?;
+        d.clock_info(nvml_wrapper::enum_wrappers::device::Clock::SM)
+            .ok()
+    }
+
+    /// Runs `f` while a thread samples the SM clock every 10 ms; returns `f`'s value and the
+    /// mean clock (MHz) over the samples. Latency-bound work (many small kernels) can leave
+    /// the GPU at a low clock, which this makes visible.
+    fn with_clock<T>(&self, f: impl FnOnce() -> T) -> (T, Option<f64>) {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut v = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some(c) = self.sm_clock() {
+                        v.push(c as f64);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                v
+            });
+            let out = f();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let v = sampler.join().unwrap_or_default();
+            (
+                out,
+                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64),
+            )
+        })
     }
 
     fn name(&self) -> Option<String> {
@@ -230,7 +278,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     let seq = cfg.train.seq_len as i64;
     let batch = args.batch.unwrap_or(match mode {
         Mode::Train => cfg.train.micro_batch_size,
-        Mode::Infer => 64,
+        Mode::Infer | Mode::Generate => 64,
     }) as i64;
     let tokens_per_iter = (batch * seq) as f64;
     let paths: Vec<FfnPath> = if args.paths.is_empty() {
@@ -238,7 +286,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
             FfnPath::Dense,
             match mode {
                 Mode::Train => FfnPath::Hybrid,
-                Mode::Infer => FfnPath::Twell,
+                Mode::Infer | Mode::Generate => FfnPath::Twell,
             },
         ]
     } else {
@@ -250,7 +298,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     let target = (1.0 - args.sparsity) * h;
     println!(
         "bench {}: GPU {gpu}, config {} (L {}, D {}, H {}, heads {}/{}, vocab {}, {:.2}B params), {} x {} = {} tokens/iter, {}",
-        match mode { Mode::Train => "train", Mode::Infer => "infer" },
+        match mode { Mode::Train => "train", Mode::Infer => "infer", Mode::Generate => "generate" },
         args.config.display(),
         m.num_layers,
         m.hidden_size,
@@ -265,6 +313,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         match mode {
             Mode::Train => "bf16 matrix products over f32 weights, fwd+bwd+AdamW",
             Mode::Infer => "bf16 weights, no grad, decoder body (LM head excluded)",
+            Mode::Generate => "bf16 weights, KV cache, greedy decoding (timed rows below; the tokens/iter figure is calibration only)",
         }
     );
     tch::manual_seed(cfg.train.seed as i64);
@@ -272,7 +321,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     let mut vs = VarStore::new(device);
     let mut model = Llama::new(&vs, m);
     model.compute = Kind::BFloat16;
-    if mode == Mode::Infer {
+    if mode != Mode::Train {
         vs.bfloat16();
     }
     tch::manual_seed(0);
@@ -295,6 +344,9 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         summary(&nnz),
         t0.elapsed().as_secs_f64()
     );
+    if mode == Mode::Generate {
+        return run_generate(args, &model, &paths, &energy);
+    }
     // The calibrated weights, restored before each training path.
     let snapshot: Option<HashMap<String, Tensor>> = (mode == Mode::Train).then(|| {
         vs.variables()
@@ -344,6 +396,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                     nnz: None,
                 }
             }
+            Mode::Generate => unreachable!("handled above"),
             Mode::Train => {
                 let mut opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);
                 let lambda = cfg.sparsity.l1_coeff;
@@ -402,6 +455,141 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     }
     if rows.iter().any(|r| r.peak == Some(0) || r.peak.is_none()) {
         println!("note: the caching allocator reported no peak; 'used' is NVML's device memory in use at the end of the loop (includes the allocator's cache)");
+    }
+    Ok(())
+}
+
+/// `bench generate`: each path at each batch size, on the calibrated model.
+fn run_generate(
+    args: &BenchE2eArgs,
+    model: &Llama,
+    paths: &[FfnPath],
+    energy: &Energy,
+) -> Result<()> {
+    use crate::generate::{generate_tokens, Sampler};
+    let m = &model.cfg;
+    let device = model.embed.device();
+    if args.prompt_len == 0 || args.new_tokens == 0 {
+        bail!("--prompt-len and --new-tokens must be >= 1");
+    }
+    if args.prompt_len + args.new_tokens > m.max_seq_len {
+        bail!(
+            "--prompt-len {} + --new-tokens {} exceeds the model's max_seq_len {}",
+            args.prompt_len,
+            args.new_tokens,
+            m.max_seq_len
+        );
+    }
+    if args.gen_batch.contains(&0) {
+        bail!("--gen-batch: batch sizes must be >= 1");
+    }
+    println!(
+        "generate: prompt {} random tokens, {} new tokens per sequence (greedy, no early stop), warm-up {} call(s) of 8 tokens per row",
+        args.prompt_len, args.new_tokens, args.warmup.max(1)
+    );
+    for &b in &args.gen_batch {
+        let b = b as i64;
+        tch::manual_seed(1);
+        let prompt = Tensor::randint(
+            m.vocab_size as i64,
+            [b, args.prompt_len as i64],
+            (Kind::Int64, device),
+        );
+        let mut dense_out: Option<(Tensor, f64)> = None;
+        for &path in paths {
+            let layer_paths = vec![path; m.num_layers];
+            for _ in 0..args.warmup.max(1) {
+                let _ =
+                    generate_tokens(model, &prompt, 8, Sampler::GREEDY, &layer_paths, true, None);
+            }
+            sync(device);
+            cuda_runtime::reset_peak(device);
+            let e0 = energy.total_mj();
+            let ((tokens, stats), clock) = energy.with_clock(|| {
+                generate_tokens(
+                    model,
+                    &prompt,
+                    args.new_tokens,
+                    Sampler::GREEDY,
+                    &layer_paths,
+                    true,
+                    None,
+                )
+            });
+            let e1 = energy.total_mj();
+            let decoded = (b as usize * stats.decode_steps) as f64;
+            let tps = decoded / stats.decode_s;
+            let agree = match &dense_out {
+                None => String::new(),
+                Some((d, _)) => {
+                    let same = tokens.eq_tensor(d).to_kind(Kind::Float).mean(Kind::Float);
+                    format!(
+                        " | tokens equal to dense {:.1} %",
+                        same.double_value(&[]) * 100.0
+                    )
+                }
+            };
+            let ratio = dense_out
+                .as_ref()
+                .map_or(String::from("1.000x"), |(_, d)| format!("{:.3}x", tps / d));
+            let energy_s = e0.zip(e1).map_or(String::from("energy n/a"), |(a, z)| {
+                // Prefill and decode together, per generated token.
+                let j = (z - a) as f64 / 1e3;
+                format!(
+                    "{:.2} mJ/generated token (prefill incl.)",
+                    j * 1e3 / (b as f64 * args.new_tokens as f64)
+                )
+            });
+            let peak = cuda_runtime::peak_allocated_bytes(device)
+                .map_or(String::from("peak n/a"), |p| {
+                    format!("peak alloc {:.2} GiB", p as f64 / GIB)
+                });
+            let clock = clock.map_or(String::new(), |c| format!(" | SM clock {c:.0} MHz"));
+            println!(
+                "batch {b:>3} {:>6}: prefill {:8.2} ms | decode {:7.3} ms/step = {:9.1} tokens/s | {ratio} vs dense | {peak} | {energy_s}{clock}{agree}",
+                path.name(),
+                stats.prefill_s * 1e3,
+                stats.decode_s * 1e3 / stats.decode_steps.max(1) as f64,
+                tps,
+            );
+            // Where a decode step goes: layer 0's FFN alone on b tokens (synchronised, median
+            // of 50), times the layer count, against the whole step. Its input is the normed
+            // embedding of the last prompt token (it carries the imposed-sparsity channel).
+            let blk = &model.blocks[0];
+            let x = tch::no_grad(|| {
+                let e = Tensor::embedding(
+                    &model.embed,
+                    &prompt.narrow(1, args.prompt_len as i64 - 1, 1),
+                    -1,
+                    false,
+                    false,
+                );
+                crate::model::rms_norm(&e, &blk.post_norm, m.rms_norm_eps)
+            });
+            let mut times = Vec::with_capacity(50);
+            tch::no_grad(|| {
+                for i in 0..60 {
+                    sync(device);
+                    let t0 = Instant::now();
+                    let _ = model.ffn(blk, &x, path, false);
+                    sync(device);
+                    if i >= 10 {
+                        times.push(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+            });
+            times.sort_by(f64::total_cmp);
+            let ffn_ms = times[times.len() / 2];
+            println!(
+                "           one FFN call on {b} token(s): {ffn_ms:.3} ms (synchronised); x {} layers = {:.2} ms of the {:.2} ms step",
+                m.num_layers,
+                ffn_ms * m.num_layers as f64,
+                stats.decode_s * 1e3 / stats.decode_steps.max(1) as f64
+            );
+            if dense_out.is_none() {
+                dense_out = Some((tokens, tps));
+            }
+        }
     }
     Ok(())
 }

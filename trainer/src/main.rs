@@ -84,6 +84,8 @@ enum BenchCmd {
     Train(sparse_train::bench_e2e::BenchE2eArgs),
     /// End-to-end forward tokens/s, TwELL vs dense FFN, at a config's shape (GPU).
     Infer(sparse_train::bench_e2e::BenchE2eArgs),
+    /// Generation (prefill + KV-cache decode) tokens/s, TwELL vs dense FFN, per batch (GPU).
+    Generate(sparse_train::bench_e2e::BenchE2eArgs),
 }
 
 #[derive(Subcommand)]
@@ -107,6 +109,9 @@ fn main() -> Result<()> {
         Some(Command::Bench {
             cmd: BenchCmd::Infer(args),
         }) => sparse_train::bench_e2e::run(&args, sparse_train::bench_e2e::Mode::Infer),
+        Some(Command::Bench {
+            cmd: BenchCmd::Generate(args),
+        }) => sparse_train::bench_e2e::run(&args, sparse_train::bench_e2e::Mode::Generate),
         Some(Command::Generate(args)) => sparse_train::generate::run(&args),
         Some(Command::Logits { checkpoint, tokens }) => {
             let loaded = sparse_train::inference::load(&checkpoint, tch::Device::Cpu)?;

@@ -6,7 +6,7 @@
 //! sparse kernels read contiguous rows of live units; checkpoints export it as HF's
 //! `mlp.down_proj.weight: [D, H]`.
 use crate::config::ModelConfig;
-use sparse_kernels::{sparse_ffn, FfnPath, FfnWeights};
+use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use tch::nn::{Init, Path, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -138,19 +138,32 @@ impl Llama {
         self.c(x).matmul(&self.c(w).tr())
     }
 
-    /// The FFN of `blk` on `hx: [B, T, D]` in the compute dtype.
-    fn ffn(&self, blk: &Block, hx: &Tensor, path: FfnPath) -> sparse_kernels::FfnOutput {
+    /// The FFN of `blk` on `hx: [B, T, D]` in the compute dtype; `statistics` off for
+    /// inference (no L1 term or activity counts: see `SparseFfnConfig::statistics`).
+    pub(crate) fn ffn(
+        &self,
+        blk: &Block,
+        hx: &Tensor,
+        path: FfnPath,
+        statistics: bool,
+    ) -> sparse_kernels::FfnOutput {
         let (gate, up, down_t) = (self.c(&blk.gate), self.c(&blk.up), self.c(&blk.down_t));
         let w = FfnWeights {
             gate: &gate,
             up: &up,
             down_t: &down_t,
         };
-        sparse_ffn(
+        let config = SparseFfnConfig {
+            statistics,
+            ..SparseFfnConfig::default()
+        };
+        try_sparse_ffn(
             &self.c(hx).view([-1, self.cfg.hidden_size as i64]),
             &w,
             path,
+            &config,
         )
+        .unwrap_or_else(|e| panic!("{} FFN failed: {e}", path.name()))
     }
 
     /// `tokens: [B, T]` int64 -> logits `[B, T, V]` and the L1 term; `paths[l]` picks each
@@ -168,7 +181,7 @@ impl Llama {
                     t,
                 );
             let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
-            let out = self.ffn(blk, &hx, path);
+            let out = self.ffn(blk, &hx, path, true);
             x = &x + out.y.view([b, t, -1]);
             layers.push(LayerStats {
                 l1_sum: out.l1_sum.detach(),
@@ -321,7 +334,7 @@ impl Llama {
             );
             x = &x + a;
             let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
-            let out = self.ffn(blk, &hx, path);
+            let out = self.ffn(blk, &hx, path, false);
             x = &x + out.y.view([b, t, -1]);
         }
         if let Some(c) = cache {

@@ -15,6 +15,7 @@ pub mod autograd;
 pub mod cuda;
 pub mod cuda_runtime;
 pub mod ffn;
+pub mod hooks;
 pub mod hybrid;
 pub mod reference;
 pub mod twell;

@@ -506,6 +506,26 @@ impl Config {
                 format!("{} does not divide model.intermediate_size", p.tensor),
             ));
         }
+        // Both change the units of a layer by global unit index; not implemented over
+        // blocks of units split across ranks.
+        if p.tensor > 1 && self.sparsity.repack_every > 0 {
+            return Err(bad(
+                "sparsity.repack_every",
+                format!(
+                    "physical repacking is not available with parallel.tensor = {} (set 0)",
+                    p.tensor
+                ),
+            ));
+        }
+        if p.tensor > 1 && self.sparsity.reinit_dead {
+            return Err(bad(
+                "sparsity.reinit_dead",
+                format!(
+                    "dead-unit re-initialisation is not available with parallel.tensor = {} (set false)",
+                    p.tensor
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -582,6 +602,14 @@ mod tests {
             (
                 format!("{BASE}parallel: {{tensor: 3}}\n"),
                 "parallel.tensor",
+            ),
+            (
+                format!("{BASE}parallel: {{tensor: 2}}\nsparsity: {{repack_every: 10}}\n"),
+                "sparsity.repack_every",
+            ),
+            (
+                format!("{BASE}parallel: {{tensor: 2}}\nsparsity: {{reinit_dead: true}}\n"),
+                "sparsity.reinit_dead",
             ),
             (
                 BASE.replace("data: {synthetic: true}", "data: {}"),

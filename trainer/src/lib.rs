@@ -15,4 +15,5 @@ pub mod prepare;
 pub mod repack;
 pub mod scheduler;
 pub mod stop;
+pub mod tensor_parallel;
 pub mod train;

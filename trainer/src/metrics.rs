@@ -146,6 +146,7 @@ impl LayerActivity {
         hidden: usize,
         tokens_until_dead: u64,
         dp: &Collective,
+        tp: Option<&Collective>,
     ) -> Result<Vec<LayerSummary>, LaunchError> {
         let mut sums = Tensor::stack(&self.active_sum, 0).to_kind(Kind::Double);
         let l1 = Tensor::stack(&self.l1_sum, 0).to_kind(Kind::Double);
@@ -154,6 +155,19 @@ impl LayerActivity {
         sums = both.to_device(tch::Device::Cpu);
         let layers = self.active_sum.len() as i64;
         let tokens = (self.tokens * dp.size() as u64).max(1) as f64;
+        // Dead units of the local block of units, summed over a tensor-parallel group.
+        let mut dead = Tensor::stack(
+            &self
+                .tokens_since_fired
+                .iter()
+                .map(|c| c.ge(tokens_until_dead as i64).sum(Kind::Int64))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        if let Some(tp) = tp {
+            tp.all_reduce_sum(&mut dead)?;
+        }
+        let dead = dead.to_device(Device::Cpu);
         let out = (0..layers)
             .map(|l| {
                 let nnz_mean = sums.double_value(&[l]) / tokens;
@@ -164,10 +178,7 @@ impl LayerActivity {
                         as i64,
                     sparsity: 1.0 - nnz_mean / hidden as f64,
                     l1: sums.double_value(&[layers + l]) / tokens,
-                    dead: self.tokens_since_fired[l as usize]
-                        .ge(tokens_until_dead as i64)
-                        .sum(Kind::Int64)
-                        .int64_value(&[]),
+                    dead: dead.int64_value(&[l]),
                 }
             })
             .collect();

@@ -1,12 +1,15 @@
 //! The Llama-style decoder with the ReLU-gated sparse FFN.
 //!
-//! Written for one device; parallelism is applied outside (see `parallel`). Parameters live
+//! Written for one device; with tensor parallelism each rank holds its block of the attention
+//! heads and FFN units (see `tensor_parallel`). Parameters live
 //! in a `VarStore` under HF Llama names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
 //! except the down projection, kept transposed as `mlp.down_proj.weight_t: [H, D]` so the
 //! sparse kernels read contiguous rows of live units; checkpoints export it as HF's
 //! `mlp.down_proj.weight: [D, H]`.
 use crate::config::ModelConfig;
+use crate::tensor_parallel::{Split, TensorParallel};
 use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
+use std::rc::Rc;
 use tch::nn::{Init, Path, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -56,17 +59,29 @@ pub struct Llama {
     /// Weights are cast at use, differentiably, so their gradients land in fp32; norms,
     /// the residual stream, softmax statistics and the loss stay fp32.
     pub compute: Kind,
+    /// The tensor-parallel group this rank's blocks belong to (`None`: the whole model).
+    pub tp: Option<Rc<TensorParallel>>,
 }
 
-fn linear(p: Path, out_dim: usize, in_dim: usize, std: f64, name: &str) -> Tensor {
-    p.var(
-        name,
-        &[out_dim as i64, in_dim as i64],
-        Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        },
-    )
+/// A `[out_dim, in_dim]` weight drawn N(0, std) at full size (the same draws whatever the
+/// tensor-parallel layout), of which this rank keeps its block (`split`, as
+/// `tensor_parallel::split_of` names it: a test checks they agree).
+fn linear(
+    p: Path,
+    out_dim: usize,
+    in_dim: usize,
+    std: f64,
+    name: &str,
+    tp: Option<(&TensorParallel, Split)>,
+) -> Tensor {
+    let full = Tensor::randn([out_dim as i64, in_dim as i64], (Kind::Float, p.device())) * std;
+    let local = match tp {
+        Some((tp, split)) => tp.local(&full, split),
+        None => full,
+    };
+    let v = p.var(name, &local.size(), Init::Const(0.0));
+    tch::no_grad(|| v.shallow_clone().copy_(&local));
+    v
 }
 
 fn ones(p: Path, dim: usize) -> Tensor {
@@ -76,19 +91,27 @@ fn ones(p: Path, dim: usize) -> Tensor {
 impl Llama {
     /// Creates the parameters in `vs` (HF Llama init: N(0, init_std), norms 1).
     pub fn new(vs: &VarStore, cfg: &ModelConfig) -> Llama {
+        Llama::new_parallel(vs, cfg, None)
+    }
+
+    /// As [`Llama::new`], holding only this rank's block of each split parameter when `tp`
+    /// is given (see [`crate::tensor_parallel`]); the full model's draws either way.
+    pub fn new_parallel(vs: &VarStore, cfg: &ModelConfig, tp: Option<Rc<TensorParallel>>) -> Llama {
+        let rows = tp.as_deref().map(|t| (t, Split::Dim(0)));
+        let cols = tp.as_deref().map(|t| (t, Split::Dim(1)));
         let root = vs.root();
         let m = root.clone() / "model";
         let d = cfg.hidden_size;
         let h = cfg.intermediate_size;
         let kv = cfg.kv_heads() * cfg.head_dim();
         let std = cfg.init_std;
-        let embed = (m.clone() / "embed_tokens").var(
+        let embed = linear(
+            m.clone() / "embed_tokens",
+            cfg.vocab_size,
+            d,
+            std,
             "weight",
-            &[cfg.vocab_size as i64, d as i64],
-            Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
+            None,
         );
         let blocks = (0..cfg.num_layers)
             .map(|i| {
@@ -97,20 +120,20 @@ impl Llama {
                 let f = l.clone() / "mlp";
                 Block {
                     input_norm: ones(l.clone() / "input_layernorm", d),
-                    q: linear(a.clone() / "q_proj", d, d, std, "weight"),
-                    k: linear(a.clone() / "k_proj", kv, d, std, "weight"),
-                    v: linear(a.clone() / "v_proj", kv, d, std, "weight"),
-                    o: linear(a / "o_proj", d, d, std, "weight"),
+                    q: linear(a.clone() / "q_proj", d, d, std, "weight", rows),
+                    k: linear(a.clone() / "k_proj", kv, d, std, "weight", rows),
+                    v: linear(a.clone() / "v_proj", kv, d, std, "weight", rows),
+                    o: linear(a / "o_proj", d, d, std, "weight", cols),
                     post_norm: ones(l / "post_attention_layernorm", d),
-                    gate: linear(f.clone() / "gate_proj", h, d, std, "weight"),
-                    up: linear(f.clone() / "up_proj", h, d, std, "weight"),
-                    down_t: linear(f / "down_proj", h, d, std, "weight_t"),
+                    gate: linear(f.clone() / "gate_proj", h, d, std, "weight", rows),
+                    up: linear(f.clone() / "up_proj", h, d, std, "weight", rows),
+                    down_t: linear(f / "down_proj", h, d, std, "weight_t", rows),
                 }
             })
             .collect();
         let norm = ones(m / "norm", d);
         let lm_head = (!cfg.tie_embeddings)
-            .then(|| linear(root / "lm_head", cfg.vocab_size, d, std, "weight"));
+            .then(|| linear(root / "lm_head", cfg.vocab_size, d, std, "weight", None));
         let (cos, sin) = rope_tables(cfg, vs.device());
         Llama {
             cfg: cfg.clone(),
@@ -121,6 +144,32 @@ impl Llama {
             cos,
             sin,
             compute: Kind::Float,
+            tp,
+        }
+    }
+
+    /// Attention heads and key/value heads held by this rank.
+    fn local_heads(&self) -> (i64, i64) {
+        let t = self.tp.as_ref().map_or(1, |tp| tp.size) as i64;
+        (
+            self.cfg.num_heads as i64 / t,
+            self.cfg.kv_heads() as i64 / t,
+        )
+    }
+
+    /// Megatron's `f` on the input of a split layer (the identity without tensor parallelism).
+    fn enter_split(&self, x: Tensor) -> Tensor {
+        match &self.tp {
+            Some(tp) if tp.size > 1 => tp.copy_to_region(&x),
+            _ => x,
+        }
+    }
+
+    /// Megatron's `g` on the partial output of a split layer.
+    fn leave_split(&self, y: Tensor) -> Tensor {
+        match &self.tp {
+            Some(tp) if tp.size > 1 => tp.reduce_from_region(&y),
+            _ => y,
         }
     }
 
@@ -174,18 +223,23 @@ impl Llama {
         let mut l1_total: Option<Tensor> = None;
         let mut layers = Vec::with_capacity(self.blocks.len());
         for (blk, &path) in self.blocks.iter().zip(paths) {
-            x = &x
-                + self.attention(
-                    blk,
-                    &rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps),
-                    t,
-                );
-            let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
+            let ax = self.enter_split(rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps));
+            x = &x + self.leave_split(self.attention(blk, &ax, t));
+            let hx = self.enter_split(rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps));
             let out = self.ffn(blk, &hx, path, true);
-            x = &x + out.y.view([b, t, -1]);
+            x = &x + self.leave_split(out.y.view([b, t, -1]));
+            // Local units' activity, summed over the group: per token and the L1 value of
+            // the whole layer (`l1_sum` below stays local: it is this rank's loss term).
+            let mut active_per_token = out.active_per_token;
+            let mut l1 = out.l1_sum.detach().copy();
+            if let Some(tp) = self.tp.as_ref().filter(|tp| tp.size > 1) {
+                tp.sum_stat(&mut active_per_token)
+                    .and_then(|()| tp.sum_stat(&mut l1))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
             layers.push(LayerStats {
-                l1_sum: out.l1_sum.detach(),
-                active_per_token: out.active_per_token,
+                l1_sum: l1,
+                active_per_token,
                 active_per_unit: out.active_per_unit,
             });
             l1_total = Some(match l1_total {
@@ -204,11 +258,12 @@ impl Llama {
         }
     }
 
+    /// Attention over this rank's heads; with tensor parallelism the output is partial (the
+    /// caller sums it over the group).
     fn attention(&self, blk: &Block, x: &Tensor, t: i64) -> Tensor {
-        let (b, _, d) = x.size3().unwrap();
+        let (b, _, _) = x.size3().unwrap();
         let hd = self.cfg.head_dim() as i64;
-        let nh = self.cfg.num_heads as i64;
-        let nkv = self.cfg.kv_heads() as i64;
+        let (nh, nkv) = self.local_heads();
         let q = self.linear(x, &blk.q).view([b, t, nh, hd]).transpose(1, 2);
         let k = self.linear(x, &blk.k).view([b, t, nkv, hd]).transpose(1, 2);
         let v = self.linear(x, &blk.v).view([b, t, nkv, hd]).transpose(1, 2);
@@ -226,7 +281,10 @@ impl Llama {
             None,
             nh != nkv,
         );
-        self.linear(&y.transpose(1, 2).contiguous().view([b, t, d]), &blk.o)
+        self.linear(
+            &y.transpose(1, 2).contiguous().view([b, t, nh * hd]),
+            &blk.o,
+        )
     }
 }
 
@@ -308,6 +366,10 @@ impl Llama {
         output: CachedOutput,
     ) -> Tensor {
         let (b, t) = tokens.size2().expect("tokens must be [B, T]");
+        assert!(
+            self.tp.as_ref().is_none_or(|tp| tp.size == 1),
+            "forward_cached runs the whole model in one process (no tensor parallelism)"
+        );
         let pos = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = &cache {
             assert!(

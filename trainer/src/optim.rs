@@ -11,6 +11,9 @@ pub struct ParamState {
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
     pub decay: bool,
+    /// Weight of this tensor's squared gradient in the global norm: 1, or 1/t for a tensor
+    /// replicated on the t ranks of a tensor-parallel group (whose norms are then summed).
+    pub norm_share: f64,
 }
 
 pub struct AdamW {
@@ -38,6 +41,7 @@ impl AdamW {
                     name,
                     param,
                     decay,
+                    norm_share: 1.0,
                 }
             })
             .collect();
@@ -97,14 +101,22 @@ impl AdamW {
 
     /// Global L2 norm of all gradients (one device scalar).
     pub fn grad_norm(&self) -> Tensor {
+        self.grad_sq().sqrt()
+    }
+
+    /// Sum of the squared gradients, each tensor weighted by its `norm_share` (one device
+    /// scalar; summed over a tensor-parallel group it is the squared global norm).
+    pub fn grad_sq(&self) -> Tensor {
         let sq: Vec<Tensor> = self
             .params
             .iter()
-            .map(|p| p.param.grad())
-            .filter(|g| g.defined())
-            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
+            .filter_map(|p| {
+                let g = p.param.grad();
+                g.defined()
+                    .then(|| g.to_kind(Kind::Float).square().sum(Kind::Float) * p.norm_share)
+            })
             .collect();
-        Tensor::stack(&sq, 0).sum(Kind::Float).sqrt()
+        Tensor::stack(&sq, 0).sum(Kind::Float)
     }
 
     /// Scales gradients so their global norm is at most `max_norm`.
@@ -182,6 +194,8 @@ pub struct Zero1 {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay_mask: Tensor,
+    /// Each element's `norm_share`.
+    norm_mask: Tensor,
     grad_shard: Tensor,
 }
 
@@ -226,7 +240,13 @@ impl Zero1 {
                     .g_mul_scalar(if p.decay { 1.0 } else { 0.0 })
             })
             .collect();
+        let shares: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| p.param.ones_like().g_mul_scalar(p.norm_share))
+            .collect();
         Zero1 {
+            norm_mask: block(shares),
             exp_avg: block(
                 opt.params
                     .iter()
@@ -247,7 +267,8 @@ impl Zero1 {
         }
     }
 
-    /// Reduce-scatters the gradients; returns their global L2 norm (a device scalar).
+    /// Reduce-scatters the gradients; returns the squared global norm over the data-parallel
+    /// group, weighted by `norm_share` (a device scalar).
     pub fn reduce_scatter_grads(
         &mut self,
         opt: &AdamW,
@@ -267,9 +288,11 @@ impl Zero1 {
             .collect();
         let flat_grad = flat(&grads, self.shard * dp.size() as i64);
         dp.reduce_scatter_sum(&flat_grad, &mut self.grad_shard)?;
-        let mut sq = self.grad_shard.square().sum(Kind::Float).view([1]);
+        let mut sq = (self.grad_shard.square() * &self.norm_mask)
+            .sum(Kind::Float)
+            .view([1]);
         dp.all_reduce_sum(&mut sq)?;
-        Ok(sq.sqrt().view([]))
+        Ok(sq.view([]))
     }
 
     /// Clips and applies AdamW to this rank's block, then all-gathers the parameters.

@@ -9,6 +9,7 @@ use crate::optim::{l1_coeff, learning_rate, AdamW, Zero1};
 use crate::repack;
 use crate::scheduler::PathScheduler;
 use crate::stop::StopSignal;
+use crate::tensor_parallel::{self, split_of, ParallelGroups, Split};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -62,23 +63,13 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
     if let Some(d) = &opts.out_dir {
         cfg.train.out_dir = d.clone();
     }
-    let dp = world.collective();
-    if cfg.parallel.tensor > 1 {
-        bail!(
-            "config parallel.tensor = {}: tensor parallelism is not available in this build",
-            cfg.parallel.tensor
-        );
-    }
-    if cfg.parallel.data != 0 && cfg.parallel.data != dp.size() {
-        bail!(
-            "config parallel.data = {} but the job has {} ranks (set 0 to use every rank)",
-            cfg.parallel.data,
-            dp.size()
-        );
-    }
+    let everyone = world.collective();
+    let groups = ParallelGroups::new(&cfg, world)?;
+    let dp = groups.data();
+    let tp = groups.tensor.as_ref();
     cfg.parallel.data = dp.size();
     cfg.validate(Path::new("(after applying the world size)"))?;
-    dp.check_same_on_all_ranks(
+    everyone.check_same_on_all_ranks(
         "config",
         stable_hash(serde_json::to_string(&cfg)?.as_bytes()),
     )?;
@@ -101,11 +92,20 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
         tch::Cuda::manual_seed_all(t.seed);
     }
     let vs = VarStore::new(device);
-    let mut model = Llama::new(&vs, &cfg.model);
+    let mut model = Llama::new_parallel(&vs, &cfg.model, groups.tensor.clone());
     if bf16 {
         model.compute = Kind::BFloat16;
     }
     let mut opt = AdamW::new(vs.variables().into_iter().collect(), t);
+    if let Some(tp) = tp {
+        for p in &mut opt.params {
+            if split_of(&p.name) == Split::Replicated {
+                p.norm_share = 1.0 / tp.size as f64;
+            }
+        }
+    }
+    let tp_size = tp.map_or(1, |tp| tp.size);
+    let local_hidden = cfg.model.intermediate_size / tp_size;
     // Identical initial weights on every rank (same seed; the broadcast makes it certain).
     for p in &mut opt.params {
         dp.broadcast(&mut p.param, 0)?;
@@ -144,8 +144,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
     let step_tokens = (t.batch_size * t.seq_len) as u64;
     let flops_per_token = cfg.model.train_flops_per_token(t.seq_len);
     let mut sched = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers)?;
-    let mut activity =
-        LayerActivity::new(cfg.model.num_layers, cfg.model.intermediate_size, device);
+    let mut activity = LayerActivity::new(cfg.model.num_layers, local_hidden, device);
     let mut layout = repack::full_layout(cfg.model.num_layers, cfg.model.intermediate_size);
     let stop = StopSignal::install().context("installing signal handlers")?;
     let mut state = TrainerState {
@@ -164,13 +163,23 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
     };
     if let Some(resume) = &opts.resume {
         let path = checkpointing::resolve(resume.as_deref(), &t.out_dir);
-        state = checkpointing::restore(
-            &path,
-            &cfg,
-            &mut opt,
-            &mut sched,
-            &mut activity.tokens_since_fired,
-        )?;
+        state = match tp {
+            None => checkpointing::restore(
+                &path,
+                &cfg,
+                &mut opt,
+                &mut sched,
+                &mut activity.tokens_since_fired,
+            )?,
+            Some(tp) => tensor_parallel::restore(
+                tp,
+                &path,
+                &cfg,
+                &mut opt,
+                &mut sched,
+                &mut activity.tokens_since_fired,
+            )?,
+        };
         state.config = cfg.clone();
         for (l, kept) in state.ffn_layout.iter().enumerate() {
             layout[l] = Tensor::from_slice(kept);
@@ -257,14 +266,23 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
             l1_acc += out.l1_sum.detach();
             activity.add(&out.layers);
         }
-        let norm_t = match zero1.as_mut() {
+        let mut norm_sq = match zero1.as_mut() {
             Some(z) => z.reduce_scatter_grads(&opt, dp)?,
             None => {
                 let mut grads: Vec<Tensor> = opt.params.iter().map(|p| p.param.grad()).collect();
                 dp.all_reduce_sum_many(&mut grads)?;
-                opt.grad_norm()
+                opt.grad_sq()
             }
         };
+        if let Some(tp) = tp {
+            // Split tensors' squares summed over the group, replicated ones counted once
+            // (norm_share), and the L1 values of every rank's units.
+            let mut both = Tensor::stack(&[&norm_sq, &l1_acc], 0);
+            tp.sum_stat(&mut both)?;
+            norm_sq = both.get(0);
+            l1_acc = both.get(1);
+        }
+        let norm_t = norm_sq.sqrt();
         let mut sums = Tensor::stack(&[&ce_acc, &l1_acc], 0);
         dp.all_reduce_sum(&mut sums)?;
         activity.reduce_step(dp)?;
@@ -350,6 +368,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
                 cfg.model.intermediate_size,
                 cfg.sparsity.tokens_until_dead,
                 dp,
+                tp.map(|tp| tp.group()),
             )?;
             sched.observe(step, &layers);
             let reinitialized = if cfg.sparsity.reinit_dead {
@@ -451,7 +470,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
         state.ffn_paths = sched.paths().iter().map(|p| p.name().to_string()).collect();
         state.next_path_decision = sched.next_decision();
         // Every rank stops at the same step when any one of them got a signal.
-        let stopping = dp.any_rank_flag(stop.requested());
+        let stopping = everyone.any_rank_flag(stop.requested());
         let periodic = cfg.checkpoint.every > 0 && state.step.is_multiple_of(cfg.checkpoint.every);
         if stopping || periodic || state.step == t.max_steps {
             if let Some(z) = zero1.as_ref() {
@@ -467,9 +486,23 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
                     .map(|k| Vec::<i64>::try_from(k).expect("int64 layout"))
                     .collect()
             };
+            // With tensor parallelism, data-parallel group 0 gathers the full tensors for
+            // rank 0 (one checkpoint of the whole model, loadable at any layout).
+            let full = match tp {
+                Some(tp) if dp.rank() == 0 => Some(tensor_parallel::gather_full(
+                    tp,
+                    &opt,
+                    &activity.tokens_since_fired,
+                    t,
+                )?),
+                _ => None,
+            };
             if main {
-                let snap =
-                    checkpointing::snapshot(&cfg, &opt, &state, &activity.tokens_since_fired)?;
+                let (o, clocks) = match &full {
+                    Some((o, c)) => (o, c.as_slice()),
+                    None => (&opt, activity.tokens_since_fired.as_slice()),
+                };
+                let snap = checkpointing::snapshot(&cfg, o, &state, clocks)?;
                 saver.save(
                     t.out_dir.clone(),
                     state.step as u64,

@@ -90,6 +90,26 @@ impl Trainer {
         }
     }
 
+    /// Starts `mpirun -n ranks` over the binary with `args` (CPU ranks, one thread each).
+    pub fn spawn_mpirun(ranks: usize, args: &[&str]) -> Trainer {
+        let child = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-n"])
+            .arg(ranks.to_string())
+            .args(["-x", "OMP_NUM_THREADS=1"])
+            .arg(binary())
+            .args(args)
+            .current_dir(repo())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("mpirun not found: run scripts/setup.sh");
+        Trainer {
+            child,
+            status: None,
+        }
+    }
+
     /// Sends signal `sig` (`libc::SIGTERM`, ...) to the process.
     pub fn signal(&self, sig: i32) {
         let pid = self.child.id() as libc::pid_t;

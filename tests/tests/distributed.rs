@@ -1,5 +1,5 @@
 //! Multi-rank runs on CPU over MPI (`mpirun`, installed by scripts/setup.sh).
-use sparse_train_tests::{assert_success, binary, losses, repo};
+use sparse_train_tests::{assert_success, binary, losses, repo, step_records, Trainer};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -226,4 +226,38 @@ fn a_rank_with_a_different_config_stops_the_whole_job_naming_ranks() {
     assert!(start.elapsed() < Duration::from_secs(60), "no hang");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("rank") && err.contains("config"), "{err}");
+}
+
+/// SIGUSR1 to `mpirun` (forwarded to every rank at once) stops all ranks of a data 1 x
+/// tensor 2 run at the same step with one checkpoint of the whole model, which resumes.
+#[test]
+fn a_signal_to_mpirun_stops_every_rank_at_one_step_with_one_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args: Vec<&str> = COMMON.to_vec();
+    args.extend(["--out-dir", run.to_str().unwrap()]);
+    args.extend(["--max-steps", "100000", "--set", "parallel.tensor=2"]);
+    let mut t = Trainer::spawn_mpirun(2, &args);
+    t.wait_for_steps(&run, 3, Duration::from_secs(120));
+    t.signal(libc::SIGUSR1);
+    let status = t
+        .wait_timeout(Duration::from_secs(60))
+        .expect("ranks still running 60 s after SIGUSR1");
+    let (out, err) = t.output();
+    assert!(status.success(), "{status}\n{out}\n{err}");
+    let done = step_records(&run).len();
+    assert!(
+        out.contains(&format!(
+            "stop requested: checkpoint written at step {done}"
+        )),
+        "{out}"
+    );
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step_{done:08}"));
+    let mut more: Vec<&str> = COMMON.to_vec();
+    let until = (done + 2).to_string();
+    more.extend(["--out-dir", run.to_str().unwrap(), "--resume"]);
+    more.extend(["--max-steps", &until, "--set", "parallel.tensor=2"]);
+    assert_success(&mpirun(2, &more));
+    assert_eq!(step_records(&run).len(), done + 2);
 }

@@ -82,13 +82,24 @@ fn build_cubins() {
     let cu = sources("cuda", "cu");
     let mut manifest = String::new();
     let mut embed = String::from(
-        "/// Cubins compiled by build.rs, embedded in the binary: (stem, arch, bytes).\n\
+        "/// Cubins (sm_90a, sm_80) and PTX (compute_80) compiled by build.rs, embedded in the\n\
+         /// binary: (stem, arch, bytes).\n\
          pub const EMBEDDED_CUBINS: &[(&str, &str, &[u8])] = &[\n",
     );
     for src in &cu {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
-        for (arch, code) in [("compute_90a", "sm_90a"), ("compute_80", "sm_80")] {
-            let cubin = out_dir.join(format!("{stem}.{code}.cubin"));
+        // sm_90a and sm_80 cubins, and compute_80 PTX (JIT-compiled by the driver on any
+        // later GPU, and the way to run the sm_80 code path on a Hopper card).
+        for (arch, code) in [
+            ("compute_90a", "sm_90a"),
+            ("compute_80", "sm_80"),
+            ("compute_80", "compute_80"),
+        ] {
+            let ptx = code.starts_with("compute_");
+            let cubin = out_dir.join(format!(
+                "{stem}.{code}.{}",
+                if ptx { "ptx" } else { "cubin" }
+            ));
             if let Some(nvcc) = &nvcc {
                 let inc = Path::new(nvcc)
                     .parent()
@@ -97,7 +108,8 @@ fn build_cubins() {
                     .unwrap()
                     .join("include");
                 let status = Command::new(nvcc)
-                    .args(["-cubin", "-O3", "-std=c++17", "-lineinfo"])
+                    .arg(if ptx { "-ptx" } else { "-cubin" })
+                    .args(["-O3", "-std=c++17", "-lineinfo"])
                     .arg(format!("-gencode=arch={arch},code={code}"))
                     .arg("-I")
                     .arg(&inc)

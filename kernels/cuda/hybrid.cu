@@ -25,7 +25,19 @@
 // Shapes: x, dy [N, D]; Wg, Wu, WdT [H, D] row-major bf16; D % 8 == 0, D <= 2048 (<= 8192 with
 // the _wide variants); H <= 65536; N >= 1 (any). fp32 accumulation everywhere; deterministic.
 #include <cuda_bf16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC (run-time compilation) has no C library headers.
+typedef unsigned char uint8_t;
+typedef signed char int8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 #define DEV __device__ __forceinline__
 

@@ -31,7 +31,19 @@
 //   every gate kernel zeroes [2..4]; twell_plan copies [1] -> [5] and [0] -> [6] (status and
 //   spill use of this forward, for the caller to read) and zeroes [0..1] for the next forward.
 #include <cuda_bf16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC (run-time compilation) has no C library headers.
+typedef unsigned char uint8_t;
+typedef signed char int8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 #define DEV __device__ __forceinline__
 

@@ -276,12 +276,13 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
     let device = Device::Cuda(args.device);
     let kernels = TwellKernels::for_device(device).context("loading the TwELL kernels")?;
     println!(
-        "bench ffn: GPU {} ({}), shape {} (D = {d}, H = {h}), sparsity {:.2} %, bf16, gate kernel {}",
+        "bench ffn: GPU {} ({}), shape {} (D = {d}, H = {h}), sparsity {:.2} %, bf16, gate kernel {} (image {})",
         gpu_name(&kernels, device),
         kernels.device_name(),
         args.shape,
         args.sparsity * 100.0,
-        if kernels.uses_wgmma() { "wgmma (sm_90a)" } else { "mma.sync" }
+        if kernels.uses_wgmma() { "wgmma (sm_90a)" } else { "mma.sync" },
+        kernels.image()
     );
     println!(
         "{:>6} | {:>13} | {:>9} {:>9} | {:>9} | {:>9} | {:>8} | {:>9} | {:>9}",
@@ -510,7 +511,7 @@ fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
     let peak_ok = peak_stat_works(device)?;
     println!(
         "bench ffn --mode train: GPU {} ({}), shape {} (D = {d}, H = {h}), sparsity {:.2} %, bf16 \
-         leaves, loss = sum(y * dy) + {TRAIN_DL1:e} * l1_sum, gate kernel {}",
+         leaves, loss = sum(y * dy) + {TRAIN_DL1:e} * l1_sum, gate kernel {} (image {})",
         gpu_name(&tw, device),
         hk.device_name(),
         args.shape,
@@ -519,7 +520,8 @@ fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
             "wgmma (sm_90a)"
         } else {
             "mma.sync"
-        }
+        },
+        tw.image()
     );
     println!(
         "  times: ms per layer fwd+bwd, median of {} repeats x 4 layers; memory: peak bytes \

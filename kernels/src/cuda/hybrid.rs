@@ -26,7 +26,7 @@ use cudarc::driver::{CudaFunction, CudaModule};
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    cubin_bytes, cuda_ordinal, launch, load_once, ptr, CudaKernelError, PerDevice, Result,
+    cuda_ordinal, launch, load_image, load_once, ptr, CudaKernelError, PerDevice, Result,
     TwellKernels,
 };
 use super::{TwellWorkspace, TILE};
@@ -64,10 +64,7 @@ impl HybridKernels {
     fn load(ordinal: usize) -> Result<Self> {
         let tw = TwellKernels::for_device(Device::Cuda(ordinal))?;
         let ctx = tw.ctx.clone();
-        let arch = if tw.sm90a { "sm_90a" } else { "sm_80" };
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin_bytes(
-            "hybrid", arch,
-        )?))?;
+        let (module, _) = load_image(&ctx, "hybrid")?;
         let f = |name: &str| module.load_function(name);
         let optin = ctx.attribute(
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,

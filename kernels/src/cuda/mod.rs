@@ -57,6 +57,8 @@ pub enum CudaKernelError {
     NoCuda,
     #[error("{0:?} is not a CUDA device")]
     NotCuda(Device),
+    #[error("kernel image: {0}")]
+    Image(String),
     #[error("the TwELL spill buffer was full: output not exact")]
     SpillFull,
     #[error(transparent)]
@@ -66,7 +68,12 @@ pub enum CudaKernelError {
 type Result<T> = std::result::Result<T, CudaKernelError>;
 
 fn cubin_bytes(stem: &str, arch: &str) -> Result<Vec<u8>> {
-    let file = format!("{stem}.{arch}.cubin");
+    let ext = if arch.starts_with("compute_") {
+        "ptx"
+    } else {
+        "cubin"
+    };
+    let file = format!("{stem}.{arch}.{ext}");
     if let Ok(dir) = std::env::var("SPARSE_TRAIN_CUBINS") {
         let path = PathBuf::from(dir).join(&file);
         if path.exists() {
@@ -97,6 +104,136 @@ fn cubin_bytes(stem: &str, arch: &str) -> Result<Vec<u8>> {
 /// Whether this binary carries compiled cubins (false: built without nvcc).
 pub fn has_embedded_cubins() -> bool {
     !EMBEDDED_CUBINS.is_empty()
+}
+
+/// The kernel sources, for run-time compilation with NVRTC.
+const SOURCES: [(&str, &str); 2] = [
+    ("twell", include_str!("../../cuda/twell.cu")),
+    ("hybrid", include_str!("../../cuda/hybrid.cu")),
+];
+
+/// How a kernel file was loaded: the image's name and whether it holds the sm_90a (wgmma)
+/// kernels.
+#[derive(Clone, Debug)]
+pub struct LoadedImage {
+    pub image: String,
+    pub wgmma: bool,
+}
+
+/// CUDA include folders for NVRTC: `SPARSE_TRAIN_CUDA_INCLUDE`, the pinned nvcc's, the
+/// `include/` beside each library folder on `LD_LIBRARY_PATH` (the NVIDIA wheels'
+/// `nvidia/cu13/lib` -> `nvidia/cu13/include`), `$CUDA_HOME/include`, /usr/local/cuda.
+fn cuda_include_dirs() -> Vec<String> {
+    let mut v: Vec<PathBuf> = Vec::new();
+    if let Ok(p) = std::env::var("SPARSE_TRAIN_CUDA_INCLUDE") {
+        v.push(p.into());
+    }
+    if let Ok(nvcc) = std::env::var("SPARSE_TRAIN_NVCC") {
+        if let Some(root) = std::path::Path::new(&nvcc)
+            .parent()
+            .and_then(|b| b.parent())
+        {
+            v.push(root.join("include"));
+        }
+    }
+    if let Ok(paths) = std::env::var("LD_LIBRARY_PATH") {
+        for lib in std::env::split_paths(&paths) {
+            if let Some(parent) = lib.parent() {
+                v.push(parent.join("include"));
+            }
+        }
+    }
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        v.push(PathBuf::from(home).join("include"));
+    }
+    v.push("/usr/local/cuda/include".into());
+    v.into_iter()
+        .filter(|p| p.join("cuda_bf16.h").exists())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// Loads kernel file `stem` into `ctx`. `SPARSE_TRAIN_KERNEL_IMAGE` picks the image:
+/// `auto` (default: the sm_90a cubin on compute capability 9.0, the sm_80 cubin on 8.x, the
+/// compute_80 PTX, JIT-compiled by the driver, on anything else; NVRTC from the embedded
+/// source when that image is missing), or one of `sm_90a`, `sm_80`, `compute_80`, `nvrtc`
+/// (no fallback; `compute_80` runs the non-Hopper code path on a Hopper card).
+fn load_image(ctx: &Arc<CudaContext>, stem: &str) -> Result<(Arc<CudaModule>, LoadedImage)> {
+    let (major, minor) = ctx.compute_capability()?;
+    let choice = std::env::var("SPARSE_TRAIN_KERNEL_IMAGE").unwrap_or_else(|_| "auto".into());
+    let hopper = (major, minor) == (9, 0);
+    let (image, fallback) = match choice.as_str() {
+        "auto" if hopper => ("sm_90a", true),
+        "auto" if major == 8 => ("sm_80", true),
+        "auto" => ("compute_80", true),
+        "sm_90a" | "sm_80" | "compute_80" | "nvrtc" => (choice.as_str(), false),
+        other => return Err(CudaKernelError::Image(format!(
+            "SPARSE_TRAIN_KERNEL_IMAGE={other}: expected auto, sm_90a, sm_80, compute_80 or nvrtc"
+        ))),
+    };
+    if image != "nvrtc" {
+        match cubin_bytes(stem, image) {
+            Ok(bytes) => {
+                let ptx = if image.starts_with("compute_") {
+                    cudarc::nvrtc::Ptx::from_src(String::from_utf8_lossy(&bytes).into_owned())
+                } else {
+                    cudarc::nvrtc::Ptx::from_binary(bytes)
+                };
+                let loaded = LoadedImage {
+                    image: image.into(),
+                    wgmma: image == "sm_90a",
+                };
+                return Ok((ctx.load_module(ptx)?, loaded));
+            }
+            Err(e) if !fallback => return Err(e),
+            Err(_) => {}
+        }
+    }
+    let arch = if hopper {
+        "compute_90a".to_string()
+    } else {
+        format!("compute_{major}{minor}")
+    };
+    let ptx = nvrtc_compile(stem, &arch)?;
+    let loaded = LoadedImage {
+        image: format!("nvrtc {arch}"),
+        wgmma: hopper,
+    };
+    Ok((ctx.load_module(ptx)?, loaded))
+}
+
+/// Compiles kernel file `stem` (`twell` or `hybrid`) from its embedded source with NVRTC for
+/// `arch` (e.g. `compute_90a`), finding the CUDA headers as [`cuda_include_dirs`] does.
+/// Needs libnvrtc, not a GPU.
+pub fn nvrtc_compile(stem: &str, arch: &str) -> Result<cudarc::nvrtc::Ptx> {
+    let src = SOURCES
+        .iter()
+        .find(|(s, _)| *s == stem)
+        .map(|(_, src)| *src)
+        .ok_or_else(|| CudaKernelError::Image(format!("no source for kernel file {stem}")))?;
+    let include_paths = cuda_include_dirs();
+    if include_paths.is_empty() {
+        return Err(CudaKernelError::Image(format!(
+            "NVRTC for {stem}.cu needs the CUDA headers (cuda_bf16.h): set SPARSE_TRAIN_CUDA_INCLUDE"
+        )));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        include_paths,
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "-std=c++17".into(),
+            "-default-device".into(),
+        ],
+        ..Default::default()
+    };
+    // SAFETY: only tries to open the library (cudarc panics on use when it is absent).
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaKernelError::Image(
+            "libnvrtc could not be loaded (put the CUDA libraries on LD_LIBRARY_PATH)".into(),
+        ));
+    }
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+        .map_err(|e| CudaKernelError::Image(format!("NVRTC on {stem}.cu for {arch}: {e:?}")))
 }
 
 /// Kernel arguments as the `void**` array `cuLaunchKernel` takes: pointers to each value.
@@ -185,6 +322,8 @@ pub struct TwellKernels {
     ctx: Arc<CudaContext>,
     _module: Arc<CudaModule>,
     sm90a: bool,
+    /// Which image of twell.cu was loaded.
+    image: LoadedImage,
     sms: u32,
     name: String,
     gemm: [CudaFunction; 3],
@@ -254,11 +393,8 @@ impl TwellKernels {
             return Err(CudaKernelError::NoCuda);
         }
         let ctx = CudaContext::new(ordinal)?;
-        let (major, minor) = ctx.compute_capability()?;
-        let sm90a = (major, minor) == (9, 0);
-        let arch = if sm90a { "sm_90a" } else { "sm_80" };
-        let module =
-            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin_bytes("twell", arch)?))?;
+        let (module, image) = load_image(&ctx, "twell")?;
+        let sm90a = image.wgmma;
         let f = |name: &str| module.load_function(name);
         let smem_attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         let gemm = [
@@ -290,6 +426,7 @@ impl TwellKernels {
             sm90a,
             sms,
             name,
+            image,
             pack: [
                 f("twell_pack_tw32")?,
                 f("twell_pack_tw64")?,
@@ -315,6 +452,11 @@ impl TwellKernels {
     /// The device's name as the driver reports it (e.g. "NVIDIA H100 80GB HBM3").
     pub fn device_name(&self) -> &str {
         &self.name
+    }
+
+    /// The image of twell.cu in use (e.g. `sm_90a`, `compute_80`, `nvrtc compute_90a`).
+    pub fn image(&self) -> &str {
+        &self.image.image
     }
 
     /// Whether the gate runs the sm_90a wgmma/TMA kernel.
@@ -738,4 +880,43 @@ pub fn twell_ffn(
     let y = kernels.ffn_forward(ws, &x, &wg, &wu, &wdt)?;
     let stats = if with_stats { Some(ws.stats()?) } else { None };
     Ok((y, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sources also compile at run time (NVRTC, no GPU needed), for Hopper and Ampere:
+    /// the fallback of a binary built without nvcc or run on a GPU it has no image for.
+    #[test]
+    fn kernel_sources_compile_with_nvrtc() {
+        if cuda_include_dirs().is_empty() {
+            println!("skipped: no CUDA headers found (source scripts/env.sh)");
+            return;
+        }
+        for stem in ["twell", "hybrid"] {
+            for arch in ["compute_90a", "compute_80"] {
+                match nvrtc_compile(stem, arch) {
+                    Ok(ptx) => {
+                        let text = ptx.to_src();
+                        assert!(
+                            text.contains(".entry"),
+                            "{stem} {arch}: no kernels in the PTX"
+                        );
+                        // The Hopper build holds the wgmma gate, the Ampere one must not.
+                        assert_eq!(
+                            text.contains("wgmma.mma_async"),
+                            arch == "compute_90a" && stem == "twell",
+                            "{stem} {arch}: wgmma presence"
+                        );
+                    }
+                    Err(CudaKernelError::Image(e)) if e.contains("libnvrtc could not") => {
+                        println!("skipped: {e}");
+                        return;
+                    }
+                    Err(e) => panic!("{stem} for {arch}: {e}"),
+                }
+            }
+        }
+    }
 }

@@ -484,7 +484,7 @@ fn run_generate(
         bail!("--gen-batch: batch sizes must be >= 1");
     }
     println!(
-        "generate: prompt {} random tokens, {} new tokens per sequence (greedy, no early stop), warm-up {} call(s) of 8 tokens per row",
+        "generate: prompt {} random tokens, {} new tokens per sequence (greedy, no early stop), warm-up {} untimed run(s) of the same length per path",
         args.prompt_len, args.new_tokens, args.warmup.max(1)
     );
     for &b in &args.gen_batch {
@@ -498,9 +498,19 @@ fn run_generate(
         let mut dense_out: Option<(Tensor, f64)> = None;
         for &path in paths {
             let layer_paths = vec![path; m.num_layers];
+            // Untimed full-length runs first: measured, the first path of a process decodes
+            // ~6x slower for its first ~10 s (93 vs 16 ms per step at 1.5b, batch 1, the same
+            // whichever path goes first), so a short warm-up is not enough.
             for _ in 0..args.warmup.max(1) {
-                let _ =
-                    generate_tokens(model, &prompt, 8, Sampler::GREEDY, &layer_paths, true, None);
+                let _ = generate_tokens(
+                    model,
+                    &prompt,
+                    args.new_tokens,
+                    Sampler::GREEDY,
+                    &layer_paths,
+                    true,
+                    None,
+                );
             }
             sync(device);
             cuda_runtime::reset_peak(device);
@@ -580,6 +590,29 @@ fn run_generate(
             });
             times.sort_by(f64::total_cmp);
             let ffn_ms = times[times.len() / 2];
+            // The same FFN once per layer (each layer's weights), back to back as in a step:
+            // host time to issue them, then until the GPU is done.
+            let (issue_ms, done_ms) = tch::no_grad(|| {
+                let mut best = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..5 {
+                    sync(device);
+                    let t0 = Instant::now();
+                    for blk in &model.blocks {
+                        let _ = model.ffn(blk, &x, path, false);
+                    }
+                    let issued = t0.elapsed().as_secs_f64() * 1e3;
+                    sync(device);
+                    let done = t0.elapsed().as_secs_f64() * 1e3;
+                    if done < best.1 {
+                        best = (issued, done);
+                    }
+                }
+                best
+            });
+            println!(
+                "           {} FFN calls (every layer) back to back: issued in {issue_ms:.2} ms, done in {done_ms:.2} ms",
+                m.num_layers
+            );
             println!(
                 "           one FFN call on {b} token(s): {ffn_ms:.3} ms (synchronised); x {} layers = {:.2} ms of the {:.2} ms step",
                 m.num_layers,

@@ -167,9 +167,11 @@ fn load_image(ctx: &Arc<CudaContext>, stem: &str) -> Result<(Arc<CudaModule>, Lo
         "auto" if major == 8 => ("sm_80", true),
         "auto" => ("compute_80", true),
         "sm_90a" | "sm_80" | "compute_80" | "nvrtc" => (choice.as_str(), false),
-        other => return Err(CudaKernelError::Image(format!(
+        other => {
+            return Err(CudaKernelError::Image(format!(
             "SPARSE_TRAIN_KERNEL_IMAGE={other}: expected auto, sm_90a, sm_80, compute_80 or nvrtc"
-        ))),
+        )))
+        }
     };
     if image != "nvrtc" {
         match cubin_bytes(stem, image) {

@@ -77,6 +77,10 @@ fn twell_kernels_match_dense_on_gpu() {
         (777, 1024, 5632, -2.5, 3),
         (256, 2048, 5632, 0.0, 256),
         (4096, 2048, 5632, -2.5, 40),
+        // Past the worst-case spill size: a bounded spill buffer that holds, and one that
+        // overflows (6500 tokens x 22 spilled tiles > 131072 slots) and is regrown and rerun.
+        (32768, 2048, 5632, -2.5, 40),
+        (32768, 2048, 5632, -2.5, 6500),
     ] {
         case(n, d, h, shift, heavy);
     }

@@ -841,10 +841,18 @@ struct WsCache(Vec<(WsKey, TwellWorkspace)>);
 // SAFETY: the tensors are only touched under the cache's mutex.
 unsafe impl Send for WsCache {}
 const WS_CACHE_LEN: usize = 8;
+/// Spill slots up to which a workspace takes the worst case (every tile of every token:
+/// exact with no check). Past it (N > ~23k tokens at H = 5632, where the worst case is
+/// > 512 MiB: 2.9 GiB at N = 131072) it takes [`BOUNDED_SPILL_FRACTION`] of the tiles,
+/// and each forward reads its status (one synchronisation per call, small at that N) and
+/// regrows to the worst case and reruns on overflow.
+const WORST_CASE_SPILL_MAX: i64 = 1 << 19;
+const BOUNDED_SPILL_FRACTION: i64 = 16;
 
 /// `y = (relu(x Wg^T) * (x Wu^T)) WdT` through the TwELL kernels on tch's current stream:
 /// inputs cast to contiguous bf16 if needed, workspace reused across calls with the same
-/// (device, stream, N, D, H, launch). Always exact (worst-case spill buffer). With
+/// (device, stream, N, D, H, launch). Always exact (a worst-case spill buffer, or a bounded
+/// one whose overflow is detected and rerun: see [`WORST_CASE_SPILL_MAX`]). With
 /// `with_stats`, also the statistics of [`TwellWorkspace::stats`].
 pub fn twell_ffn(
     x: &Tensor,
@@ -873,13 +881,24 @@ pub fn twell_ffn(
             if cache.0.len() >= WS_CACHE_LEN {
                 cache.0.remove(0);
             }
-            let ws = TwellWorkspace::new(n, d, h, launch.tw, launch.chunk, None, SLOT_CAP, device)?;
+            let tiles = n * ((h + TILE - 1) / TILE);
+            let cap = (tiles > WORST_CASE_SPILL_MAX)
+                .then(|| (tiles / BOUNDED_SPILL_FRACTION).max(WORST_CASE_SPILL_MAX / 4));
+            let ws = TwellWorkspace::new(n, d, h, launch.tw, launch.chunk, cap, SLOT_CAP, device)?;
             cache.0.push((key, ws));
             cache.0.len() - 1
         }
     };
+    let mut y = kernels.ffn_forward(&cache.0[idx].1, &x, &wg, &wu, &wdt)?;
+    if cache.0[idx].1.spill_cap < cache.0[idx].1.n * cache.0[idx].1.ntiles
+        && cache.0[idx].1.status()? != 0
+    {
+        // The bounded spill buffer overflowed: worst case from now on, and rerun.
+        cache.0[idx].1 =
+            TwellWorkspace::new(n, d, h, launch.tw, launch.chunk, None, SLOT_CAP, device)?;
+        y = kernels.ffn_forward(&cache.0[idx].1, &x, &wg, &wu, &wdt)?;
+    }
     let ws = &cache.0[idx].1;
-    let y = kernels.ffn_forward(ws, &x, &wg, &wu, &wdt)?;
     let stats = if with_stats { Some(ws.stats()?) } else { None };
     Ok((y, stats))
 }

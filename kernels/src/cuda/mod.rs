@@ -842,8 +842,8 @@ struct WsCache(Vec<(WsKey, TwellWorkspace)>);
 unsafe impl Send for WsCache {}
 const WS_CACHE_LEN: usize = 8;
 /// Spill slots up to which a workspace takes the worst case (every tile of every token:
-/// exact with no check). Past it (N > ~23k tokens at H = 5632, where the worst case is
-/// > 512 MiB: 2.9 GiB at N = 131072) it takes [`BOUNDED_SPILL_FRACTION`] of the tiles,
+/// exact with no check). Past it (N above ~23k tokens at H = 5632, where the worst case
+/// passes 512 MiB: 2.9 GiB at N = 131072) it takes [`BOUNDED_SPILL_FRACTION`] of the tiles,
 /// and each forward reads its status (one synchronisation per call, small at that N) and
 /// regrows to the worst case and reruns on overflow.
 const WORST_CASE_SPILL_MAX: i64 = 1 << 19;

@@ -501,21 +501,7 @@ fn run_generate(
             // Untimed full-length runs first: measured, the first path of a process decodes
             // ~6x slower for its first ~10 s (93 vs 16 ms per step at 1.5b, batch 1, the same
             // whichever path goes first), so a short warm-up is not enough.
-            for _ in 0..args.warmup.max(1) {
-                let _ = generate_tokens(
-                    model,
-                    &prompt,
-                    args.new_tokens,
-                    Sampler::GREEDY,
-                    &layer_paths,
-                    true,
-                    None,
-                );
-            }
-            sync(device);
-            cuda_runtime::reset_peak(device);
-            let e0 = energy.total_mj();
-            let ((tokens, stats), clock) = energy.with_clock(|| {
+            let generate = || {
                 generate_tokens(
                     model,
                     &prompt,
@@ -525,7 +511,14 @@ fn run_generate(
                     true,
                     None,
                 )
-            });
+            };
+            for _ in 0..args.warmup.max(1) {
+                let _ = generate();
+            }
+            sync(device);
+            cuda_runtime::reset_peak(device);
+            let e0 = energy.total_mj();
+            let ((tokens, stats), clock) = energy.with_clock(generate);
             let e1 = energy.total_mj();
             let decoded = (b as usize * stats.decode_steps) as f64;
             let tps = decoded / stats.decode_s;

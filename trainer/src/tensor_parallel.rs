@@ -218,17 +218,21 @@ pub fn gather_full(
     })
 }
 
-/// `checkpointing::restore` for a rank holding blocks: the checkpoint (always of the whole
-/// model) is read into full-size tensors, then this rank's blocks are copied out, so a
-/// checkpoint resumes at any tensor-parallel width. Nothing of `opt` changes on an error.
+/// `checkpointing::restore` for a rank holding blocks (`tp`; without it, the plain restore):
+/// the checkpoint (always of the whole model) is read into full-size tensors, then this
+/// rank's blocks are copied out, so a checkpoint resumes at any tensor-parallel width.
+/// Nothing of `opt` changes on an error.
 pub fn restore(
-    tp: &TensorParallel,
+    tp: Option<&TensorParallel>,
     path: &Path,
     cfg: &Config,
     opt: &mut AdamW,
     sched: &mut PathScheduler,
     clocks: &mut [Tensor],
 ) -> Result<TrainerState> {
+    let Some(tp) = tp else {
+        return checkpointing::restore(path, cfg, opt, sched, clocks);
+    };
     let t = tp.size as i64;
     let named = opt
         .params

@@ -163,23 +163,14 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
     };
     if let Some(resume) = &opts.resume {
         let path = checkpointing::resolve(resume.as_deref(), &t.out_dir);
-        state = match tp {
-            None => checkpointing::restore(
-                &path,
-                &cfg,
-                &mut opt,
-                &mut sched,
-                &mut activity.tokens_since_fired,
-            )?,
-            Some(tp) => tensor_parallel::restore(
-                tp,
-                &path,
-                &cfg,
-                &mut opt,
-                &mut sched,
-                &mut activity.tokens_since_fired,
-            )?,
-        };
+        state = tensor_parallel::restore(
+            tp.map(|t| t.as_ref()),
+            &path,
+            &cfg,
+            &mut opt,
+            &mut sched,
+            &mut activity.tokens_since_fired,
+        )?;
         state.config = cfg.clone();
         for (l, kept) in state.ffn_layout.iter().enumerate() {
             layout[l] = Tensor::from_slice(kept);

@@ -49,3 +49,10 @@ pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
     vs.freeze();
     Ok(LoadedModel { config, model, vs })
 }
+
+/// Casts a model to bf16 for inference: the weights, and the dtype its matrix products run
+/// in (the KV cache and attention then stay bf16 end to end).
+pub fn to_bf16(vs: &mut VarStore, model: &mut Llama) {
+    vs.bfloat16();
+    model.compute = tch::Kind::BFloat16;
+}

@@ -64,6 +64,19 @@ pub fn assert_success(out: &Output) {
     );
 }
 
+/// `mpirun -n ranks sparse-train ARGS` from the repository root: CPU ranks, one thread each,
+/// root allowed, more ranks than cores allowed.
+pub fn mpirun_command(ranks: usize, args: &[&str]) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-n"])
+        .arg(ranks.to_string())
+        .args(["-x", "OMP_NUM_THREADS=1"])
+        .arg(binary())
+        .args(args)
+        .current_dir(repo());
+    cmd
+}
+
 /// A `sparse-train` child process (set up as [`run`] sets it up, stdout and stderr piped),
 /// for tests that signal it while it trains. Killed on drop if it is still running, so a
 /// failing test leaves no trainer behind.
@@ -90,15 +103,9 @@ impl Trainer {
         }
     }
 
-    /// Starts `mpirun -n ranks` over the binary with `args` (CPU ranks, one thread each).
+    /// Starts `mpirun -n ranks` over the binary with `args` (see [`mpirun_command`]).
     pub fn spawn_mpirun(ranks: usize, args: &[&str]) -> Trainer {
-        let child = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-n"])
-            .arg(ranks.to_string())
-            .args(["-x", "OMP_NUM_THREADS=1"])
-            .arg(binary())
-            .args(args)
-            .current_dir(repo())
+        let child = mpirun_command(ranks, args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

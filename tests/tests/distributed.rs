@@ -1,5 +1,7 @@
 //! Multi-rank runs on CPU over MPI (`mpirun`, installed by scripts/setup.sh).
-use sparse_train_tests::{assert_success, binary, losses, repo, step_records, Trainer};
+use sparse_train_tests::{
+    assert_success, binary, losses, mpirun_command, repo, step_records, Trainer,
+};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -16,18 +18,8 @@ const COMMON: [&str; 8] = [
 ];
 
 fn mpirun(ranks: usize, args: &[&str]) -> Output {
-    let mut cmd = Command::new("mpirun");
-    cmd.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-n",
-        &ranks.to_string(),
-    ])
-    .args(["-x", "OMP_NUM_THREADS=1"])
-    .arg(binary())
-    .args(args)
-    .current_dir(repo());
-    cmd.output()
+    mpirun_command(ranks, args)
+        .output()
         .expect("mpirun not found: run scripts/setup.sh")
 }
 

@@ -1,10 +1,11 @@
 // CUDA runtime facts that tch does not expose: the caching allocator's peak statistics and
-// the current stream of a device (so our kernels launch in order with tch's work), and the
-// CUDA autocast state. No C++ exception may cross into Rust (it aborts the process): every
+// the current stream of a device (so our kernels launch in order with tch's work), the
+// CUDA autocast state and the grad mode. No C++ exception may cross into Rust (it aborts the process): every
 // entry point catches and reports failure as -1 / nullptr. The allocator's statistics need
 // CUDA initialised in the process (the caching allocator is set up lazily on the first CUDA
 // tensor); before that resetPeakStats/getDeviceStats throw "Allocator not initialized".
 #include <ATen/autocast_mode.h>
+#include <c10/core/GradMode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cstdint>
@@ -55,5 +56,8 @@ int32_t sparse_cuda_autocast_dtype() {
     return -1;
   }
 }
+
+// 1 when autograd records operations on this thread (grad mode on), else 0.
+int32_t sparse_grad_mode_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
 
 }  // extern "C"

@@ -322,18 +322,12 @@ fn inputs_require_grad(t: &Inputs) -> bool {
         .any(|t| t.requires_grad())
 }
 
-/// Whether grad mode is on (tch exposes no query: an op on a leaf requiring grad tells).
-fn grad_mode_enabled() -> bool {
-    let leaf = Tensor::ones([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    (&leaf * 1.0).requires_grad()
-}
-
 /// Whether the output of this call will be differentiated.
 pub(crate) fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
     [x, w.gate, w.up, w.down_t]
         .iter()
         .any(|t| t.requires_grad())
-        && grad_mode_enabled()
+        && crate::cuda_runtime::grad_mode_enabled()
 }
 
 /// The TwELL inference kernels on CUDA (no gradient).

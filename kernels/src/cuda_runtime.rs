@@ -8,6 +8,13 @@ extern "C" {
     fn sparse_cuda_reset_peak(device: i32) -> i32;
     fn sparse_cuda_current_stream(device: i32) -> *mut std::ffi::c_void;
     fn sparse_cuda_autocast_dtype() -> i32;
+    fn sparse_grad_mode_enabled() -> i32;
+}
+
+/// Whether autograd records operations on this thread (false inside `tch::no_grad`).
+pub fn grad_mode_enabled() -> bool {
+    // SAFETY: reads libtorch's thread-local grad mode; cannot throw.
+    unsafe { sparse_grad_mode_enabled() != 0 }
 }
 
 fn cuda_index(device: Device) -> Option<i32> {
@@ -58,5 +65,15 @@ pub fn cuda_autocast_kind() -> Option<tch::Kind> {
         5 => Some(tch::Kind::Half),
         15 => Some(tch::Kind::BFloat16),
         _ => Some(tch::Kind::Float),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grad_mode_follows_no_grad() {
+        assert!(super::grad_mode_enabled());
+        assert!(!tch::no_grad(super::grad_mode_enabled));
+        assert!(super::grad_mode_enabled());
     }
 }

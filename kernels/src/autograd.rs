@@ -359,7 +359,11 @@ mod cuda_twell {
                 (empty()?, empty()?, empty()?)
             }
         };
-        let y = y.f_to_kind(t.x.kind())?;
+        let y = if y.kind() == t.x.kind() {
+            y
+        } else {
+            y.f_to_kind(t.x.kind())?
+        };
         let l1 = Tensor::f_full([], f64::NAN, (Kind::Float, t.x.device()))?;
         Ok(Some([y, l1, apt, apu, overflow]))
     }

@@ -864,7 +864,15 @@ pub fn twell_ffn(
 ) -> Result<(Tensor, Option<TwellStats>)> {
     let device = x.device();
     let kernels = TwellKernels::for_device(device)?;
-    let bf = |t: &Tensor| -> Result<Tensor> { Ok(t.f_to_kind(Kind::BFloat16)?.f_contiguous()?) };
+    // Casts only when needed: each no-op cast is still a dispatcher call, and decoding is
+    // bound by the host's per-call work.
+    let bf = |t: &Tensor| -> Result<Tensor> {
+        if t.kind() == Kind::BFloat16 && t.is_contiguous() {
+            Ok(t.shallow_clone())
+        } else {
+            Ok(t.f_to_kind(Kind::BFloat16)?.f_contiguous()?)
+        }
+    };
     let (x, wg, wu, wdt) = (bf(x)?, bf(wg)?, bf(wu)?, bf(wdt)?);
     let (n, d) = x.size2()?;
     let h = wg.size()[0];

@@ -9,12 +9,7 @@ STEPS=${STEPS:-300}
 source scripts/gpu/env.sh
 unset SPARSE_TRAIN_CUBINS
 BIN="$PWD/$CARRY/bin/sparse-train"
-mkdir -p data/corpus && tar -xJf "$CARRY/corpus.tar.xz" -C data/corpus
-mapfile -t train < <(python3 -c "
-import json; m = json.load(open('data/corpus/manifest.json'))
-print('\n'.join(m['train_files'] + m['prose_files']))")
-"$BIN" prepare --input "${train[@]/#/data/corpus/}" --out data/corpus/shards/train | tail -1
-"$BIN" prepare --input data/corpus/val/bbc.jsonl --out data/corpus/shards/val | tail -1
+bash scripts/gpu/prepare_corpus.sh "$CARRY"
 "$BIN" --config configs/125m.yaml --quiet --max-steps "$STEPS" --set train.eval_every=100 \
   --out-dir "$OUT/125m" 2>&1 | tee "$OUT/train.log" | grep -E "^(model|step)|rror"
 for b in 1 32; do

@@ -6,12 +6,7 @@ set -uo pipefail
 CARRY=${1:-.carry}
 source scripts/gpu/env.sh
 BIN="$PWD/$CARRY/bin/sparse-train"
-mkdir -p data/corpus && tar -xJf "$CARRY/corpus.tar.xz" -C data/corpus
-mapfile -t train < <(python3 -c "
-import json; m = json.load(open('data/corpus/manifest.json'))
-print('\n'.join(m['train_files'] + m['prose_files']))")
-"$BIN" prepare --input "${train[@]/#/data/corpus/}" --out data/corpus/shards/train | tail -1
-"$BIN" prepare --input data/corpus/val/bbc.jsonl --out data/corpus/shards/val | tail -1
+bash scripts/gpu/prepare_corpus.sh "$CARRY"
 COMMON="--config configs/125m.yaml --quiet --max-steps 300 --set sparsity.l1_end_step=150
   --set train.eval_every=100 --set checkpoint.every=0 --set sparsity.switch_period=25"
 for path in dense auto; do

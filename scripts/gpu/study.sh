@@ -7,12 +7,7 @@ CARRY=${1:-.carry}
 source scripts/gpu/env.sh
 BIN="$PWD/$CARRY/bin/sparse-train"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p data/corpus && tar -xJf "$CARRY/corpus.tar.xz" -C data/corpus
-mapfile -t train < <(python3 -c "
-import json; m = json.load(open('data/corpus/manifest.json'))
-print('\n'.join(m['train_files'] + m['prose_files']))")
-"$BIN" prepare --input "${train[@]/#/data/corpus/}" --out data/corpus/shards/train | tail -1
-"$BIN" prepare --input data/corpus/val/bbc.jsonl --out data/corpus/shards/val | tail -1
+bash scripts/gpu/prepare_corpus.sh "$CARRY"
 for cfg in 125m-dense 125m; do
   "$BIN" --config configs/$cfg.yaml --quiet --set sparsity.ffn_path=dense --out-dir "$OUT/$cfg" \
     2>&1 | tee "$OUT/$cfg.log" | grep -E "^(model|step)|rror"

@@ -210,10 +210,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             cfg.max_seq_len
         );
     }
-    tch::manual_seed(args.seed as i64);
-    if device.is_cuda() {
-        tch::Cuda::manual_seed_all(args.seed);
-    }
     let prompt = Tensor::from_slice(&ids)
         .view([1, -1])
         .repeat([args.batch, 1])
@@ -224,8 +220,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         top_k: args.top_k,
     };
     let stop = (!args.ignore_eos).then_some(EOT);
-    for _ in 0..args.warmup {
-        let _ = generate_tokens(
+    let generate = || {
+        generate_tokens(
             &loaded.model,
             &prompt,
             args.max_tokens,
@@ -233,24 +229,18 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             &paths,
             true,
             stop,
-        );
+        )
+    };
+    for _ in 0..args.warmup {
+        let _ = generate();
     }
-    if args.warmup > 0 {
-        // The timed run samples as it would without warm-up.
-        tch::manual_seed(args.seed as i64);
-        if device.is_cuda() {
-            tch::Cuda::manual_seed_all(args.seed);
-        }
+    // Seeded after the warm-up: the timed run samples as it would without one (nothing
+    // before it draws random numbers).
+    tch::manual_seed(args.seed as i64);
+    if device.is_cuda() {
+        tch::Cuda::manual_seed_all(args.seed);
     }
-    let (tokens, stats) = generate_tokens(
-        &loaded.model,
-        &prompt,
-        args.max_tokens,
-        sampler,
-        &paths,
-        true,
-        stop,
-    );
+    let (tokens, stats) = generate();
     let tokens = tokens.to_device(Device::Cpu);
     for row in 0..args.batch.min(if args.temperature > 0.0 { 4 } else { 1 }) {
         let mut ids: Vec<u32> = Vec::<i64>::try_from(tokens.get(row))?

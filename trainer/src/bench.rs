@@ -255,6 +255,59 @@ fn gpu_name(kernels: &TwellKernels, device: Device) -> String {
         .unwrap_or_else(|| kernels.device_name().to_string())
 }
 
+/// What both modes of `bench ffn` start from: the checked arguments, the shape, the device
+/// and its TwELL kernels.
+struct FfnBenchSetup {
+    d: i64,
+    h: i64,
+    device: Device,
+    tw: std::sync::Arc<TwellKernels>,
+}
+
+impl FfnBenchSetup {
+    fn new(args: &BenchFfnArgs) -> Result<FfnBenchSetup> {
+        if !(0.0..1.0).contains(&args.sparsity) {
+            bail!("--sparsity {} must be in [0, 1)", args.sparsity);
+        }
+        if args.repeats == 0 || args.tokens.is_empty() {
+            bail!("need --repeats >= 1 and at least one --tokens value");
+        }
+        if !tch::Cuda::is_available() {
+            bail!("bench ffn needs a CUDA device (tch sees none)");
+        }
+        let (d, h) = parse_shape(&args.shape)?;
+        let device = Device::Cuda(args.device);
+        let tw = TwellKernels::for_device(device).context("loading the TwELL kernels")?;
+        Ok(FfnBenchSetup { d, h, device, tw })
+    }
+
+    /// `GPU ... (driver), shape ..., sparsity ...` for the header line.
+    fn describe(&self, args: &BenchFfnArgs) -> String {
+        format!(
+            "GPU {} ({}), shape {} (D = {}, H = {}), sparsity {:.2} %",
+            gpu_name(&self.tw, self.device),
+            self.tw.device_name(),
+            args.shape,
+            self.d,
+            self.h,
+            args.sparsity * 100.0
+        )
+    }
+
+    /// The gate kernel in use and the image it came from.
+    fn gate_kernel(&self) -> String {
+        format!(
+            "{} (image {})",
+            if self.tw.uses_wgmma() {
+                "wgmma (sm_90a)"
+            } else {
+                "mma.sync"
+            },
+            self.tw.image()
+        )
+    }
+}
+
 /// Runs `sparse-train bench ffn`.
 pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
     if args.mode == "train" {
@@ -263,26 +316,12 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
     if args.mode != "infer" {
         bail!("--mode `{}`: expected infer or train", args.mode);
     }
-    if !(0.0..1.0).contains(&args.sparsity) {
-        bail!("--sparsity {} must be in [0, 1)", args.sparsity);
-    }
-    if args.repeats == 0 || args.tokens.is_empty() {
-        bail!("need --repeats >= 1 and at least one --tokens value");
-    }
-    if !tch::Cuda::is_available() {
-        bail!("bench ffn needs a CUDA device (tch sees none)");
-    }
-    let (d, h) = parse_shape(&args.shape)?;
-    let device = Device::Cuda(args.device);
-    let kernels = TwellKernels::for_device(device).context("loading the TwELL kernels")?;
+    let setup = FfnBenchSetup::new(args)?;
+    let FfnBenchSetup { d, h, device, .. } = setup;
     println!(
-        "bench ffn: GPU {} ({}), shape {} (D = {d}, H = {h}), sparsity {:.2} %, bf16, gate kernel {} (image {})",
-        gpu_name(&kernels, device),
-        kernels.device_name(),
-        args.shape,
-        args.sparsity * 100.0,
-        if kernels.uses_wgmma() { "wgmma (sm_90a)" } else { "mma.sync" },
-        kernels.image()
+        "bench ffn: {}, bf16, gate kernel {}",
+        setup.describe(args),
+        setup.gate_kernel()
     );
     println!(
         "{:>6} | {:>13} | {:>9} {:>9} | {:>9} | {:>9} | {:>8} | {:>9} | {:>9}",
@@ -492,36 +531,18 @@ fn check_train(l: &TrainLayer) -> Result<([f64; 6], [f64; 4])> {
 /// `sparse-train bench ffn --mode train`.
 fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
     use sparse_kernels::cuda::HybridKernels;
-    if !(0.0..1.0).contains(&args.sparsity) {
-        bail!("--sparsity {} must be in [0, 1)", args.sparsity);
-    }
-    if args.repeats == 0 || args.tokens.is_empty() {
-        bail!("need --repeats >= 1 and at least one --tokens value");
-    }
-    if !tch::Cuda::is_available() {
-        bail!("bench ffn needs a CUDA device (tch sees none)");
-    }
-    let (d, h) = parse_shape(&args.shape)?;
-    let device = Device::Cuda(args.device);
-    let tw = TwellKernels::for_device(device).context("loading the TwELL kernels")?;
+    let setup = FfnBenchSetup::new(args)?;
+    let FfnBenchSetup { d, h, device, .. } = setup;
     let hk = HybridKernels::for_device(device).context("loading the hybrid kernels")?;
     if !hk.supports(1, d, h) {
         bail!("the hybrid kernels do not take D = {d}, H = {h}");
     }
     let peak_ok = peak_stat_works(device)?;
     println!(
-        "bench ffn --mode train: GPU {} ({}), shape {} (D = {d}, H = {h}), sparsity {:.2} %, bf16 \
-         leaves, loss = sum(y * dy) + {TRAIN_DL1:e} * l1_sum, gate kernel {} (image {})",
-        gpu_name(&tw, device),
-        hk.device_name(),
-        args.shape,
-        args.sparsity * 100.0,
-        if tw.uses_wgmma() {
-            "wgmma (sm_90a)"
-        } else {
-            "mma.sync"
-        },
-        tw.image()
+        "bench ffn --mode train: {}, bf16 leaves, loss = sum(y * dy) + {TRAIN_DL1:e} * l1_sum, \
+         gate kernel {}",
+        setup.describe(args),
+        setup.gate_kernel()
     );
     println!(
         "  times: ms per layer fwd+bwd, median of {} repeats x 4 layers; memory: peak bytes \

@@ -35,7 +35,7 @@
 //! the path started), and energy from NVML's total-energy counter (delta over the timed loop,
 //! whole board) per iteration and per token.
 use crate::config::Config;
-use crate::model::{CachedOutput, Llama};
+use crate::model::{cross_entropy, CachedOutput, Llama};
 use crate::optim::AdamW;
 use anyhow::{bail, Result};
 use sparse_kernels::cuda_runtime;
@@ -367,52 +367,20 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         sync(device);
         cuda_runtime::reset_peak(device);
         let row = match mode {
-            Mode::Infer => {
-                let iter = || {
-                    tch::no_grad(|| {
-                        let _ =
-                            model.forward_cached(&inputs, None, &layer_paths, CachedOutput::Hidden);
-                    })
-                };
-                for _ in 0..args.warmup {
-                    iter();
-                }
-                sync(device);
-                let e0 = energy.total_mj();
-                let t0 = Instant::now();
-                for _ in 0..args.steps {
-                    iter();
-                }
-                sync(device);
-                let s = t0.elapsed().as_secs_f64();
-                let e1 = energy.total_mj();
-                Row {
-                    path,
-                    ms: s * 1e3 / args.steps as f64,
-                    tokens_per_s: tokens_per_iter * args.steps as f64 / s,
-                    peak: cuda_runtime::peak_allocated_bytes(device),
-                    used_end: energy.used_bytes(),
-                    energy_j: e0.zip(e1).map(|(a, b)| (b - a) as f64 / 1e3),
-                    nnz: None,
-                }
-            }
+            Mode::Infer => measure(path, device, &energy, args, tokens_per_iter, |_, _| {
+                tch::no_grad(|| {
+                    let _ = model.forward_cached(&inputs, None, &layer_paths, CachedOutput::Hidden);
+                });
+                Ok(())
+            })?,
             Mode::Generate => unreachable!("handled above"),
             Mode::Train => {
                 let mut opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);
                 let lambda = cfg.sparsity.l1_coeff;
                 let mut last = None;
-                let mut step = |i: usize, keep: bool| -> Result<()> {
+                let mut row = measure(path, device, &energy, args, tokens_per_iter, |i, keep| {
                     let out = model.forward(&inputs, &layer_paths);
-                    let ce = out
-                        .logits
-                        .view([-1, m.vocab_size as i64])
-                        .cross_entropy_loss::<Tensor>(
-                            &targets.reshape([-1]),
-                            None,
-                            Reduction::Sum,
-                            -100,
-                            0.0,
-                        );
+                    let ce = cross_entropy(&out.logits, &targets, Reduction::Sum);
                     let loss = (&ce + &out.l1_sum * lambda) / tokens_per_iter;
                     loss.backward();
                     let gn = opt.grad_norm().double_value(&[]);
@@ -426,28 +394,9 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                         last = Some(layer_means(&out));
                     }
                     Ok(())
-                };
-                for i in 0..args.warmup {
-                    step(i, false)?;
-                }
-                sync(device);
-                let e0 = energy.total_mj();
-                let t0 = Instant::now();
-                for i in 0..args.steps {
-                    step(args.warmup + i, i + 1 == args.steps)?;
-                }
-                sync(device);
-                let s = t0.elapsed().as_secs_f64();
-                let e1 = energy.total_mj();
-                Row {
-                    path,
-                    ms: s * 1e3 / args.steps as f64,
-                    tokens_per_s: tokens_per_iter * args.steps as f64 / s,
-                    peak: cuda_runtime::peak_allocated_bytes(device),
-                    used_end: energy.used_bytes(),
-                    energy_j: e0.zip(e1).map(|(a, b)| (b - a) as f64 / 1e3),
-                    nnz: last,
-                }
+                })?;
+                row.nnz = last;
+                row
             }
         };
         print_row(&row, rows.first(), args.steps, tokens_per_iter);
@@ -618,6 +567,40 @@ fn run_generate(
         }
     }
     Ok(())
+}
+
+/// Runs `iter(i, last)` `args.warmup` times untimed, then `args.steps` times between two
+/// synchronisations (`last` true on the final one), and measures the timed part: time,
+/// tokens/s, the allocator's peak since the caller's reset, NVML memory and energy.
+fn measure(
+    path: FfnPath,
+    device: Device,
+    energy: &Energy,
+    args: &BenchE2eArgs,
+    tokens_per_iter: f64,
+    mut iter: impl FnMut(usize, bool) -> Result<()>,
+) -> Result<Row> {
+    for i in 0..args.warmup {
+        iter(i, false)?;
+    }
+    sync(device);
+    let e0 = energy.total_mj();
+    let t0 = Instant::now();
+    for i in 0..args.steps {
+        iter(args.warmup + i, i + 1 == args.steps)?;
+    }
+    sync(device);
+    let s = t0.elapsed().as_secs_f64();
+    let e1 = energy.total_mj();
+    Ok(Row {
+        path,
+        ms: s * 1e3 / args.steps as f64,
+        tokens_per_s: tokens_per_iter * args.steps as f64 / s,
+        peak: cuda_runtime::peak_allocated_bytes(device),
+        used_end: energy.used_bytes(),
+        energy_j: e0.zip(e1).map(|(a, b)| (b - a) as f64 / 1e3),
+        nnz: None,
+    })
 }
 
 fn print_row(r: &Row, dense: Option<&Row>, steps: usize, tokens_per_iter: f64) {

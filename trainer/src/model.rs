@@ -459,6 +459,22 @@ impl Llama {
     }
 }
 
+/// Cross-entropy of `logits: [..., V]` against the token ids `targets: [...]` (int64),
+/// summed or averaged over positions as `reduction` says.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, reduction: tch::Reduction) -> Tensor {
+    let v = *logits
+        .size()
+        .last()
+        .expect("logits have a vocabulary dimension");
+    logits.view([-1, v]).cross_entropy_loss::<Tensor>(
+        &targets.reshape([-1]),
+        None,
+        reduction,
+        -100,
+        0.0,
+    )
+}
+
 /// RMSNorm computed in f32, cast back to the input dtype, then scaled (HF Llama order).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();

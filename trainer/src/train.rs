@@ -4,7 +4,7 @@ use crate::checkpointing::{self, TrainerState};
 use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::{DataLoader, TokenSource};
 use crate::metrics::{peak_rss_bytes, JsonlSink, LayerActivity};
-use crate::model::Llama;
+use crate::model::{cross_entropy, Llama};
 use crate::optim::{l1_coeff, learning_rate, AdamW, Zero1};
 use crate::repack;
 use crate::scheduler::PathScheduler;
@@ -239,16 +239,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, world: &World) -> Result<()> {
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
             let out = model.forward(&inputs, &paths);
-            let ce_sum = out
-                .logits
-                .view([-1, cfg.model.vocab_size as i64])
-                .cross_entropy_loss::<Tensor>(
-                    &targets.reshape([-1]),
-                    None,
-                    Reduction::Sum,
-                    -100,
-                    0.0,
-                );
+            let ce_sum = cross_entropy(&out.logits, &targets, Reduction::Sum);
             // Sums over this micro-batch divided by the global token count: the gradients
             // accumulate to the exact global mean, whatever the accumulation or world size.
             let loss = (&ce_sum + &out.l1_sum * lambda) / step_tokens as f64;
@@ -637,17 +628,7 @@ fn evaluate(
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
             let out = model.forward(&inputs, paths);
-            total += out
-                .logits
-                .view([-1, cfg.model.vocab_size as i64])
-                .cross_entropy_loss::<Tensor>(
-                    &targets.reshape([-1]),
-                    None,
-                    Reduction::Mean,
-                    -100,
-                    0.0,
-                )
-                .double_value(&[]);
+            total += cross_entropy(&out.logits, &targets, Reduction::Mean).double_value(&[]);
         }
     });
     Ok(total / n as f64)

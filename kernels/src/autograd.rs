@@ -165,7 +165,8 @@ extern "C" {
     ) -> c_int;
 }
 
-const ERR_LEN: usize = 1024;
+/// Bytes of the error buffers the bridges fill (shared with `hooks`).
+pub(crate) const ERR_LEN: usize = 1024;
 
 fn check_kind(name: &'static str, t: &Tensor) -> Result<(), FfnError> {
     match t.kind() {
@@ -440,17 +441,19 @@ fn into_raw(mut t: Tensor) -> *mut C_tensor {
 ///
 /// # Safety
 /// `err` must point to `len >= 1` writable bytes.
-unsafe fn write_err(err: *mut c_char, len: usize, msg: &str) {
+/// Copies `msg` into the bridge's error buffer `err` of `len` bytes, NUL-terminated.
+pub(crate) unsafe fn write_err(err: *mut c_char, len: usize, msg: &str) {
     let n = msg.len().min(len - 1);
     std::ptr::copy_nonoverlapping(msg.as_ptr() as *const c_char, err, n);
     *err.add(n) = 0;
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+/// The message of a caught panic.
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>()
         .cloned()
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic in the sparse FFN".into())
+        .unwrap_or_else(|| "panic without a message".into())
 }
 
 /// # Safety

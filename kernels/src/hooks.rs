@@ -13,6 +13,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
+use crate::autograd::{panic_message, write_err, ERR_LEN};
+
 /// An in-place operation on a tensor (for example an all-reduce over a group of ranks).
 pub type TensorHook = Box<dyn Fn(&mut Tensor) -> Result<(), String>>;
 
@@ -34,14 +36,6 @@ extern "C" {
     ) -> c_int;
 }
 
-const ERR_LEN: usize = 1024;
-
-unsafe fn write_err(err: *mut c_char, len: usize, msg: &str) {
-    let n = msg.len().min(len - 1);
-    std::ptr::copy_nonoverlapping(msg.as_ptr() as *const c_char, err, n);
-    *err.add(n) = 0;
-}
-
 /// Runs the boxed hook behind `state` on the borrowed tensor `t`.
 unsafe extern "C" fn call_hook(
     state: *mut c_void,
@@ -59,8 +53,12 @@ unsafe extern "C" fn call_hook(
             write_err(err, len, &msg);
             1
         }
-        Err(_) => {
-            write_err(err, len, "tensor hook panicked");
+        Err(p) => {
+            write_err(
+                err,
+                len,
+                &format!("tensor hook panicked: {}", panic_message(p)),
+            );
             1
         }
     }
@@ -163,7 +161,6 @@ mod tests {
             assert_eq!(dropped.load(Ordering::SeqCst), 0);
         }
         assert_eq!(dropped.load(Ordering::SeqCst), 1, "backward hook not freed");
-        let _ = Device::Cpu;
     }
 
     #[test]

@@ -715,6 +715,12 @@ impl TwellWorkspace {
         })
     }
 
+    /// Whether the spill buffer holds fewer slots than the worst case (every tile spilled),
+    /// so a forward's status must be read to know it was exact.
+    pub fn spill_is_bounded(&self) -> bool {
+        self.spill_cap < self.n * self.ntiles
+    }
+
     /// Status of the last forward (synchronises): 0 = exact; 1 = spill buffer was full
     /// (re-run with a larger `spill_cap`).
     pub fn status(&self) -> Result<i32> {
@@ -898,9 +904,7 @@ pub fn twell_ffn(
         }
     };
     let mut y = kernels.ffn_forward(&cache.0[idx].1, &x, &wg, &wu, &wdt)?;
-    if cache.0[idx].1.spill_cap < cache.0[idx].1.n * cache.0[idx].1.ntiles
-        && cache.0[idx].1.status()? != 0
-    {
+    if cache.0[idx].1.spill_is_bounded() && cache.0[idx].1.status()? != 0 {
         // The bounded spill buffer overflowed: worst case from now on, and rerun.
         cache.0[idx].1 =
             TwellWorkspace::new(n, d, h, launch.tw, launch.chunk, None, SLOT_CAP, device)?;

@@ -24,60 +24,21 @@
 //   backward: hyb_bwd_tok[_wide] (dh, du, dg per entry + dx) -> hyb_bwd_w (dWg, dWu, dWdT)
 // Shapes: x, dy [N, D]; Wg, Wu, WdT [H, D] row-major bf16; D % 8 == 0, D <= 2048 (<= 8192 with
 // the _wide variants); H <= 65536; N >= 1 (any). fp32 accumulation everywhere; deterministic.
-#include <cuda_bf16.h>
-#ifdef __CUDACC_RTC__
-// NVRTC (run-time compilation) has no C library headers.
-typedef unsigned char uint8_t;
-typedef signed char int8_t;
-typedef short int16_t;
-typedef unsigned short uint16_t;
-typedef int int32_t;
-typedef unsigned int uint32_t;
-typedef long long int64_t;
-typedef unsigned long long uint64_t;
-#else
-#include <stdint.h>
-#endif
+#include "common.cuh"
 
-#define DEV __device__ __forceinline__
-
-enum { HC_STATUS = 0, HC_NNZ = 1, HC_GSPILL = 2, HC_ORDER = 4 };  // hctrl: int[16], HC_ORDER..+31 scratch
-#define ST_GATE_SPILL 1
-#define ST_NNZ_OVER 2
-#define TILE_COLS 256
-#define SPILL_NONE 0xFFFFFFFFu
-#define BLK 32     // tokens per counting-sort block (bitmask rank)
-#define SEG 16     // blocks per scan segment
-#define MAXTILES 256
-
-DEV float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
-DEV float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
-DEV float bf16f(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
-DEV uint32_t pack_bf2(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
+// Indices and status bits of hctrl (int[HCTRL_WORDS], HC_ORDER..+31 scratch), the counting sort
+// sizes (HYB_BLK, HYB_SEG) and the block sizes: common.cuh.
+#define BLK HYB_BLK
+#define SEG HYB_SEG
 
 // ------------------------------------------------------------------------------------------
 // TwELL reading (one warp per token). Builds the warp-private prefix of tile counts `pre`
 // (ntiles+1 ints, shared) and returns the token's number of actives.
 DEV int tw_prefix(const uint32_t* __restrict__ twell, int t, int ntiles, int TW, int* pre, int lane) {
-  int carry = 0;
-  for (int i0 = 0; i0 < ntiles; i0 += 32) {
-    const int i = i0 + lane;
-    const int c = i < ntiles ? (int)__ldg(twell + ((size_t)t * ntiles + i) * TW) : 0;
-    int incl = c;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, off);
-      if (lane >= off) incl += y;
-    }
-    if (i < ntiles) pre[i] = carry + incl - c;
-    carry += __shfl_sync(0xffffffffu, incl, 31);
-  }
-  if (lane == 0) pre[ntiles] = carry;
+  const auto count = [&](int i) { return (int)__ldg(twell + ((size_t)t * ntiles + i) * TW); };
+  const int total = warp_tile_prefix(count, ntiles, pre, lane);
   __syncwarp();
-  return carry;
+  return total;
 }
 // a-th active of token t (tile-major, column-sorted inside a tile => column-sorted overall).
 DEV uint32_t tw_entry(const uint32_t* __restrict__ twell, const uint32_t* __restrict__ spill, int t, int ntiles,
@@ -94,10 +55,11 @@ DEV uint32_t tw_entry(const uint32_t* __restrict__ twell, const uint32_t* __rest
   return slot == SPILL_NONE ? 0u : __ldg(spill + (size_t)slot * TILE_COLS + k);
 }
 
+static_assert(HYB_THREADS == 256 && HYB_BLK == 32, "8 warps over a block of 32 tokens (one mask bit each)");
 // Marks, for the block's 32 tokens, bit tl of mask[j] for every active (tl, j). Returns nothing;
 // row_cnt written when non-null. Block = 256 threads, warp w takes tokens w, w+8, w+16, w+24.
 DEV void block_masks(const uint32_t* __restrict__ twell, const uint32_t* __restrict__ spill, int N, int H,
-                     int ntiles, int TW, uint32_t* mask, int (*pre)[MAXTILES + 1], int* row_cnt) {
+                     int ntiles, int TW, uint32_t* mask, int (*pre)[MAX_TILES + 1], int* row_cnt) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t0 = blockIdx.x * BLK;
   for (int j = tid; j < H; j += blockDim.x) mask[j] = 0;
@@ -117,11 +79,11 @@ DEV void block_masks(const uint32_t* __restrict__ twell, const uint32_t* __restr
 }
 
 // K1: per-token counts and per-(block, unit) counts (uint8, <= 32). Dynamic smem: H * 4 bytes.
-extern "C" __global__ void __launch_bounds__(256) hyb_count(const uint32_t* __restrict__ twell,
+extern "C" __global__ void __launch_bounds__(HYB_THREADS) hyb_count(const uint32_t* __restrict__ twell,
                                                             const uint32_t* __restrict__ spill, int N, int H,
                                                             int ntiles, int TW, int* row_cnt, uint8_t* blkcnt) {
   extern __shared__ uint32_t mask[];
-  __shared__ int pre[8][MAXTILES + 1];
+  __shared__ int pre[8][MAX_TILES + 1];
   block_masks(twell, spill, N, H, ntiles, TW, mask, pre, row_cnt);
   uint8_t* out = blkcnt + (size_t)blockIdx.x * H;
   for (int j = threadIdx.x; j < H; j += blockDim.x) out[j] = (uint8_t)__popc(mask[j]);
@@ -129,9 +91,9 @@ extern "C" __global__ void __launch_bounds__(256) hyb_count(const uint32_t* __re
 
 // K2a: inside each segment of SEG blocks, exclusive offsets per unit (uint16) and segment totals.
 // grid (ceil(H/256), nseg), 256 threads.
-extern "C" __global__ void __launch_bounds__(256) hyb_segscan(const uint8_t* __restrict__ blkcnt, uint16_t* boff,
+extern "C" __global__ void __launch_bounds__(HYB_THREADS) hyb_segscan(const uint8_t* __restrict__ blkcnt, uint16_t* boff,
                                                               int* segtot, int nblk, int H) {
-  const int j = blockIdx.x * 256 + threadIdx.x, s = blockIdx.y;
+  const int j = blockIdx.x * HYB_THREADS + threadIdx.x, s = blockIdx.y;
   if (j >= H) return;
   const int b0 = s * SEG, b1 = min(nblk, b0 + SEG);
   uint8_t c[SEG];
@@ -147,8 +109,8 @@ extern "C" __global__ void __launch_bounds__(256) hyb_segscan(const uint8_t* __r
 }
 
 // K2b: per unit, exclusive offsets of the segments (in place) and unit totals. Thread per unit.
-extern "C" __global__ void __launch_bounds__(256) hyb_unitscan(int* segoff, int* unit_cnt, int nseg, int H) {
-  const int j = blockIdx.x * 256 + threadIdx.x;
+extern "C" __global__ void __launch_bounds__(HYB_THREADS) hyb_unitscan(int* segoff, int* unit_cnt, int nseg, int H) {
+  const int j = blockIdx.x * HYB_THREADS + threadIdx.x;
   if (j >= H) return;
   int run = 0;
   int s = 0;
@@ -198,10 +160,10 @@ DEV int block_scan(const int* in, int* out, int n, int* sh) {
 }
 
 // K3: one block of 1024 threads. row_ptr, unit_ptr, capacity check, gate status, unit order.
-extern "C" __global__ void __launch_bounds__(1024) hyb_scan(const int* row_cnt, int* row_ptr, const int* unit_cnt,
+extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_scan(const int* row_cnt, int* row_ptr, const int* unit_cnt,
                                                             int* unit_ptr, int* uorder, int N, int H, int cap,
                                                             int* gctrl, int* hctrl) {
-  __shared__ int sh[1024];
+  __shared__ int sh[HYB_SCAN_THREADS];
   __shared__ int bcnt[32], bpos[32];
   const int tid = threadIdx.x;
   const int nnz = block_scan(row_cnt, row_ptr, N, sh);
@@ -209,13 +171,13 @@ extern "C" __global__ void __launch_bounds__(1024) hyb_scan(const int* row_cnt, 
   if (tid < 32) bcnt[tid] = 0;
   if (tid == 0) {
     int st = 0;
-    if (gctrl[1] != 0) st |= ST_GATE_SPILL;
+    if (gctrl[CTRL_STATUS] != 0) st |= ST_GATE_SPILL;
     if (nnz > cap) st |= ST_NNZ_OVER;
     hctrl[HC_STATUS] = st;
     hctrl[HC_NNZ] = nnz;
-    hctrl[HC_GSPILL] = gctrl[0];
-    gctrl[0] = 0;  // spill slot counter and status of the gate, for the next forward
-    gctrl[1] = 0;
+    hctrl[HC_GSPILL] = gctrl[CTRL_SPILL];
+    gctrl[CTRL_SPILL] = 0;  // spill slot counter and status of the gate, for the next forward
+    gctrl[CTRL_STATUS] = 0;
   }
   __syncthreads();
   // heaviest first: bucket = 31 - floor(log2(cnt + 1)); placement inside a bucket is by atomics
@@ -234,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(1024) hyb_scan(const int* row_cnt, 
 }
 
 // K4: fill CSR (ecol, eg) and CSC (csc = e). Grid nblk, 256 threads, dynamic smem H * 4.
-extern "C" __global__ void __launch_bounds__(256) hyb_fill(const uint32_t* __restrict__ twell,
+extern "C" __global__ void __launch_bounds__(HYB_THREADS) hyb_fill(const uint32_t* __restrict__ twell,
                                                            const uint32_t* __restrict__ spill, int N, int H,
                                                            int ntiles, int TW, const int* __restrict__ row_ptr,
                                                            const int* __restrict__ unit_ptr,
@@ -242,7 +204,7 @@ extern "C" __global__ void __launch_bounds__(256) hyb_fill(const uint32_t* __res
                                                            const int* __restrict__ segoff, const int* hctrl,
                                                            int* ecol, uint16_t* eg, int* csc) {
   extern __shared__ uint32_t mask[];
-  __shared__ int pre[8][MAXTILES + 1];
+  __shared__ int pre[8][MAX_TILES + 1];
   if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
   block_masks(twell, spill, N, H, ntiles, TW, mask, pre, nullptr);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -273,56 +235,7 @@ extern "C" __global__ void __launch_bounds__(256) hyb_fill(const uint32_t* __res
 // weight row; phase 2: each thread owns 8 columns (x GPT) of the output row and streams gathered
 // weight rows (coalesced 16-B loads).
 namespace tk {
-constexpr int THREADS = 256, WARPS = 8, LCAP = 64;
-}
-
-// Two dot products of the shared vector vs with weight rows r1, r2 (warp; result in all lanes).
-DEV void warp_dot2(const __nv_bfloat16* vs, const __nv_bfloat16* __restrict__ r1,
-                   const __nv_bfloat16* __restrict__ r2, int G8, int lane, float& s1, float& s2) {
-  const uint4* w1 = reinterpret_cast<const uint4*>(r1);
-  const uint4* w2 = reinterpret_cast<const uint4*>(r2);
-  s1 = 0.f;
-  s2 = 0.f;
-#pragma unroll 4
-  for (int gi = lane; gi < G8; gi += 32) {
-    const uint4 xa = reinterpret_cast<const uint4*>(vs)[gi];
-    const uint4 p = __ldg(w1 + gi);
-    const uint4 q = __ldg(w2 + gi);
-    const uint32_t xw[4] = {xa.x, xa.y, xa.z, xa.w};
-    const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
-    const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float xl = bf_lo(xw[j]), xh = bf_hi(xw[j]);
-      s1 = fmaf(xl, bf_lo(pw[j]), s1);
-      s1 = fmaf(xh, bf_hi(pw[j]), s1);
-      s2 = fmaf(xl, bf_lo(qw[j]), s2);
-      s2 = fmaf(xh, bf_hi(qw[j]), s2);
-    }
-  }
-#pragma unroll
-  for (int off = 16; off; off >>= 1) {
-    s1 += __shfl_xor_sync(0xffffffffu, s1, off);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, off);
-  }
-}
-
-DEV void axpy8(float* acc, float a, uint4 w) {
-  const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    acc[2 * j] = fmaf(a, bf_lo(ww[j]), acc[2 * j]);
-    acc[2 * j + 1] = fmaf(a, bf_hi(ww[j]), acc[2 * j + 1]);
-  }
-}
-
-DEV void store_row(__nv_bfloat16* out, int gi, const float* a) {
-  uint4 o;
-  o.x = pack_bf2(a[0], a[1]);
-  o.y = pack_bf2(a[2], a[3]);
-  o.z = pack_bf2(a[4], a[5]);
-  o.w = pack_bf2(a[6], a[7]);
-  reinterpret_cast<uint4*>(out)[gi] = o;
+constexpr int THREADS = HYB_THREADS, WARPS = THREADS / 32, LCAP = 64;
 }
 
 // Forward: u, h, y, per-token l1. Saves eu.
@@ -396,7 +309,7 @@ DEV void fwd_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
 #pragma unroll
   for (int q = 0; q < GPT; ++q) {
     const int gi = tid + q * THREADS;
-    if (gi < G8) store_row(y + (size_t)t * D, gi, acc[q]);
+    if (gi < G8) store_bf16x8(y + (size_t)t * D, gi, acc[q]);
   }
   if (lane == 0) wl1[warp] = l1;
   __syncthreads();
@@ -416,14 +329,14 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_fwd(FWD_ARGS) {
 extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_fwd_wide(FWD_ARGS) { fwd_body<4>(FWD_PASS); }
 
 // l1_sum = sum over tokens of l1_tok, fixed order (one block of 1024 threads).
-extern "C" __global__ void __launch_bounds__(1024) hyb_l1(const float* l1_tok, int N, float* out, const int* hctrl) {
-  __shared__ float sh[1024];
+extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_l1(const float* l1_tok, int N, float* out, const int* hctrl) {
+  __shared__ float sh[HYB_SCAN_THREADS];
   const int tid = threadIdx.x;
   float s = 0.f;
-  for (int i = tid; i < N; i += 1024) s += l1_tok[i];
+  for (int i = tid; i < N; i += HYB_SCAN_THREADS) s += l1_tok[i];
   sh[tid] = s;
   __syncthreads();
-  for (int off = 512; off; off >>= 1) {
+  for (int off = HYB_SCAN_THREADS / 2; off; off >>= 1) {
     if (tid < off) sh[tid] += sh[tid + off];
     __syncthreads();
   }
@@ -510,7 +423,7 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
 #pragma unroll
   for (int q = 0; q < GPT; ++q) {
     const int gi = tid + q * THREADS;
-    if (gi < G8) store_row(dx + (size_t)t * D, gi, acc[q]);
+    if (gi < G8) store_bf16x8(dx + (size_t)t * D, gi, acc[q]);
   }
 }
 
@@ -533,8 +446,9 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BW
 // all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the slice (16-B
 // loads). Partial sums of the 4 warps are added in warp order (deterministic). Every unit's
 // rows are written (zeros for silent units).
+static_assert(HYB_BWD_W_THREADS == 128 && HYB_BWD_W_SLICE == 256, "4 warps, 8 columns per lane, 2 columns per thread in the reduction");
 namespace wk {
-constexpr int THREADS = 128, WARPS = 4, SLICE = 256, UNR = 8;
+constexpr int THREADS = HYB_BWD_W_THREADS, WARPS = THREADS / 32, SLICE = HYB_BWD_W_SLICE, UNR = 8;
 }
 extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(const __nv_bfloat16* __restrict__ x,
                                                                     const __nv_bfloat16* __restrict__ dy,

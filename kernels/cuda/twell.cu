@@ -26,31 +26,13 @@
 //   heavy tokens' extra chunks first; partial sums of split tokens are combined by the last
 //   chunk to arrive, in chunk order (deterministic).
 //
-// ctrl: int[8], zeroed once at allocation; the kernels keep it consistent across forwards:
-//   [0] spill slots taken, [1] status (gate/pack), [2] extra items, [3] part slots, [4] next item;
-//   every gate kernel zeroes [2..4]; twell_plan copies [1] -> [5] and [0] -> [6] (status and
-//   spill use of this forward, for the caller to read) and zeroes [0..1] for the next forward.
-#include <cuda_bf16.h>
-#ifdef __CUDACC_RTC__
-// NVRTC (run-time compilation) has no C library headers.
-typedef unsigned char uint8_t;
-typedef signed char int8_t;
-typedef short int16_t;
-typedef unsigned short uint16_t;
-typedef int int32_t;
-typedef unsigned int uint32_t;
-typedef long long int64_t;
-typedef unsigned long long uint64_t;
-#else
-#include <stdint.h>
-#endif
-
-#define DEV __device__ __forceinline__
-
-enum { CTRL_SPILL = 0, CTRL_STATUS = 1, CTRL_NEXTRA = 2, CTRL_NSLOTS = 3, CTRL_NEXT = 4 };
-#define STATUS_SPILL_FULL 1
-#define TILE_COLS 256
-#define SPILL_NONE 0xFFFFFFFFu
+// ctrl: int[CTRL_WORDS] (indices in common.cuh), zeroed once at allocation; the kernels keep it
+//   consistent across forwards: CTRL_SPILL spill slots taken, CTRL_STATUS status (gate/pack),
+//   CTRL_NEXTRA extra items, CTRL_NSLOTS part slots, CTRL_NEXT next item; every gate kernel
+//   zeroes CTRL_NEXTRA..CTRL_NEXT; twell_plan copies CTRL_STATUS -> CTRL_LAST_STATUS and
+//   CTRL_SPILL -> CTRL_LAST_SPILL (status and spill use of this forward, for the caller to read)
+//   and zeroes CTRL_SPILL and CTRL_STATUS for the next forward.
+#include "common.cuh"
 
 // ------------------------------------------------------------------------------------------
 // small PTX helpers
@@ -77,17 +59,7 @@ DEV void mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, 
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-DEV float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
-DEV float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
-
-DEV uint32_t pack_bf2_relu(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(fmaxf(a, 0.f), fmaxf(b, 0.f));
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-DEV uint32_t pack_bf2(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
+DEV uint32_t pack_bf2_relu(float a, float b) { return pack_bf2(fmaxf(a, 0.f), fmaxf(b, 0.f)); }
 
 // ------------------------------------------------------------------------------------------
 // Packs one row of one 256-column tile (src: 256 bf16 values already relu'd, 16-B aligned,
@@ -106,12 +78,7 @@ DEV void pack_tile_row(const __nv_bfloat16* src, int col_base, uint32_t* out, ui
     if ((int16_t)bits > 0) mask |= 1u << e;
   }
   const int n = __popc(mask);
-  int incl = n;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += y;
-  }
+  const int incl = warp_inclusive_scan(n, lane);
   const int total = __shfl_sync(0xffffffffu, incl, 31);
   int k = incl - n;
   const int col0 = col_base + lane * 8;
@@ -160,9 +127,11 @@ DEV void pack_tile_row(const __nv_bfloat16* src, int col_base, uint32_t* out, ui
 // Gate GEMM, mma.sync m16n8k16, CTA tile 128 x 256 x 32, 8 warps (2 x 4, warp tile 64 x 64),
 // 4-stage cp.async pipeline, XOR-swizzled 64-B smem rows (conflict-free ldmatrix).
 namespace gemm {
-constexpr int BM = 128, BN = 256, BK = 32, STAGES = 4, THREADS = 256;
+constexpr int BM = GATE_ROWS, BN = TILE_COLS, BK = 32, STAGES = 4, THREADS = GEMM_THREADS;
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // 98304
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
+static_assert(SMEM_BYTES == GEMM_SMEM_BYTES, "common.cuh's GEMM_SMEM_BYTES is what the host asks for");
+static_assert(THREADS == 256, "8 warps as 2 x 4 warp tiles of 64 x 64");
 constexpr int CS = BN + 8;                         // epilogue tile row stride (bf16 elements)
 static_assert(BM * CS * 2 + 8 * 128 * 4 <= SMEM_BYTES, "epilogue does not fit");
 
@@ -180,7 +149,7 @@ DEV void gate_gemm_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16
   const int m0 = blockIdx.y * BM, n0 = tile * BN;
   const int KT = D / BK;
   const uint32_t sbase = smem_u32(smem);
-  if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 3) ctrl[2 + tid] = 0;
+  if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 3) ctrl[CTRL_NEXTRA + tid] = 0;
 
   auto load_stage = [&](int stage, int kt) {
     const uint32_t sa = sbase + stage * STAGE_BYTES, sb = sa + A_BYTES;
@@ -337,10 +306,13 @@ DEV void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
 #endif
 
 namespace wg {
-constexpr int BM = 128, BN = 256, BK = 64, ST = 4;
+constexpr int BM = GATE_ROWS, BN = TILE_COLS, BK = 64, ST = 4;
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
 constexpr int CS = BN + 8;
 static_assert(BM * CS * 2 + 8 * 128 * 4 <= ST * STAGE_BYTES, "epilogue does not fit");
+// The stages plus 1 KiB to align the base to the 128-B swizzle's 1024-B period.
+static_assert(ST * STAGE_BYTES + 1024 == WGMMA_SMEM_BYTES, "common.cuh's WGMMA_SMEM_BYTES is what the host asks for");
+static_assert(WGMMA_THREADS == 384, "1 producer + 2 consumer warpgroups");
 }  // namespace wg
 
 template <int TW>
@@ -357,7 +329,7 @@ DEV void gate_wgmma_body(const TmapParam* tmA, const TmapParam* tmB, uint32_t* t
   const int tile = blockIdx.x, ntiles = gridDim.x;
   const int m0 = blockIdx.y * BM, n0 = tile * BN;
   const int KT = D / BK;
-  if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 3) ctrl[2 + tid] = 0;
+  if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 3) ctrl[CTRL_NEXTRA + tid] = 0;
   if (tid == 0) {
     for (int s = 0; s < ST; ++s) {
       mbar_init(smem_u32(&fullb[s]), 1);
@@ -418,7 +390,7 @@ DEV void gate_wgmma_body(const TmapParam* tmA, const TmapParam* tmB, uint32_t* t
 }
 
 #define GATE_WGMMA_ENTRY(TW)                                                                                    \
-  extern "C" __global__ void __launch_bounds__(384, 1)                                                          \
+  extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)                                                \
       twell_gate_wgmma_tw##TW(const __grid_constant__ TmapParam tmA, const __grid_constant__ TmapParam tmB,     \
                               uint32_t* twell, uint32_t* spill, int spill_cap, int* ctrl, int N, int D, int H) { \
     gate_wgmma_body<TW>(&tmA, &tmB, twell, spill, spill_cap, ctrl, N, D, H);                                    \
@@ -434,11 +406,13 @@ GATE_WGMMA_ENTRY(128)
 // fragments are loaded straight from global memory, 16 B per lane, with K permuted inside each
 // 32-wide block identically for both operands (a dot product does not care about K order).
 // G has row stride ldg = ntiles*256; columns in [H, ldg) are written as zero.
-extern "C" __global__ void __launch_bounds__(128) twell_gate_skinny(const __nv_bfloat16* __restrict__ x,
+static_assert(SKINNY_THREADS == 128 && SKINNY_TOKENS == 64 && SKINNY_UNITS == 32,
+              "4 warps over a 32-unit x 64-token block");
+extern "C" __global__ void __launch_bounds__(SKINNY_THREADS) twell_gate_skinny(const __nv_bfloat16* __restrict__ x,
                                                                      const __nv_bfloat16* __restrict__ W,
                                                                      __nv_bfloat16* G, int N, int D, int H,
                                                                      int ldg, int* ctrl) {
-  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < 3) ctrl[2 + threadIdx.x] = 0;
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < 3) ctrl[CTRL_NEXTRA + threadIdx.x] = 0;
   __shared__ float red[4][2][8][4][32];  // [warp][mi][nt][r][lane] = 32 KB
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -535,6 +509,7 @@ extern "C" __global__ void __launch_bounds__(128) twell_gate_skinny(const __nv_b
 template <int TW>
 DEV void pack_body(const __nv_bfloat16* G, int ldg, uint32_t* twell, uint32_t* spill, int spill_cap, int* ctrl,
                    int N, int ntiles) {
+  static_assert(PACK_THREADS == 256, "8 warps, one (row, tile) each");
   __shared__ uint32_t stg[8][TW];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long w = (long long)blockIdx.x * 8 + warp;
@@ -544,7 +519,7 @@ DEV void pack_body(const __nv_bfloat16* G, int ldg, uint32_t* twell, uint32_t* s
                     spill, spill_cap, ctrl, lane);
 }
 #define PACK_ENTRY(TW)                                                                                      \
-  extern "C" __global__ void __launch_bounds__(256) twell_pack_tw##TW(                                      \
+  extern "C" __global__ void __launch_bounds__(PACK_THREADS) twell_pack_tw##TW(                                      \
       const __nv_bfloat16* G, int ldg, uint32_t* twell, uint32_t* spill, int spill_cap, int* ctrl, int N,  \
       int ntiles) {                                                                                         \
     pack_body<TW>(G, ldg, twell, spill, spill_cap, ctrl, N, ntiles);                                        \
@@ -557,22 +532,22 @@ PACK_ENTRY(128)
 // Plan: one warp per token. tokinfo[t] = {count, nchunks, slot_base, 0}; a token with
 // count > chunk gets ceil(count/chunk) chunks (if part slots remain, else it stays one item);
 // chunks 1.. are appended to `items` as {t, k, slot_base, 0}.
-extern "C" __global__ void __launch_bounds__(256) twell_plan(const uint32_t* twell, int N, int ntiles, int TW,
+static_assert(PLAN_THREADS == 256, "8 warps, one token each");
+extern "C" __global__ void __launch_bounds__(PLAN_THREADS) twell_plan(const uint32_t* twell, int N, int ntiles, int TW,
                                                               int chunk, int4* tokinfo, int4* items, int slot_cap,
                                                               int* ctrl) {
   const int lane = threadIdx.x & 31;
   const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    ctrl[5] = ctrl[CTRL_STATUS];
-    ctrl[6] = ctrl[CTRL_SPILL];
+    ctrl[CTRL_LAST_STATUS] = ctrl[CTRL_STATUS];
+    ctrl[CTRL_LAST_SPILL] = ctrl[CTRL_SPILL];
     ctrl[CTRL_STATUS] = 0;
     ctrl[CTRL_SPILL] = 0;
   }
   if (t >= N) return;
   int c = 0;
   for (int i = lane; i < ntiles; i += 32) c += (int)twell[((size_t)t * ntiles + i) * TW];
-#pragma unroll
-  for (int off = 16; off; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
+  c = warp_sum(c);
   if (lane == 0) {
     const int nch = (c + chunk - 1) / chunk;
     int4 info = make_int4(c, 1, 0, 0);
@@ -591,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(256) twell_plan(const uint32_t* twe
 // ------------------------------------------------------------------------------------------
 // Fused up + down (GATED) / down only (!GATED). Persistent CTAs of 256 threads.
 namespace ud {
-constexpr int THREADS = 256, WARPS = 8, LCAP = 256, MAXTILES = 256;
+constexpr int THREADS = UPDOWN_THREADS, WARPS = THREADS / 32, LCAP = 256;
 }
 
 // GPT: 16-byte granules of y per thread; D <= GPT * 256 * 8.
@@ -605,7 +580,7 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
   extern __shared__ __align__(16) unsigned char dsm[];
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(dsm);  // D bf16
   __shared__ int s_item, s_last;
-  __shared__ int cnt[MAXTILES], pre[MAXTILES + 1];
+  __shared__ int cnt[MAX_TILES], pre[MAX_TILES + 1];
   __shared__ int lcol[LCAP];
   __shared__ float lh[LCAP];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -640,22 +615,7 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
     const uint32_t* trow = twell + (size_t)t * ntiles * TW;
     for (int i = tid; i < ntiles; i += THREADS) cnt[i] = (int)__ldg(trow + (size_t)i * TW);
     __syncthreads();
-    if (warp == 0) {
-      int carry = 0;
-      for (int i0 = 0; i0 < ntiles; i0 += 32) {
-        const int i = i0 + lane;
-        const int c = i < ntiles ? cnt[i] : 0;
-        int incl = c;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const int yv = __shfl_up_sync(0xffffffffu, incl, off);
-          if (lane >= off) incl += yv;
-        }
-        if (i < ntiles) pre[i] = carry + incl - c;
-        carry += __shfl_sync(0xffffffffu, incl, 31);
-      }
-      if (lane == 0) pre[ntiles] = carry;
-    }
+    if (warp == 0) warp_tile_prefix([&](int i) { return cnt[i]; }, ntiles, pre, lane);
     __syncthreads();
 
     float acc[GPT][8];
@@ -692,31 +652,8 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
         for (int idx = warp; idx < L; idx += 2 * WARPS) {
           const int idx2 = idx + WARPS;
           const bool two = idx2 < L;
-          const uint4* w1 = reinterpret_cast<const uint4*>(Wu + (size_t)lcol[idx] * D);
-          const uint4* w2 = reinterpret_cast<const uint4*>(Wu + (size_t)lcol[two ? idx2 : idx] * D);
-          float s1 = 0.f, s2 = 0.f;
-#pragma unroll 4
-          for (int gi = lane; gi < G8; gi += 32) {
-            const uint4 xa = reinterpret_cast<const uint4*>(xs)[gi];
-            const uint4 p = __ldg(w1 + gi);
-            const uint4 q = __ldg(w2 + gi);
-            const uint32_t xw[4] = {xa.x, xa.y, xa.z, xa.w};
-            const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
-            const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float xl = bf_lo(xw[j]), xh = bf_hi(xw[j]);
-              s1 = fmaf(xl, bf_lo(pw[j]), s1);
-              s1 = fmaf(xh, bf_hi(pw[j]), s1);
-              s2 = fmaf(xl, bf_lo(qw[j]), s2);
-              s2 = fmaf(xh, bf_hi(qw[j]), s2);
-            }
-          }
-#pragma unroll
-          for (int off = 16; off; off >>= 1) {
-            s1 += __shfl_xor_sync(0xffffffffu, s1, off);
-            s2 += __shfl_xor_sync(0xffffffffu, s2, off);
-          }
+          float s1, s2;
+          warp_dot2(xs, Wu + (size_t)lcol[idx] * D, Wu + (size_t)lcol[two ? idx2 : idx] * D, G8, lane, s1, s2);
           if (lane == 0) {
             lh[idx] *= s1;
             if (two) lh[idx2] *= s2;
@@ -736,26 +673,10 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
             for (int u = 0; u < 4; ++u)
               w[u] = __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx + u] * D) + gi);
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              const float h = lh[idx + u];
-              const uint32_t ww[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
-#pragma unroll
-              for (int j = 0; j < 4; ++j) {
-                acc[q][2 * j] = fmaf(h, bf_lo(ww[j]), acc[q][2 * j]);
-                acc[q][2 * j + 1] = fmaf(h, bf_hi(ww[j]), acc[q][2 * j + 1]);
-              }
-            }
+            for (int u = 0; u < 4; ++u) axpy8(acc[q], lh[idx + u], w[u]);
           }
-          for (; idx < L; ++idx) {
-            const uint4 w = __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx] * D) + gi);
-            const float h = lh[idx];
-            const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              acc[q][2 * j] = fmaf(h, bf_lo(ww[j]), acc[q][2 * j]);
-              acc[q][2 * j + 1] = fmaf(h, bf_hi(ww[j]), acc[q][2 * j + 1]);
-            }
-          }
+          for (; idx < L; ++idx)
+            axpy8(acc[q], lh[idx], __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx] * D) + gi));
         }
       }
       __syncthreads();
@@ -765,14 +686,7 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
 #pragma unroll
       for (int q = 0; q < GPT; ++q) {
         const int gi = tid + q * THREADS;
-        if (gi < G8) {
-          uint4 o;
-          o.x = pack_bf2(acc[q][0], acc[q][1]);
-          o.y = pack_bf2(acc[q][2], acc[q][3]);
-          o.z = pack_bf2(acc[q][4], acc[q][5]);
-          o.w = pack_bf2(acc[q][6], acc[q][7]);
-          reinterpret_cast<uint4*>(y + (size_t)t * D)[gi] = o;
-        }
+        if (gi < G8) store_bf16x8(y + (size_t)t * D, gi, acc[q]);
       }
     } else {
       float* p = part + (size_t)(base + k) * D;
@@ -801,12 +715,7 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
               s[0] += u0.x; s[1] += u0.y; s[2] += u0.z; s[3] += u0.w;
               s[4] += u1.x; s[5] += u1.y; s[6] += u1.z; s[7] += u1.w;
             }
-            uint4 o;
-            o.x = pack_bf2(s[0], s[1]);
-            o.y = pack_bf2(s[2], s[3]);
-            o.z = pack_bf2(s[4], s[5]);
-            o.w = pack_bf2(s[6], s[7]);
-            reinterpret_cast<uint4*>(y + (size_t)t * D)[gi] = o;
+            store_bf16x8(y + (size_t)t * D, gi, s);
           }
         }
         if (tid == 0) arrive[base] = 0;

@@ -5,20 +5,22 @@
 //! kernel reads whole contiguous rows of the live units and tensor parallelism splits all
 //! three along the same axis. Checkpoints export `down_proj.weight` in the HF `[D, H]` layout.
 //!
-//! [`ffn::sparse_ffn`] is the one entry point; it runs the `dense`, `twell` or `hybrid` path
-//! and callers never branch on the device.
+//! [`sparse_ffn`] / [`try_sparse_ffn`] is the one entry point; it runs the `dense`, `twell`
+//! or `hybrid` path ([`FfnPath`]) and callers never branch on the device.
 //!
-//! Modules: [`twell`] and [`hybrid`] are the packed formats of the gate activations,
-//! [`reference`] the CPU reference computed from them, [`autograd`] the `SparseFfn` custom
-//! autograd function (C++ side in `bridge/`) that the sparse paths run through.
-pub mod autograd;
+//! Modules: [`types`] the vocabulary; [`op`] the op and its one dispatch (the `SparseFfn`
+//! custom autograd function, C++ side in `bridge/`); [`format`] the CPU packed formats of
+//! the gate activations and the reference computed from them; [`cuda`] the CUDA kernels;
+//! [`torch`] the libtorch extensions ([`hooks`], [`cuda_runtime`]); [`testing`] the input
+//! generator of the GPU tests and benchmarks.
 pub mod cuda;
-pub mod cuda_runtime;
-pub mod ffn;
-pub mod hooks;
-pub mod hybrid;
-pub mod reference;
-pub mod twell;
+pub mod format;
+pub mod op;
+pub mod testing;
+pub mod torch;
+pub mod types;
 
-pub use autograd::{FfnError, SparseFfnConfig};
-pub use ffn::{sparse_ffn, try_sparse_ffn, FfnOutput, FfnPath, FfnWeights};
+pub use op::dense::dense_ffn;
+pub use op::{sparse_ffn, try_sparse_ffn};
+pub use torch::{cuda_runtime, hooks};
+pub use types::{FfnError, FfnOutput, FfnPath, FfnWeights, SparseFfnConfig};

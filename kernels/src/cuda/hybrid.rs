@@ -18,28 +18,28 @@
 //! `D % 64 == 0`, `D <= 8192`, `H <= 65536` and `4 H` bytes of shared memory per block
 //! ([`HybridKernels::supports`]). fp32 accumulation, deterministic.
 use std::collections::HashMap;
-use std::ffi::c_void; // named by kargs!
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaModule};
 use tch::{Device, Kind, Tensor};
 
-use super::{
-    cuda_ordinal, launch, load_image, load_once, ptr, CudaKernelError, PerDevice, Result,
-    TwellKernels,
+use super::consts::{
+    HCTRL_WORDS, HC_GSPILL, HC_NNZ, HC_STATUS, HYB_BLK, HYB_BWD_W_SLICE, HYB_BWD_W_THREADS,
+    HYB_SCAN_THREADS, HYB_SEG, HYB_THREADS, MAX_TILES, ST_GATE_SPILL, ST_NNZ_OVER, TILE_COLS,
 };
-use super::{TwellWorkspace, TILE};
+use super::image::load_image;
+use super::launch::{
+    cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill, hyb_fwd, hyb_l1, hyb_scan,
+    hyb_segscan, hyb_unitscan, load_once, ptr, LaunchShape, PerDevice,
+};
+use super::twell::{TwellKernels, TwellWorkspace};
+use super::{CudaKernelError, Result};
 
-const ST_GATE_SPILL: i32 = 1;
-const ST_NNZ_OVER: i32 = 2;
-/// Tokens per counting-sort block and blocks per scan segment (hybrid.cu's BLK, SEG).
-const BLK: i64 = 32;
-const SEG: i64 = 16;
 /// Words per gate tile: C = 8 (31 actives inline, more spill to a 256-entry slot).
 const TW: i64 = 32;
-/// Static shared memory of hyb_count / hyb_fill (`int pre[8][MAXTILES + 1]`).
-const FILL_STATIC_SMEM: i64 = 8 * 257 * 4;
+/// Static shared memory of hyb_count / hyb_fill (`int pre[8][MAX_TILES + 1]`).
+const FILL_STATIC_SMEM: i64 = 8 * (MAX_TILES + 1) * 4;
 /// Most grow-and-rerun rounds of one forward (each at least doubles what was short).
 const MAX_ROUNDS: usize = 4;
 
@@ -215,7 +215,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     }
     let stream = k.tw.bind(device)?;
     let ordinal = cuda_ordinal(device)?;
-    let ntiles = (h + TILE - 1) / TILE;
+    let ntiles = (h + TILE_COLS - 1) / TILE_COLS;
     let key = (ordinal, n, d, h);
     let (mut cap, mut spill_cap) = size_hints()
         .lock()
@@ -224,8 +224,8 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
         .copied()
         .unwrap_or(((n * 64).max(1024), (n * ntiles / 64).max(64)));
     let i32o = (Kind::Int, device);
-    let nblk = (n + BLK - 1) / BLK;
-    let nseg = (nblk + SEG - 1) / SEG;
+    let nblk = (n + HYB_BLK - 1) / HYB_BLK;
+    let nseg = (nblk + HYB_SEG - 1) / HYB_SEG;
     // Scratch of this forward (freed on return) and the per-call state.
     let row_cnt = Tensor::f_empty([n], i32o)?;
     let blkcnt = Tensor::f_empty([nblk * h], (Kind::Uint8, device))?;
@@ -237,7 +237,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     let row_ptr = Tensor::f_empty([n + 1], i32o)?;
     let unit_ptr = Tensor::f_empty([h + 1], i32o)?;
     let uorder = Tensor::f_empty([h], i32o)?;
-    let hctrl = Tensor::f_zeros([16], i32o)?;
+    let hctrl = Tensor::f_zeros([HCTRL_WORDS], i32o)?;
     let y = Tensor::f_empty([n, d], (Kind::BFloat16, device))?;
     let (ni, di, hi) = (n as i32, d as i32, h as i32);
     let (nti, twi) = (ntiles as i32, TW as i32);
@@ -265,71 +265,104 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
         let (xp, wup, wdp, yp, ltp, l1p) =
             (ptr(x), ptr(wu), ptr(wdt), ptr(&y), ptr(&l1_tok), ptr(&l1));
         let capi = cap as i32;
-        let hgrid = ((h + 255) / 256) as u32;
-        // SAFETY: argument lists match the extern "C" kernels of hybrid.cu (see its header);
-        // every buffer is sized above for (N, D, H, cap) as hybrid_check.py sizes them.
+        let hgrid = ((h + HYB_THREADS - 1) / HYB_THREADS) as u32;
+        let shape = |grid, block, smem_bytes| LaunchShape {
+            stream,
+            grid,
+            block,
+            smem_bytes,
+        };
+        let blocks = (nblk as u32, 1);
+        // SAFETY: the launchers carry the kernels' parameter lists; every buffer is sized
+        // above for (N, D, H, cap).
         unsafe {
-            launch(
+            hyb_count(
                 &k.count,
-                stream,
-                (nblk as u32, 1),
-                256,
-                smem,
-                &mut kargs![twp, spp, ni, hi, nti, twi, rcp, bcp],
+                shape(blocks, HYB_THREADS, smem),
+                twp,
+                spp,
+                ni,
+                hi,
+                nti,
+                twi,
+                rcp,
+                bcp,
             )?;
-            launch(
+            hyb_segscan(
                 &k.segscan,
-                stream,
-                (hgrid, nseg as u32),
-                256,
-                0,
-                &mut kargs![bcp, bop, sop, nblki, hi],
+                shape((hgrid, nseg as u32), HYB_THREADS, 0),
+                bcp,
+                bop,
+                sop,
+                nblki,
+                hi,
             )?;
-            launch(
+            hyb_unitscan(
                 &k.unitscan,
-                stream,
-                (hgrid, 1),
-                256,
-                0,
-                &mut kargs![sop, ucp, nsegi, hi],
+                shape((hgrid, 1), HYB_THREADS, 0),
+                sop,
+                ucp,
+                nsegi,
+                hi,
             )?;
-            launch(
+            hyb_scan(
                 &k.scan,
-                stream,
-                (1, 1),
-                1024,
-                0,
-                &mut kargs![rcp, rpp, ucp, upp, uop, ni, hi, capi, gcp, hcp],
+                shape((1, 1), HYB_SCAN_THREADS, 0),
+                rcp,
+                rpp,
+                ucp,
+                upp,
+                uop,
+                ni,
+                hi,
+                capi,
+                gcp,
+                hcp,
             )?;
-            launch(
+            hyb_fill(
                 &k.fill,
-                stream,
-                (nblk as u32, 1),
-                256,
-                smem,
-                &mut kargs![twp, spp, ni, hi, nti, twi, rpp, upp, bop, sop, hcp, ecp, egp, csp],
+                shape(blocks, HYB_THREADS, smem),
+                twp,
+                spp,
+                ni,
+                hi,
+                nti,
+                twi,
+                rpp,
+                upp,
+                bop,
+                sop,
+                hcp,
+                ecp,
+                egp,
+                csp,
             )?;
-            launch(
+            hyb_fwd(
                 &k.fwd[wide],
-                stream,
-                (n as u32, 1),
-                256,
-                (2 * d) as u32,
-                &mut kargs![xp, wup, wdp, rpp, ecp, egp, eup, yp, ltp, hcp, di],
+                shape((n as u32, 1), HYB_THREADS, (2 * d) as u32),
+                xp,
+                wup,
+                wdp,
+                rpp,
+                ecp,
+                egp,
+                eup,
+                yp,
+                ltp,
+                hcp,
+                di,
             )?;
-            launch(
-                &k.l1,
-                stream,
-                (1, 1),
-                1024,
-                0,
-                &mut kargs![ltp, ni, l1p, hcp],
-            )?;
+            hyb_l1(&k.l1, shape((1, 1), HYB_SCAN_THREADS, 0), ltp, ni, l1p, hcp)?;
         }
         // The one host sync: status, actives, spill slots asked for.
         let ctl = Vec::<i32>::try_from(hctrl.f_narrow(0, 0, 3)?.f_to_device(Device::Cpu)?)
             .map_err(CudaKernelError::Torch)?;
-        let (st, nnz, gspill) = (ctl[0], ctl[1] as i64, ctl[2] as i64);
+        let word = |i: i64| ctl[i as usize];
+        let (st, nnz, gspill) = (
+            word(HC_STATUS) as i64,
+            word(HC_NNZ) as i64,
+            word(HC_GSPILL) as i64,
+        );
         if st & ST_NNZ_OVER != 0 {
             cap = nnz + nnz / 8 + 1024;
         }
@@ -441,24 +474,47 @@ pub fn hybrid_backward(
     let (dgp, dup, ddp) = (ptr(&dwg), ptr(&dwu), ptr(&dwd));
     let (di, hi) = (d as i32, h as i32);
     let wide = usize::from(d > 2048);
-    let nsl = ((d + 255) / 256) as u32;
+    let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
+    let shape = |grid, block, smem_bytes| LaunchShape {
+        stream,
+        grid,
+        block,
+        smem_bytes,
+    };
     // SAFETY: as in hybrid_forward; rec holds 4 floats per active of the forward.
     unsafe {
-        launch(
+        hyb_bwd_tok(
             &k.bwd_tok[wide],
-            stream,
-            (n as u32, 1),
-            256,
-            (2 * d) as u32,
-            &mut kargs![dyp, dlp, wgp, wup, wdp, rpp, ecp, egp, eup, rcp, dxp, hcp, di],
+            shape((n as u32, 1), HYB_THREADS, (2 * d) as u32),
+            dyp,
+            dlp,
+            wgp,
+            wup,
+            wdp,
+            rpp,
+            ecp,
+            egp,
+            eup,
+            rcp,
+            dxp,
+            hcp,
+            di,
         )?;
-        launch(
+        hyb_bwd_w(
             &k.bwd_w,
-            stream,
-            (nsl * h as u32, 1),
-            128,
-            0,
-            &mut kargs![xp, dyp, upp, uop, csp, rcp, dgp, dup, ddp, hcp, di, hi],
+            shape((slices * h as u32, 1), HYB_BWD_W_THREADS, 0),
+            xp,
+            dyp,
+            upp,
+            uop,
+            csp,
+            rcp,
+            dgp,
+            dup,
+            ddp,
+            hcp,
+            di,
+            hi,
         )?;
     }
     Ok([dx, dwg, dwu, dwd])

@@ -6,14 +6,14 @@
 //!
 //! The backward hook runs wherever libtorch's engine runs the backward (the calling thread
 //! for CPU tensors, the device's engine thread for CUDA, on the stream of the forward).
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-use crate::autograd::{panic_message, write_err, ERR_LEN};
+use super::{panic_message, read_err, write_err, ERR_LEN};
 
 /// An in-place operation on a tensor (for example an all-reduce over a group of ranks).
 pub type TensorHook = Box<dyn Fn(&mut Tensor) -> Result<(), String>>;
@@ -108,10 +108,7 @@ pub fn hooked_identity(
         unsafe { drop_hook(forward_state) };
     }
     if rc != 0 {
-        // SAFETY: the bridge NUL-terminates the message within ERR_LEN.
-        return Err(unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned());
+        return Err(read_err(&err));
     }
     // SAFETY: a fresh handle the bridge gave us.
     Ok(unsafe { Tensor::from_ptr(out) })

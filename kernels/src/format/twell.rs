@@ -27,7 +27,7 @@
 use half::bf16;
 use thiserror::Error;
 
-use crate::reference::{Element, SparseRows};
+use super::reference::{for_each_nonzero, mean_per_row, Element, SparseRows};
 
 /// Column indices are 16-bit: at most this many columns.
 pub const MAX_COLS: usize = 1 << 16;
@@ -258,11 +258,7 @@ impl TwellMatrix {
         TwellStats {
             rows: self.rows,
             nnz: self.nnz,
-            nnz_per_row_mean: if self.rows == 0 {
-                0.0
-            } else {
-                self.nnz as f64 / self.rows as f64
-            },
+            nnz_per_row_mean: mean_per_row(self.nnz, self.rows),
             nnz_per_row_max: self.nnz_per_row_max,
             tile_count_max: self.tile_count_max,
             overflow_rows: self.overflow_row.len(),
@@ -282,12 +278,8 @@ impl SparseRows for TwellMatrix {
     fn for_each_in_row<F: FnMut(usize, f32)>(&self, row: usize, mut f: F) {
         let slot = self.overflow_slot[row];
         if slot != NOT_OVERFLOW {
-            let dense = &self.overflow[slot as usize * self.cols..(slot as usize + 1) * self.cols];
-            for (c, v) in dense.iter().enumerate() {
-                if !v.is_zero() {
-                    f(c, v.to_f32());
-                }
-            }
+            let cols = slot as usize * self.cols..(slot as usize + 1) * self.cols;
+            for_each_nonzero(&self.overflow[cols], f);
             return;
         }
         let wpt = self.config.words_per_tile();

@@ -70,6 +70,25 @@ pub trait SparseRows {
     }
 }
 
+/// Calls `f(col, value)` for every non-zero of a dense row (the overflow or tail rows of
+/// the packed formats), in increasing column order.
+pub(crate) fn for_each_nonzero<E: Element, F: FnMut(usize, f32)>(row: &[E], mut f: F) {
+    for (c, &v) in row.iter().enumerate() {
+        if !v.is_zero() {
+            f(c, v.to_f32());
+        }
+    }
+}
+
+/// Mean non-zeros per row of the packing statistics (0 for a matrix without rows).
+pub(crate) fn mean_per_row(nnz: usize, rows: usize) -> f64 {
+    if rows == 0 {
+        0.0
+    } else {
+        nnz as f64 / rows as f64
+    }
+}
+
 /// Errors of the CPU reference: inconsistent shapes.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ReferenceError {
@@ -325,8 +344,8 @@ impl<'a> FfnProblem<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hybrid::{HybridConfig, HybridMatrix};
-    use crate::twell::{TwellConfig, TwellMatrix};
+    use crate::format::ell_tail::{EllTailConfig, EllTailMatrix};
+    use crate::format::twell::{TwellConfig, TwellMatrix};
 
     fn random(len: usize, seed: u64, shift: f32) -> Vec<f32> {
         let mut s = seed;
@@ -385,6 +404,18 @@ mod tests {
         );
     }
 
+    /// The packed pattern as dense, and the sparse forward and backward on it.
+    fn run_on<S: SparseRows>(
+        pr: &FfnProblem,
+        p: &S,
+        t_cfg: EllTailConfig,
+        dy: &[f32],
+    ) -> (Vec<f32>, ForwardResult, FfnGrads) {
+        let p_t = EllTailMatrix::transpose_of(p, t_cfg).unwrap();
+        let grads = pr.backward(p, &p_t, dy, 0.7).unwrap();
+        (p.unpack(), pr.forward(p).unwrap(), grads)
+    }
+
     #[test]
     fn sparse_reference_equals_dense_formulas_on_both_formats() {
         let (n, d, h) = (29, 7, 45);
@@ -407,47 +438,26 @@ mod tests {
             },
         )
         .unwrap();
-        let hybrid = HybridMatrix::pack(
+        let ell_tail = EllTailMatrix::pack(
             &p,
             n,
             h,
-            HybridConfig {
+            EllTailConfig {
                 ell_width: 8,
                 tail_capacity: 2,
             },
         )
         .unwrap();
-        assert!(twell.stats().overflow_rows > 0 && hybrid.stats().rows_beyond_tail_capacity > 0);
-        let t_cfg = HybridConfig {
+        assert!(twell.stats().overflow_rows > 0 && ell_tail.stats().rows_beyond_tail_capacity > 0);
+        let t_cfg = EllTailConfig {
             ell_width: 6,
             tail_capacity: 4,
         };
-        for (name, p_used, fwd, grads) in [
-            (
-                "twell",
-                twell.unpack(),
-                pr.forward(&twell).unwrap(),
-                pr.backward(
-                    &twell,
-                    &HybridMatrix::transpose_of(&twell, t_cfg).unwrap(),
-                    &dy,
-                    0.7,
-                ),
-            ),
-            (
-                "hybrid",
-                hybrid.unpack(),
-                pr.forward(&hybrid).unwrap(),
-                pr.backward(
-                    &hybrid,
-                    &HybridMatrix::transpose_of(&hybrid, t_cfg).unwrap(),
-                    &dy,
-                    0.7,
-                ),
-            ),
+        for (name, (p_used, fwd, grads)) in [
+            ("twell", run_on(&pr, &twell, t_cfg, &dy)),
+            ("ell_tail", run_on(&pr, &ell_tail, t_cfg, &dy)),
         ] {
             let (y, l1, want) = dense(&pr, &p_used, &dy, 0.7);
-            let grads = grads.unwrap();
             assert_close(&format!("{name} y"), &fwd.y, &y);
             assert_close(&format!("{name} l1"), &[fwd.l1_sum], &[l1]);
             assert_close(&format!("{name} dx"), &grads.dx, &want.dx);
@@ -455,7 +465,7 @@ mod tests {
             assert_close(&format!("{name} dWu"), &grads.d_up, &want.d_up);
             assert_close(&format!("{name} dWd^T"), &grads.d_down_t, &want.d_down_t);
         }
-        assert_eq!(hybrid.unpack(), p);
+        assert_eq!(ell_tail.unpack(), p);
     }
 
     #[test]
@@ -471,7 +481,7 @@ mod tests {
             }
         );
         let pr = FfnProblem::new(&v, &v, &v, &v, 3, 4, 3).unwrap();
-        let p = HybridMatrix::pack(&v, 4, 3, HybridConfig::TOKENS).unwrap();
+        let p = EllTailMatrix::pack(&v, 4, 3, EllTailConfig::TOKENS).unwrap();
         assert_eq!(
             pr.forward(&p).unwrap_err(),
             ReferenceError::PatternShape {

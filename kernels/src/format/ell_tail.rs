@@ -1,18 +1,19 @@
-//! Hybrid ELL + dense-tail format: the training layout of the gate activations and of
-//! their transpose.
+//! ELL + dense-tail format ("ell_tail"): the layout of the gate activations and of their
+//! transpose on the CPU `hybrid` path (the CUDA `hybrid` path uses the exact CSR/CSC pool of
+//! [`crate::cuda::hybrid`] instead).
 //!
 //! A `[rows, cols]` matrix with at most `W` non-zeros in a row keeps that row in the ELL
 //! part: `W` column indices and `W` values (entries in increasing column order, unused slots
 //! zero) plus the row's true count. A row with more than `W` non-zeros is a *tail row*: it is
 //! stored whole, dense, in the tail, found through the row -> tail map (reverse map tail ->
 //! row alongside); its count stays true and its ELL slots are unused. The tail has a
-//! configured capacity (the GPU pre-allocates it); when more rows need it, it grows and the
-//! rows beyond capacity are counted ([`HybridStats::rows_beyond_tail_capacity`]). No row is
+//! configured capacity (what a fixed-size buffer would hold); when more rows need it, it grows and the
+//! rows beyond capacity are counted ([`EllTailStats::rows_beyond_tail_capacity`]). No row is
 //! ever dropped, so unpacking is exact.
 //!
 //! The forward packs `P = relu(x Wg^T)` (rows = tokens, cols = units, default `W` = 128);
 //! the backward needs the transposed form (rows = units, cols = tokens, default `W` = 256),
-//! built from any [`SparseRows`] by [`HybridMatrix::transpose_of`].
+//! built from any [`SparseRows`] by [`EllTailMatrix::transpose_of`].
 //!
 //! Index widths: column indices and row counts are `u32`, so `cols` (the token count of the
 //! transposed form) may be anything up to `u32::MAX`, well past 65,536; rows are limited to
@@ -30,45 +31,45 @@
 //! ```
 use thiserror::Error;
 
-use crate::reference::{Element, SparseRows};
+use super::reference::{for_each_nonzero, mean_per_row, Element, SparseRows};
 
 /// Row -> tail map value of a row that is not in the tail.
 pub const NOT_IN_TAIL: u32 = u32::MAX;
 
 /// ELL width and tail capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HybridConfig {
+pub struct EllTailConfig {
     /// `W`: entries per ELL row.
     pub ell_width: usize,
     /// Tail rows the storage is sized for; more are stored and counted.
     pub tail_capacity: usize,
 }
 
-impl HybridConfig {
+impl EllTailConfig {
     /// Defaults for the token-major form (rows = tokens).
-    pub const TOKENS: HybridConfig = HybridConfig {
+    pub const TOKENS: EllTailConfig = EllTailConfig {
         ell_width: 128,
         tail_capacity: 2048,
     };
     /// Defaults for the transposed form (rows = units).
-    pub const UNITS: HybridConfig = HybridConfig {
+    pub const UNITS: EllTailConfig = EllTailConfig {
         ell_width: 256,
         tail_capacity: 2048,
     };
 }
 
-impl Default for HybridConfig {
+impl Default for EllTailConfig {
     fn default() -> Self {
-        HybridConfig::TOKENS
+        EllTailConfig::TOKENS
     }
 }
 
-/// Errors of hybrid packing.
+/// Errors of ELL + tail packing.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum HybridError {
-    #[error("hybrid ell_width must be positive")]
+pub enum EllTailError {
+    #[error("ell_tail ell_width must be positive")]
     EllWidth,
-    #[error("hybrid {field} = {value} exceeds the 32-bit index limit {max}")]
+    #[error("ell_tail {field} = {value} exceeds the 32-bit index limit {max}")]
     TooLarge {
         field: &'static str,
         value: usize,
@@ -84,7 +85,7 @@ pub enum HybridError {
 
 /// Packing statistics.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct HybridStats {
+pub struct EllTailStats {
     pub rows: usize,
     pub nnz: usize,
     pub nnz_per_row_mean: f64,
@@ -95,12 +96,12 @@ pub struct HybridStats {
     pub rows_beyond_tail_capacity: usize,
 }
 
-/// A hybrid-packed `[rows, cols]` matrix. See the module docs.
+/// An ELL + tail packed `[rows, cols]` matrix. See the module docs.
 #[derive(Clone, Debug, PartialEq)]
-pub struct HybridMatrix {
+pub struct EllTailMatrix {
     rows: usize,
     cols: usize,
-    config: HybridConfig,
+    config: EllTailConfig,
     /// `[rows, W]`
     ell_cols: Vec<u32>,
     /// `[rows, W]`
@@ -115,28 +116,28 @@ pub struct HybridMatrix {
     tail: Vec<f32>,
 }
 
-impl HybridMatrix {
-    fn empty(rows: usize, cols: usize, config: HybridConfig) -> Result<Self, HybridError> {
+impl EllTailMatrix {
+    fn empty(rows: usize, cols: usize, config: EllTailConfig) -> Result<Self, EllTailError> {
         if config.ell_width == 0 {
-            return Err(HybridError::EllWidth);
+            return Err(EllTailError::EllWidth);
         }
         let max = u32::MAX as usize;
         if rows >= max {
-            return Err(HybridError::TooLarge {
+            return Err(EllTailError::TooLarge {
                 field: "rows",
                 value: rows,
                 max: max - 1,
             });
         }
         if cols > max {
-            return Err(HybridError::TooLarge {
+            return Err(EllTailError::TooLarge {
                 field: "cols",
                 value: cols,
                 max,
             });
         }
         let w = config.ell_width;
-        Ok(HybridMatrix {
+        Ok(EllTailMatrix {
             rows,
             cols,
             config,
@@ -174,16 +175,16 @@ impl HybridMatrix {
         dense: &[E],
         rows: usize,
         cols: usize,
-        config: HybridConfig,
-    ) -> Result<Self, HybridError> {
+        config: EllTailConfig,
+    ) -> Result<Self, EllTailError> {
         if dense.len() != rows * cols {
-            return Err(HybridError::Length {
+            return Err(EllTailError::Length {
                 len: dense.len(),
                 rows,
                 cols,
             });
         }
-        let mut m = HybridMatrix::empty(rows, cols, config)?;
+        let mut m = EllTailMatrix::empty(rows, cols, config)?;
         for r in 0..rows {
             let row = &dense[r * cols..(r + 1) * cols];
             let nnz = row.iter().filter(|v| !v.is_zero()).count();
@@ -193,11 +194,14 @@ impl HybridMatrix {
         Ok(m)
     }
 
-    /// The transposed form of `src: [r, c]`, a `[c, r]` hybrid matrix with the same entries,
+    /// The transposed form of `src: [r, c]`, a `[c, r]` ELL + tail matrix with the same entries,
     /// built from the entries only (a counting sort by column).
-    pub fn transpose_of<S: SparseRows>(src: &S, config: HybridConfig) -> Result<Self, HybridError> {
+    pub fn transpose_of<S: SparseRows>(
+        src: &S,
+        config: EllTailConfig,
+    ) -> Result<Self, EllTailError> {
         let (rows, cols) = (src.n_cols(), src.n_rows());
-        let mut m = HybridMatrix::empty(rows, cols, config)?;
+        let mut m = EllTailMatrix::empty(rows, cols, config)?;
         let mut start = vec![0usize; rows + 1];
         for r in 0..cols {
             src.for_each_in_row(r, |c, _| start[c + 1] += 1);
@@ -228,7 +232,7 @@ impl HybridMatrix {
         self.cols
     }
 
-    pub fn config(&self) -> HybridConfig {
+    pub fn config(&self) -> EllTailConfig {
         self.config
     }
 
@@ -262,17 +266,13 @@ impl HybridMatrix {
         &self.tail
     }
 
-    pub fn stats(&self) -> HybridStats {
+    pub fn stats(&self) -> EllTailStats {
         let nnz: usize = self.row_nnz.iter().map(|&n| n as usize).sum();
         let tail_rows = self.tail_to_row.len();
-        HybridStats {
+        EllTailStats {
             rows: self.rows,
             nnz,
-            nnz_per_row_mean: if self.rows == 0 {
-                0.0
-            } else {
-                nnz as f64 / self.rows as f64
-            },
+            nnz_per_row_mean: mean_per_row(nnz, self.rows),
             nnz_per_row_max: self.row_nnz.iter().copied().max().unwrap_or(0) as usize,
             tail_rows,
             rows_beyond_tail_capacity: tail_rows.saturating_sub(self.config.tail_capacity),
@@ -280,7 +280,7 @@ impl HybridMatrix {
     }
 }
 
-impl SparseRows for HybridMatrix {
+impl SparseRows for EllTailMatrix {
     fn n_rows(&self) -> usize {
         self.rows
     }
@@ -292,12 +292,8 @@ impl SparseRows for HybridMatrix {
     fn for_each_in_row<F: FnMut(usize, f32)>(&self, row: usize, mut f: F) {
         let slot = self.row_to_tail[row];
         if slot != NOT_IN_TAIL {
-            let dense = &self.tail[slot as usize * self.cols..(slot as usize + 1) * self.cols];
-            for (c, &v) in dense.iter().enumerate() {
-                if v != 0.0 {
-                    f(c, v);
-                }
-            }
+            let cols = slot as usize * self.cols..(slot as usize + 1) * self.cols;
+            for_each_nonzero(&self.tail[cols], f);
             return;
         }
         let w = self.config.ell_width;
@@ -347,11 +343,11 @@ mod tests {
             0.0, 0.0, 0.0, 0.0, //
             4.0, 0.0, 5.0, 6.0f32,
         ];
-        let m = HybridMatrix::pack(
+        let m = EllTailMatrix::pack(
             &dense,
             4,
             4,
-            HybridConfig {
+            EllTailConfig {
                 ell_width: 2,
                 tail_capacity: 1,
             },
@@ -379,8 +375,8 @@ mod tests {
     #[test]
     fn round_trip_and_transpose_are_lossless() {
         let cfgs = [
-            HybridConfig::TOKENS,
-            HybridConfig {
+            EllTailConfig::TOKENS,
+            EllTailConfig {
                 ell_width: 3,
                 tail_capacity: 2,
             },
@@ -389,14 +385,14 @@ mod tests {
             for &(rows, cols) in &[(1, 1), (7, 13), (40, 300), (300, 9)] {
                 for &density in &[0.0, 0.005, 0.1, 0.5, 1.0] {
                     let dense = sparse_matrix(rows, cols, density, (i * 7919 + rows * cols) as u64);
-                    let m = HybridMatrix::pack(&dense, rows, cols, cfg).unwrap();
+                    let m = EllTailMatrix::pack(&dense, rows, cols, cfg).unwrap();
                     assert_eq!(m.unpack(), dense, "{cfg:?} {rows}x{cols} density {density}");
                     assert_eq!(m.stats().nnz, dense.iter().filter(|v| **v != 0.0).count());
-                    let t = HybridMatrix::transpose_of(&m, cfg).unwrap();
+                    let t = EllTailMatrix::transpose_of(&m, cfg).unwrap();
                     assert_eq!(t.unpack(), transpose_dense(&dense, rows, cols));
-                    assert_eq!(HybridMatrix::transpose_of(&t, cfg).unwrap(), m);
+                    assert_eq!(EllTailMatrix::transpose_of(&t, cfg).unwrap(), m);
                     let bf: Vec<bf16> = dense.iter().map(|v| bf16::from_f32(*v)).collect();
-                    let mb = HybridMatrix::pack(&bf, rows, cols, cfg).unwrap();
+                    let mb = EllTailMatrix::pack(&bf, rows, cols, cfg).unwrap();
                     let widened: Vec<f32> = bf.iter().map(|v| v.to_f32()).collect();
                     assert_eq!(mb.unpack(), widened);
                 }
@@ -407,7 +403,7 @@ mod tests {
     #[test]
     fn tail_grows_past_capacity_and_counts() {
         let (rows, cols) = (50, 20);
-        let cfg = HybridConfig {
+        let cfg = EllTailConfig {
             ell_width: 4,
             tail_capacity: 3,
         };
@@ -415,7 +411,7 @@ mod tests {
         for r in (0..rows).step_by(5) {
             dense[r * cols..(r + 1) * cols].fill(1.5);
         }
-        let m = HybridMatrix::pack(&dense, rows, cols, cfg).unwrap();
+        let m = EllTailMatrix::pack(&dense, rows, cols, cfg).unwrap();
         let s = m.stats();
         assert!(s.tail_rows >= 10);
         assert_eq!(s.rows_beyond_tail_capacity, s.tail_rows - 3);
@@ -432,8 +428,8 @@ mod tests {
         for t in [0, 65_535, 65_536, 69_999] {
             dense[t * units + 1] = t as f32 + 0.5;
         }
-        let m = HybridMatrix::pack(&dense, tokens, units, HybridConfig::TOKENS).unwrap();
-        let t = HybridMatrix::transpose_of(&m, HybridConfig::UNITS).unwrap();
+        let m = EllTailMatrix::pack(&dense, tokens, units, EllTailConfig::TOKENS).unwrap();
+        let t = EllTailMatrix::transpose_of(&m, EllTailConfig::UNITS).unwrap();
         let mut seen = Vec::new();
         t.for_each_in_row(1, |c, v| seen.push((c, v)));
         assert_eq!(
@@ -450,24 +446,24 @@ mod tests {
     #[test]
     fn bad_inputs_give_typed_errors() {
         assert_eq!(
-            HybridMatrix::pack(&[0.0f32; 5], 2, 3, HybridConfig::TOKENS),
-            Err(HybridError::Length {
+            EllTailMatrix::pack(&[0.0f32; 5], 2, 3, EllTailConfig::TOKENS),
+            Err(EllTailError::Length {
                 len: 5,
                 rows: 2,
                 cols: 3
             })
         );
         assert_eq!(
-            HybridMatrix::pack(
+            EllTailMatrix::pack(
                 &[0.0f32],
                 1,
                 1,
-                HybridConfig {
+                EllTailConfig {
                     ell_width: 0,
                     tail_capacity: 1
                 }
             ),
-            Err(HybridError::EllWidth)
+            Err(EllTailError::EllWidth)
         );
     }
 }

@@ -1,0 +1,173 @@
+// Shared by every kernel file: the NVRTC prelude, the constants Rust also uses, bf16 helpers and
+// warp reductions. nvcc finds it beside the .cu files that include it; for NVRTC the
+// crate puts its text in place of that #include line (kernels/src/cuda/image.rs), so both
+// compile the same source.
+#ifndef SPARSE_TRAIN_COMMON_CUH
+#define SPARSE_TRAIN_COMMON_CUH
+
+#include <cuda_bf16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC (run-time compilation) has no C library headers.
+typedef unsigned char uint8_t;
+typedef signed char int8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#endif
+
+#define DEV __device__ __forceinline__
+
+// BEGIN SHARED CONSTANTS
+// build.rs turns every `#define NAME <integer>` line between these markers into
+// `pub const NAME: i64` (crate::cuda::consts), so Rust launches with the same numbers.
+//
+// TwELL: H is cut into tiles of TILE_COLS columns; the kernels take up to MAX_TILES tiles
+// (H <= 65536, the 16-bit column index of an entry).
+#define TILE_COLS 256
+#define MAX_TILES 256
+// The TwELL control words (int[CTRL_WORDS], zeroed once at allocation; twell.cu's header says
+// who writes which).
+#define CTRL_WORDS 8
+#define CTRL_SPILL 0
+#define CTRL_STATUS 1
+#define CTRL_NEXTRA 2
+#define CTRL_NSLOTS 3
+#define CTRL_NEXT 4
+#define CTRL_LAST_STATUS 5
+#define CTRL_LAST_SPILL 6
+// ctrl[CTRL_STATUS] bit: the spill buffer was full.
+#define STATUS_SPILL_FULL 1
+// Token rows per block of the gate GEMMs (mma.sync and wgmma).
+#define GATE_ROWS 128
+// Block sizes and dynamic shared memory of the TwELL kernels.
+#define GEMM_THREADS 256
+#define GEMM_SMEM_BYTES 98304
+#define WGMMA_THREADS 384
+#define WGMMA_SMEM_BYTES 197632
+#define SKINNY_THREADS 128
+#define SKINNY_TOKENS 64
+#define SKINNY_UNITS 32
+#define PACK_THREADS 256
+#define PLAN_THREADS 256
+#define UPDOWN_THREADS 256
+// The hybrid control words (int[HCTRL_WORDS]) and their status bits.
+#define HCTRL_WORDS 16
+#define HC_STATUS 0
+#define HC_NNZ 1
+#define HC_GSPILL 2
+#define HC_ORDER 4
+#define ST_GATE_SPILL 1
+#define ST_NNZ_OVER 2
+// Hybrid counting sort: tokens per block (one bit each in a 32-bit mask) and blocks per scan
+// segment.
+#define HYB_BLK 32
+#define HYB_SEG 16
+// Block sizes of the hybrid kernels: most take HYB_THREADS, the single-block scans
+// HYB_SCAN_THREADS, the weight-gradient kernel HYB_BWD_W_THREADS over HYB_BWD_W_SLICE columns.
+#define HYB_THREADS 256
+#define HYB_SCAN_THREADS 1024
+#define HYB_BWD_W_THREADS 128
+#define HYB_BWD_W_SLICE 256
+// END SHARED CONSTANTS
+
+// A tile's spill-slot word when the spill buffer was full.
+#define SPILL_NONE 0xFFFFFFFFu
+
+// ------------------------------------------------------------------------------------------
+// bf16 helpers: the low and high bf16 of a 32-bit word as float, a bf16 from its bits, and two
+// floats rounded to a bf16 pair.
+DEV float bf_lo(uint32_t w) { return __uint_as_float(w << 16); }
+DEV float bf_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+DEV float bf16f(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
+DEV uint32_t pack_bf2(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+// Eight floats rounded to bf16 and stored as granule gi (16 bytes) of the row `out`.
+DEV void store_bf16x8(__nv_bfloat16* out, int gi, const float* a) {
+  uint4 o;
+  o.x = pack_bf2(a[0], a[1]);
+  o.y = pack_bf2(a[2], a[3]);
+  o.z = pack_bf2(a[4], a[5]);
+  o.w = pack_bf2(a[6], a[7]);
+  reinterpret_cast<uint4*>(out)[gi] = o;
+}
+// acc[0..8) += a * the eight bf16 of w.
+DEV void axpy8(float* acc, float a, uint4 w) {
+  const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    acc[2 * j] = fmaf(a, bf_lo(ww[j]), acc[2 * j]);
+    acc[2 * j + 1] = fmaf(a, bf_hi(ww[j]), acc[2 * j + 1]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Warp reductions and scans (full warp).
+DEV int warp_sum(int v) {
+#pragma unroll
+  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+// Inclusive prefix sum over the lanes.
+DEV int warp_inclusive_scan(int v, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, v, off);
+    if (lane >= off) v += y;
+  }
+  return v;
+}
+// Exclusive prefix of the tile counts cnt(i), i < ntiles, into pre[0..ntiles] (pre[ntiles] =
+// total, written by lane 0), 32 tiles per step; returns the total in every lane.
+template <class Count>
+DEV int warp_tile_prefix(Count cnt, int ntiles, int* pre, int lane) {
+  int carry = 0;
+  for (int i0 = 0; i0 < ntiles; i0 += 32) {
+    const int i = i0 + lane;
+    const int c = i < ntiles ? cnt(i) : 0;
+    const int incl = warp_inclusive_scan(c, lane);
+    if (i < ntiles) pre[i] = carry + incl - c;
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0) pre[ntiles] = carry;
+  return carry;
+}
+// Two dot products of the shared bf16 vector vs with the bf16 rows r1, r2 (G8 granules of 8);
+// the sums in every lane.
+DEV void warp_dot2(const __nv_bfloat16* vs, const __nv_bfloat16* __restrict__ r1,
+                   const __nv_bfloat16* __restrict__ r2, int G8, int lane, float& s1, float& s2) {
+  const uint4* w1 = reinterpret_cast<const uint4*>(r1);
+  const uint4* w2 = reinterpret_cast<const uint4*>(r2);
+  s1 = 0.f;
+  s2 = 0.f;
+#pragma unroll 4
+  for (int gi = lane; gi < G8; gi += 32) {
+    const uint4 xa = reinterpret_cast<const uint4*>(vs)[gi];
+    const uint4 p = __ldg(w1 + gi);
+    const uint4 q = __ldg(w2 + gi);
+    const uint32_t xw[4] = {xa.x, xa.y, xa.z, xa.w};
+    const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
+    const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float xl = bf_lo(xw[j]), xh = bf_hi(xw[j]);
+      s1 = fmaf(xl, bf_lo(pw[j]), s1);
+      s1 = fmaf(xh, bf_hi(pw[j]), s1);
+      s2 = fmaf(xl, bf_lo(qw[j]), s2);
+      s2 = fmaf(xh, bf_hi(qw[j]), s2);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off; off >>= 1) {
+    s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+    s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+  }
+}
+
+#endif  // SPARSE_TRAIN_COMMON_CUH

@@ -1,0 +1,96 @@
+//! The CUDA kernel arms: TwELL inference (no autograd node) and the hybrid training kernels
+//! (forward and backward inside `SparseFfn`). Both run on tch's current stream in bf16.
+use tch::{Kind, TchError, Tensor};
+
+use super::Inputs;
+use crate::cuda::{self, HybridState, TwellLaunch, TILE_COLS};
+use crate::format::TwellConfig;
+use crate::types::{FfnError, FfnWeights};
+
+/// Words per tile of the TwELL kernels for `cfg`, `None` where they do not take it (tiles
+/// of other than 256 columns, a compression other than 8, 4 or 2).
+pub(super) fn twell_words_per_tile(cfg: &TwellConfig) -> Option<i64> {
+    (cfg.tile as i64 == TILE_COLS && [2, 4, 8].contains(&cfg.compression))
+        .then(|| TILE_COLS / cfg.compression as i64)
+}
+
+/// The TwELL inference kernels, no gradient: `y` in x's dtype, `l1_sum` NaN (the kernels
+/// never form |h|), the counts from the packed format (`relu(g) > 0`), `overflow_rows` the
+/// rows with a spilled tile; empty counts with `statistics` off.
+pub(super) fn twell_forward(
+    words_per_tile: i64,
+    statistics: bool,
+    x: &Tensor,
+    w: &FfnWeights,
+) -> Result<[Tensor; 5], FfnError> {
+    let n = x.size()[0];
+    let launch = TwellLaunch {
+        tw: words_per_tile,
+        ..TwellLaunch::for_tokens(n)
+    };
+    let _guard = tch::no_grad_guard();
+    let (y, stats) = cuda::twell_ffn(x, w.gate, w.up, w.down_t, launch, statistics)?;
+    let (apt, apu, overflow) = match stats {
+        Some(s) => s,
+        None => {
+            let empty = || Tensor::f_zeros([0], (Kind::Int64, x.device()));
+            (empty()?, empty()?, empty()?)
+        }
+    };
+    let y = if y.kind() == x.kind() {
+        y
+    } else {
+        y.f_to_kind(x.kind())?
+    };
+    let l1 = Tensor::f_full([], f64::NAN, (Kind::Float, x.device()))?;
+    Ok([y, l1, apt, apu, overflow])
+}
+
+fn bf16(t: &Tensor) -> Result<Tensor, TchError> {
+    t.f_to_kind(Kind::BFloat16)?.f_contiguous()
+}
+
+/// The hybrid forward (the caller checked [`cuda::HybridKernels::supports`]): `y` in
+/// autocast's dtype under autocast, else x's; `l1_sum` f32; the counts are the kernels' (no
+/// host sync beyond the forward's one status read).
+pub(super) fn hybrid_forward(t: &Inputs) -> Result<([Tensor; 5], HybridState), FfnError> {
+    let _guard = tch::no_grad_guard();
+    let f = cuda::hybrid_forward(&bf16(t.x)?, &bf16(t.gate)?, &bf16(t.up)?, &bf16(t.down_t)?)?;
+    // Under autocast y takes autocast's dtype, as the dense path's matmuls would give; else
+    // x's (the trainer casts explicitly and leaves autocast off).
+    let kind = crate::torch::cuda_runtime::cuda_autocast_kind().unwrap_or(t.x.kind());
+    let outs = [
+        f.y.f_to_kind(kind)?,
+        f.l1_sum,
+        f.active_per_token,
+        f.active_per_unit,
+        f.overflow_rows,
+    ];
+    Ok((outs, f.state))
+}
+
+/// `[dx, dWg, dWu, dWd^T]` in the dtypes of x and the weights (bf16 kernels, converted).
+pub(super) fn hybrid_backward(
+    state: &HybridState,
+    t: &Inputs,
+    dy: &Tensor,
+    dl1: &Tensor,
+) -> Result<[Tensor; 4], FfnError> {
+    let _guard = tch::no_grad_guard();
+    let dl1 = dl1.f_to_kind(Kind::Float)?.f_reshape([1])?.f_contiguous()?;
+    let [dx, dwg, dwu, dwd] = cuda::hybrid_backward(
+        state,
+        &bf16(t.x)?,
+        &bf16(t.gate)?,
+        &bf16(t.up)?,
+        &bf16(t.down_t)?,
+        &bf16(dy)?,
+        &dl1,
+    )?;
+    Ok([
+        dx.f_to_kind(t.x.kind())?,
+        dwg.f_to_kind(t.gate.kind())?,
+        dwu.f_to_kind(t.up.kind())?,
+        dwd.f_to_kind(t.down_t.kind())?,
+    ])
+}

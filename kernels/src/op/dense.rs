@@ -1,0 +1,147 @@
+//! The dense arms: the oracle every path is checked against ([`dense_ffn`], tch ops and tch
+//! autograd), its lean inference form, and the same function written as an explicit forward
+//! and backward in f32 (the fallback `SparseFfn` runs where no kernel takes the call).
+use tch::{Kind, Tensor};
+
+use super::Inputs;
+use crate::types::{FfnOutput, FfnWeights};
+
+/// The dense oracle: tch ops, tch autograd.
+pub fn dense_ffn(x: &Tensor, w: &FfnWeights) -> FfnOutput {
+    let g = x.matmul(&w.gate.tr());
+    let u = x.matmul(&w.up.tr());
+    let h = g.relu() * u;
+    let y = h.matmul(w.down_t);
+    let l1_sum = h.abs().sum(Kind::Float);
+    let (active_per_token, active_per_unit) = tch::no_grad(|| {
+        let active = h.ne(0.0);
+        (
+            active.sum_dim_intlist(-1, false, Kind::Int64),
+            active.sum_dim_intlist(0, false, Kind::Int64),
+        )
+    });
+    let overflow_rows = Tensor::zeros([2], (Kind::Int64, x.device()));
+    FfnOutput {
+        y,
+        l1_sum,
+        active_per_token,
+        active_per_unit,
+        overflow_rows,
+    }
+}
+
+/// The dense FFN without statistics or L1 (inference; see
+/// [`crate::SparseFfnConfig::statistics`]): three matrix products and the gating,
+/// `l1_sum` NaN, empty counts.
+pub fn dense_ffn_inference(x: &Tensor, w: &FfnWeights) -> FfnOutput {
+    let h = x.matmul(&w.gate.tr()).relu_() * x.matmul(&w.up.tr());
+    let empty = || Tensor::zeros([0], (Kind::Int64, x.device()));
+    FfnOutput {
+        y: h.matmul(w.down_t),
+        l1_sum: Tensor::full([], f64::NAN, (Kind::Float, x.device())),
+        active_per_token: empty(),
+        active_per_unit: empty(),
+        overflow_rows: empty(),
+    }
+}
+
+/// The inputs in f32 and the two pre-activations, recomputed by the forward and the
+/// backward (the fallback saves nothing but the inputs).
+struct Recomputed {
+    x: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down_t: Tensor,
+    g: Tensor,
+    u: Tensor,
+}
+
+fn recompute(t: &Inputs) -> Recomputed {
+    let f = |t: &Tensor| t.to_kind(Kind::Float);
+    let (x, gate, up, down_t) = (f(t.x), f(t.gate), f(t.up), f(t.down_t));
+    let g = x.matmul(&gate.tr());
+    let u = x.matmul(&up.tr());
+    Recomputed {
+        x,
+        gate,
+        up,
+        down_t,
+        g,
+        u,
+    }
+}
+
+/// The fallback's forward: `[y, l1_sum, active_per_token, active_per_unit, overflow_rows]`,
+/// `y` in x's dtype.
+pub(super) fn forward(t: &Inputs) -> [Tensor; 5] {
+    let r = recompute(t);
+    let h = r.g.relu() * &r.u;
+    let y = h.matmul(&r.down_t).to_kind(t.x.kind());
+    let active = h.ne(0.0);
+    [
+        y,
+        h.abs().sum(Kind::Float),
+        active.sum_dim_intlist(-1, false, Kind::Int64),
+        active.sum_dim_intlist(0, false, Kind::Int64),
+        Tensor::zeros([2], (Kind::Int64, t.x.device())),
+    ]
+}
+
+/// The fallback's backward: `[dx, dWg, dWu, dWd^T]` in their inputs' dtypes.
+pub(super) fn backward(t: &Inputs, dy: &Tensor, dl1: &Tensor) -> [Tensor; 4] {
+    let r = recompute(t);
+    let dy = dy.to_kind(Kind::Float);
+    let p = r.g.relu();
+    let h = &p * &r.u;
+    let dh = dy.matmul(&r.down_t.tr()) + h.sign() * dl1.to_kind(Kind::Float);
+    let du = &dh * &p;
+    let dg = dh * &r.u * r.g.gt(0.0);
+    [
+        (du.matmul(&r.up) + dg.matmul(&r.gate)).to_kind(t.x.kind()),
+        dg.tr().matmul(&r.x).to_kind(t.gate.kind()),
+        du.tr().matmul(&r.x).to_kind(t.up.kind()),
+        h.tr().matmul(&dy).to_kind(t.down_t.kind()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// The fallback's explicit forward and backward match tch autograd through the oracle.
+    #[test]
+    fn dense_fallback_matches_oracle_gradients() {
+        tch::manual_seed(11);
+        let (n, d, h) = (37, 24, 70);
+        let opts = (Kind::Float, Device::Cpu);
+        let x = (Tensor::randn([n, d], opts) - 0.2).set_requires_grad(true);
+        let ws: Vec<Tensor> = (0..3)
+            .map(|_| (Tensor::randn([h, d], opts) * 0.3).set_requires_grad(true))
+            .collect();
+        let w = FfnWeights {
+            gate: &ws[0],
+            up: &ws[1],
+            down_t: &ws[2],
+        };
+        let out = dense_ffn(&x, &w);
+        let r = Tensor::randn([n, d], opts);
+        let dl1 = 0.37;
+        ((&out.y * &r).sum(Kind::Float) + &out.l1_sum * dl1).backward();
+
+        let t = Inputs {
+            x: &x,
+            gate: &ws[0],
+            up: &ws[1],
+            down_t: &ws[2],
+        };
+        let [y, l1, apt, apu, _] = tch::no_grad(|| forward(&t));
+        let grads = tch::no_grad(|| backward(&t, &r, &Tensor::from(dl1 as f32)));
+        assert!(y.allclose(&out.y, 1e-5, 1e-5, false));
+        assert!(l1.allclose(&out.l1_sum, 1e-5, 1e-5, false));
+        assert!(apt.equal(&out.active_per_token) && apu.equal(&out.active_per_unit));
+        for (got, want) in grads.iter().zip([&x, &ws[0], &ws[1], &ws[2]]) {
+            assert!(got.allclose(&want.grad(), 1e-4, 1e-4, false));
+        }
+    }
+}

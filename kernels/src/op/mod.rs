@@ -1,0 +1,225 @@
+//! `SparseFfn`: the gated FFN as one op with one dispatch.
+//!
+//! [`try_sparse_ffn`] validates the inputs and picks the arm that runs the call, once, in
+//! `choose_arm`; nothing downstream branches on the path or the device again:
+//!
+//! | path   | device | gradient needed | arm                                                  |
+//! |--------|--------|-----------------|------------------------------------------------------|
+//! | dense  | any    | any             | tch ops and tch autograd ([`dense::dense_ffn`]); without statistics and gradient the lean [`dense::dense_ffn_inference`] |
+//! | twell  | CPU    | any             | `SparseFfn` autograd function, `cpu` reference on TwELL |
+//! | hybrid | CPU    | any             | `SparseFfn`, `cpu` reference on the ELL + tail format |
+//! | twell  | CUDA   | no              | TwELL inference kernels (`cuda::twell_forward`), no autograd node |
+//! | twell  | CUDA   | yes             | `SparseFfn`, the exact dense fallback (`dense::forward`) |
+//! | hybrid | CUDA   | any             | `SparseFfn`, hybrid training kernels (`cuda::hybrid_forward`); shapes the kernels do not take run the dense fallback |
+//!
+//! The autograd function is C++ (`bridge/sparse_ffn.cpp`: tch has no custom functions); its
+//! forward and backward call back into `bridge`, which runs the chosen `Kernel` and keeps
+//! what the backward needs in a `Saved` value owned by the autograd context.
+//!
+//! Dtypes: the CPU arms and the dense fallback compute in f32 and return `y` and the
+//! gradients in their input's dtype; the CUDA kernels compute in bf16 (inputs cast) and
+//! return `y` in x's dtype (in autocast's dtype under autocast, as the dense matmuls would),
+//! the gradients in their input's dtype. `l1_sum` is f32 everywhere, NaN where the TwELL
+//! inference kernels run (they never form `|h|`).
+use tch::{Device, Kind, Tensor};
+
+use crate::cuda::HybridKernels;
+use crate::types::{FfnError, FfnOutput, FfnPath, FfnWeights, SparseFfnConfig};
+
+mod bridge;
+mod cpu;
+mod cuda;
+pub mod dense;
+
+/// Which packed format the CPU reference runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CpuFormat {
+    Twell,
+    EllTail,
+}
+
+/// What runs inside the `SparseFfn` autograd function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Cpu(CpuFormat),
+    CudaHybrid,
+    DenseFallback,
+}
+
+/// The arm that runs one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arm {
+    DenseOracle,
+    DenseInference,
+    /// TwELL kernels with this many words per 256-column tile.
+    CudaTwell {
+        words_per_tile: i64,
+    },
+    Autograd(Kernel),
+}
+
+/// Runs the gated FFN on `x: [N, D]` with the default format parameters.
+///
+/// # Panics
+/// On the errors of [`try_sparse_ffn`] (bad shapes or dtypes, unsupported device, an `H`
+/// beyond TwELL's 16-bit column indices).
+pub fn sparse_ffn(x: &Tensor, w: &FfnWeights, path: FfnPath) -> FfnOutput {
+    try_sparse_ffn(x, w, path, &SparseFfnConfig::default())
+        .unwrap_or_else(|e| panic!("{} FFN failed: {e}", path.name()))
+}
+
+/// Runs the gated FFN on `x: [N, D]` with `Wg, Wu, Wd^T: [H, D]` on `path`, with the
+/// formats of `config` (see the module docs for what runs where).
+pub fn try_sparse_ffn(
+    x: &Tensor,
+    w: &FfnWeights,
+    path: FfnPath,
+    config: &SparseFfnConfig,
+) -> Result<FfnOutput, FfnError> {
+    match choose_arm(x, w, path, config)? {
+        Arm::DenseOracle => Ok(dense::dense_ffn(x, w)),
+        Arm::DenseInference => Ok(dense::dense_ffn_inference(x, w)),
+        Arm::CudaTwell { words_per_tile } => {
+            cuda::twell_forward(words_per_tile, config.statistics, x, w).map(FfnOutput::from_array)
+        }
+        Arm::Autograd(kernel) => bridge::apply(x, w, kernel, config),
+    }
+}
+
+/// The one place the path, the device and the need for a gradient decide what runs.
+fn choose_arm(
+    x: &Tensor,
+    w: &FfnWeights,
+    path: FfnPath,
+    config: &SparseFfnConfig,
+) -> Result<Arm, FfnError> {
+    if path == FfnPath::Dense {
+        return Ok(if config.statistics || grad_needed(x, w) {
+            Arm::DenseOracle
+        } else {
+            Arm::DenseInference
+        });
+    }
+    validate(x, w)?;
+    Ok(match (x.device(), path) {
+        (Device::Cpu, FfnPath::Twell) => Arm::Autograd(Kernel::Cpu(CpuFormat::Twell)),
+        (Device::Cpu, _) => Arm::Autograd(Kernel::Cpu(CpuFormat::EllTail)),
+        (_, FfnPath::Twell) => match cuda::twell_words_per_tile(&config.twell) {
+            Some(words_per_tile) if !grad_needed(x, w) => Arm::CudaTwell { words_per_tile },
+            _ => Arm::Autograd(Kernel::DenseFallback),
+        },
+        (device, _) => {
+            let (n, d) = x.size2()?;
+            let h = w.gate.size()[0];
+            if HybridKernels::for_device(device)?.supports(n, d, h) {
+                Arm::Autograd(Kernel::CudaHybrid)
+            } else {
+                Arm::Autograd(Kernel::DenseFallback)
+            }
+        }
+    })
+}
+
+/// Whether the output of this call will be differentiated.
+fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
+    [x, w.gate, w.up, w.down_t]
+        .iter()
+        .any(|t| t.requires_grad())
+        && crate::torch::cuda_runtime::grad_mode_enabled()
+}
+
+fn check_kind(name: &'static str, t: &Tensor) -> Result<(), FfnError> {
+    match t.kind() {
+        Kind::Float | Kind::BFloat16 => Ok(()),
+        kind => Err(FfnError::Dtype { name, kind }),
+    }
+}
+
+fn validate(x: &Tensor, w: &FfnWeights) -> Result<(), FfnError> {
+    let xs = x.size();
+    if xs.len() != 2 {
+        return Err(FfnError::InputShape { shape: xs });
+    }
+    check_kind("x", x)?;
+    let d = xs[1];
+    let h = w.gate.size().first().copied().unwrap_or(-1);
+    for (name, t) in [("Wg", w.gate), ("Wu", w.up), ("Wd^T", w.down_t)] {
+        let shape = t.size();
+        if shape != [h, d] {
+            return Err(FfnError::WeightShape { name, shape, h, d });
+        }
+        if t.device() != x.device() {
+            return Err(FfnError::Device {
+                name,
+                device: t.device(),
+                x_device: x.device(),
+            });
+        }
+        check_kind(name, t)?;
+    }
+    match x.device() {
+        Device::Cpu | Device::Cuda(_) => Ok(()),
+        device => Err(FfnError::UnsupportedDevice { device }),
+    }
+}
+
+/// `x, Wg, Wu, Wd^T` as one arm receives them.
+struct Inputs<'a> {
+    x: &'a Tensor,
+    gate: &'a Tensor,
+    up: &'a Tensor,
+    down_t: &'a Tensor,
+}
+
+impl Inputs<'_> {
+    /// `(N, D, H)`.
+    fn dims(&self) -> Result<(i64, i64, i64), FfnError> {
+        let (n, d) = self.x.size2()?;
+        Ok((n, d, self.gate.size()[0]))
+    }
+}
+
+/// What the forward keeps for the backward (besides x and the weights, which the autograd
+/// context saves as tensors).
+enum Saved {
+    Cpu {
+        config: SparseFfnConfig,
+        pattern: Box<cpu::Pattern>,
+    },
+    Dense,
+    /// The hybrid kernels' packed actives (CSR + transpose).
+    CudaHybrid(Box<crate::cuda::HybridState>),
+}
+
+/// The forward of `kernel` inside the autograd function: `[y, l1_sum, active_per_token,
+/// active_per_unit, overflow_rows]` and the state for the backward.
+fn forward(
+    kernel: Kernel,
+    config: &SparseFfnConfig,
+    t: &Inputs,
+) -> Result<([Tensor; 5], Saved), FfnError> {
+    match kernel {
+        Kernel::Cpu(format) => {
+            let (outs, pattern) = cpu::forward(format, config, t)?;
+            let saved = Saved::Cpu {
+                config: *config,
+                pattern: Box::new(pattern),
+            };
+            Ok((outs, saved))
+        }
+        Kernel::CudaHybrid => {
+            let (outs, state) = cuda::hybrid_forward(t)?;
+            Ok((outs, Saved::CudaHybrid(Box::new(state))))
+        }
+        Kernel::DenseFallback => Ok((dense::forward(t), Saved::Dense)),
+    }
+}
+
+/// The backward on what the forward saved: `[dx, dWg, dWu, dWd^T]`.
+fn backward(saved: &Saved, t: &Inputs, dy: &Tensor, dl1: &Tensor) -> Result<[Tensor; 4], FfnError> {
+    match saved {
+        Saved::Cpu { config, pattern } => cpu::backward(config, pattern, t, dy, dl1),
+        Saved::Dense => Ok(dense::backward(t, dy, dl1)),
+        Saved::CudaHybrid(state) => cuda::hybrid_backward(state, t, dy, dl1),
+    }
+}

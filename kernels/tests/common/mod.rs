@@ -1,0 +1,19 @@
+//! Checks the GPU tests share (each test binary uses a part of them).
+#![allow(dead_code)]
+use tch::{Kind, Tensor};
+
+/// `sum |got - want|` of two int64 count tensors.
+pub fn count_flips(got: &Tensor, want: &Tensor) -> i64 {
+    (got - want).abs().sum(Kind::Int64).int64_value(&[])
+}
+
+/// Active counts of a bf16 kernel against fp32 `g > 0`: gate values within rounding of 0
+/// may flip sign (another fp32 accumulation order), at most 0.1 % of the `total` actives + 2.
+pub fn assert_counts_close(label: &str, got: &Tensor, want: &Tensor, total: i64) {
+    let flips = count_flips(got, want);
+    println!("  {label}: active-count flips {flips} of {total}");
+    assert!(
+        flips <= total / 1000 + 2,
+        "{label}: active counts differ by {flips} of {total}"
+    );
+}

@@ -1,4 +1,4 @@
-// C++ side of the SparseFfn autograd function (see kernels/src/autograd.rs).
+// C++ side of the SparseFfn autograd function (see kernels/src/op/bridge.rs).
 //
 // A torch::autograd::Function whose forward and backward call Rust callbacks. Tensors cross
 // the boundary as torch::Tensor* (tch's C_tensor*): pointers handed to Rust are fresh heap
@@ -7,9 +7,10 @@
 // the autograd context; the holder's destructor hands it back to Rust to free.
 #include <torch/torch.h>
 
-#include <cstring>
 #include <stdexcept>
 #include <string>
+
+#include "ffi_error.h"
 
 extern "C" {
 // inputs: x, Wg, Wu, Wd^T (owned by Rust once passed).
@@ -33,7 +34,7 @@ struct SparseFfnCallbacks {
 
 namespace {
 
-constexpr size_t kErrLen = 1024;
+using sparse_bridge::kErrLen;
 
 struct RustState : torch::CustomClassHolder {
   void* state;
@@ -99,18 +100,9 @@ extern "C" {
 // the caller owns. Returns 0, or 1 with a message in `err`.
 int sparse_ffn_apply(const SparseFfnCallbacks* cb, torch::Tensor* const* inputs,
                      torch::Tensor** outputs, char* err, size_t err_len) {
-  try {
+  return sparse_bridge::catch_into_err(err, err_len, [&] {
     auto out = SparseFfnFunction::apply(*inputs[0], *inputs[1], *inputs[2], *inputs[3], cb);
     for (size_t i = 0; i < out.size(); ++i) outputs[i] = new torch::Tensor(out[i]);
-    return 0;
-  } catch (const c10::Error& e) {
-    std::strncpy(err, e.what_without_backtrace(), err_len - 1);
-    err[err_len - 1] = 0;
-    return 1;
-  } catch (const std::exception& e) {
-    std::strncpy(err, e.what(), err_len - 1);
-    err[err_len - 1] = 0;
-    return 1;
-  }
+  });
 }
 }

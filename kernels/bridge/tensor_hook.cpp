@@ -1,11 +1,12 @@
-// C++ side of `HookedIdentity` (see kernels/src/hooks.rs): an autograd function that is the
+// C++ side of `HookedIdentity` (see kernels/src/torch/hooks.rs): an autograd function that is the
 // identity up to two Rust hooks, one applied in place to a copy of the input in the forward
 // and one to a copy of the incoming gradient in the backward. Tensor parallelism builds its
 // differentiable collectives from it (all-reduce in the forward or in the backward).
 #include <torch/torch.h>
 
-#include <cstring>
 #include <stdexcept>
+
+#include "ffi_error.h"
 
 extern "C" {
 // Applies the hook to `t` in place (t is borrowed). Returns 0, or 1 with a message in err.
@@ -22,7 +23,7 @@ struct TensorHooks {
 
 namespace {
 
-constexpr size_t kErrLen = 1024;
+using sparse_bridge::kErrLen;
 
 struct BackwardHook : torch::CustomClassHolder {
   void* state;
@@ -71,17 +72,7 @@ extern "C" {
 // The backward state passes to the graph even on failure (it is dropped there).
 int tensor_hook_apply(const TensorHooks* hooks, torch::Tensor* x, torch::Tensor** out,
                       char* err, size_t err_len) {
-  try {
-    *out = new torch::Tensor(HookedIdentity::apply(*x, hooks));
-    return 0;
-  } catch (const c10::Error& e) {
-    std::strncpy(err, e.what_without_backtrace(), err_len - 1);
-    err[err_len - 1] = 0;
-    return 1;
-  } catch (const std::exception& e) {
-    std::strncpy(err, e.what(), err_len - 1);
-    err[err_len - 1] = 0;
-    return 1;
-  }
+  return sparse_bridge::catch_into_err(
+      err, err_len, [&] { *out = new torch::Tensor(HookedIdentity::apply(*x, hooks)); });
 }
 }

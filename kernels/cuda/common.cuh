@@ -107,6 +107,61 @@ DEV void axpy8(float* acc, float a, uint4 w) {
   }
 }
 
+// acc[0..8) += sum over idx < L of h[idx] * granule gi of row rows[idx] of W ([*, D] bf16,
+// row-major), four gathered rows in flight.
+DEV void gather_axpy8(float* acc, const float* h, const int* rows, int L, const __nv_bfloat16* __restrict__ W,
+                      int D, int gi) {
+  int idx = 0;
+  for (; idx + 4 <= L; idx += 4) {
+    uint4 w[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) w[u] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rows[idx + u] * D) + gi);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) axpy8(acc, h[idx + u], w[u]);
+  }
+  for (; idx < L; ++idx) axpy8(acc, h[idx], __ldg(reinterpret_cast<const uint4*>(W + (size_t)rows[idx] * D) + gi));
+}
+// The same over a block's output row: thread tid owns granules tid + q*THREADS of acc[GPT][8].
+template <int GPT, int THREADS>
+DEV void gather_axpy_row(float (&acc)[GPT][8], const float* h, const int* rows, int L,
+                         const __nv_bfloat16* __restrict__ W, int D, int tid, int G8) {
+#pragma unroll
+  for (int q = 0; q < GPT; ++q) {
+    const int gi = tid + q * THREADS;
+    if (gi < G8) gather_axpy8(acc[q], h, rows, L, W, D, gi);
+  }
+}
+// A block's output row `out` (D bf16) from acc[GPT][8]: thread tid owns granules tid + q*THREADS.
+template <int GPT, int THREADS>
+DEV void store_row(__nv_bfloat16* out, const float (&acc)[GPT][8], int tid, int G8) {
+#pragma unroll
+  for (int q = 0; q < GPT; ++q) {
+    const int gi = tid + q * THREADS;
+    if (gi < G8) store_bf16x8(out, gi, acc[q]);
+  }
+}
+
+// Copies the bf16 row src (G8 granules of 8) into shared memory dst, the block's THREADS
+// threads striding over the granules.
+template <int THREADS>
+DEV void block_load_row(__nv_bfloat16* dst, const __nv_bfloat16* __restrict__ src, int G8, int tid) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  for (int i = tid; i < G8; i += THREADS) reinterpret_cast<uint4*>(dst)[i] = __ldg(s + i);
+}
+// Zeroes a register accumulator (fully unrolled, so it stays in registers).
+template <int A, int B>
+DEV void zero_fill(float (&a)[A][B]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j) a[i][j] = 0.f;
+}
+template <int A, int B, int C>
+DEV void zero_fill(float (&a)[A][B][C]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i) zero_fill(a[i]);
+}
+
 // ------------------------------------------------------------------------------------------
 // Warp reductions and scans (full warp).
 DEV int warp_sum(int v) {

@@ -254,13 +254,9 @@ DEV void fwd_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = blockIdx.x, G8 = D / 8;
   const int p0 = row_ptr[t], p1 = row_ptr[t + 1];
-  const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)t * D);
-  for (int i = tid; i < G8; i += THREADS) reinterpret_cast<uint4*>(xs)[i] = __ldg(xr + i);
+  block_load_row<THREADS>(xs, x + (size_t)t * D, G8, tid);
   float acc[GPT][8];
-#pragma unroll
-  for (int q = 0; q < GPT; ++q)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[q][e] = 0.f;
+  zero_fill(acc);
   float l1 = 0.f;
   for (int s0 = p0; s0 < p1; s0 += LCAP) {
     const int L = min(LCAP, p1 - s0);
@@ -288,29 +284,10 @@ DEV void fwd_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < GPT; ++q) {
-      const int gi = tid + q * THREADS;
-      if (gi < G8) {
-        int idx = 0;
-        for (; idx + 4 <= L; idx += 4) {
-          uint4 w[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) w[u] = __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx + u] * D) + gi);
-#pragma unroll
-          for (int u = 0; u < 4; ++u) axpy8(acc[q], lh[idx + u], w[u]);
-        }
-        for (; idx < L; ++idx)
-          axpy8(acc[q], lh[idx], __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx] * D) + gi));
-      }
-    }
+    gather_axpy_row<GPT, THREADS>(acc, lh, lcol, L, WdT, D, tid, G8);
     __syncthreads();
   }
-#pragma unroll
-  for (int q = 0; q < GPT; ++q) {
-    const int gi = tid + q * THREADS;
-    if (gi < G8) store_bf16x8(y + (size_t)t * D, gi, acc[q]);
-  }
+  store_row<GPT, THREADS>(y + (size_t)t * D, acc, tid, G8);
   if (lane == 0) wl1[warp] = l1;
   __syncthreads();
   if (tid == 0) {
@@ -361,13 +338,9 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
   const int t = blockIdx.x, G8 = D / 8;
   const float dl1 = *dl1p;
   const int p0 = row_ptr[t], p1 = row_ptr[t + 1];
-  const uint4* dr = reinterpret_cast<const uint4*>(dy + (size_t)t * D);
-  for (int i = tid; i < G8; i += THREADS) reinterpret_cast<uint4*>(ds)[i] = __ldg(dr + i);
+  block_load_row<THREADS>(ds, dy + (size_t)t * D, G8, tid);
   float acc[GPT][8];
-#pragma unroll
-  for (int q = 0; q < GPT; ++q)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[q][e] = 0.f;
+  zero_fill(acc);
   for (int s0 = p0; s0 < p1; s0 += LCAP) {
     const int L = min(LCAP, p1 - s0);
     if (tid < L) {
@@ -420,11 +393,7 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int q = 0; q < GPT; ++q) {
-    const int gi = tid + q * THREADS;
-    if (gi < G8) store_bf16x8(dx + (size_t)t * D, gi, acc[q]);
-  }
+  store_row<GPT, THREADS>(dx + (size_t)t * D, acc, tid, G8);
 }
 
 #define BWT_ARGS                                                                                                 \

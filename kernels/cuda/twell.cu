@@ -171,12 +171,7 @@ DEV void gate_gemm_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16
   };
 
   float acc[4][8][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+  zero_fill(acc);
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -421,12 +416,7 @@ extern "C" __global__ void __launch_bounds__(SKINNY_THREADS) twell_gate_skinny(c
   const int ntok = min(64, N - tb);
   const int NT = (ntok + 7) >> 3;
   float acc[2][8][4];
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][nt][r] = 0.f;
+  zero_fill(acc);
 
   const __nv_bfloat16* wrow[2][2];
   bool wok[2][2];
@@ -609,8 +599,7 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
     const int a1 = nch == 1 ? count : min(count, a0 + chunk);
 
     if (GATED) {
-      const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)t * D);
-      for (int i = tid; i < G8; i += THREADS) reinterpret_cast<uint4*>(xs)[i] = __ldg(xr + i);
+      block_load_row<THREADS>(xs, x + (size_t)t * D, G8, tid);
     }
     const uint32_t* trow = twell + (size_t)t * ntiles * TW;
     for (int i = tid; i < ntiles; i += THREADS) cnt[i] = (int)__ldg(trow + (size_t)i * TW);
@@ -619,10 +608,7 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
     __syncthreads();
 
     float acc[GPT][8];
-#pragma unroll
-    for (int q = 0; q < GPT; ++q)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[q][e] = 0.f;
+    zero_fill(acc);
 
     for (int s0 = a0; s0 < a1; s0 += LCAP) {
       const int L = min(LCAP, a1 - s0);
@@ -662,32 +648,12 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
         __syncthreads();
       }
       // y[d] += h_j * WdT[j, d]; thread owns granules tid + q*256
-#pragma unroll
-      for (int q = 0; q < GPT; ++q) {
-        const int gi = tid + q * THREADS;
-        if (gi < G8) {
-          int idx = 0;
-          for (; idx + 4 <= L; idx += 4) {
-            uint4 w[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u)
-              w[u] = __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx + u] * D) + gi);
-#pragma unroll
-            for (int u = 0; u < 4; ++u) axpy8(acc[q], lh[idx + u], w[u]);
-          }
-          for (; idx < L; ++idx)
-            axpy8(acc[q], lh[idx], __ldg(reinterpret_cast<const uint4*>(WdT + (size_t)lcol[idx] * D) + gi));
-        }
-      }
+      gather_axpy_row<GPT, THREADS>(acc, lh, lcol, L, WdT, D, tid, G8);
       __syncthreads();
     }
 
     if (nch == 1) {
-#pragma unroll
-      for (int q = 0; q < GPT; ++q) {
-        const int gi = tid + q * THREADS;
-        if (gi < G8) store_bf16x8(y + (size_t)t * D, gi, acc[q]);
-      }
+      store_row<GPT, THREADS>(y + (size_t)t * D, acc, tid, G8);
     } else {
       float* p = part + (size_t)(base + k) * D;
 #pragma unroll

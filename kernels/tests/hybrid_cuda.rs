@@ -13,7 +13,7 @@
 //! of 0 (<= 0.1 % + 2).
 mod common;
 
-use common::assert_counts_close;
+use common::{assert_counts_close, run_with_grads};
 use sparse_kernels::testing::{
     cuda_device_or_skip, imposed_sparsity_layer_with_full_rows, relative_error,
 };
@@ -33,25 +33,16 @@ fn make_layer(n: i64, d: i64, h: i64, s: f64, full_rows: i64, dev: Device) -> [T
         .to_f32()
 }
 
-/// Runs `path` under autograd on fresh leaves; returns the output and the four gradients.
+/// Runs `path` (the dense oracle for `None`) under autograd on `sum(y * r) + dl1 * l1_sum`.
 fn run(path: Option<FfnPath>, inputs: &[Tensor; 4], r: &Tensor) -> (FfnOutput, Vec<Tensor>) {
-    let leaves: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.detach().copy().set_requires_grad(true))
-        .collect();
-    let w = FfnWeights {
-        gate: &leaves[1],
-        up: &leaves[2],
-        down_t: &leaves[3],
-    };
-    let out = match path {
-        Some(p) => sparse_ffn(&leaves[0], &w, p),
-        None => dense_ffn(&leaves[0], &w),
-    };
-    let loss = (out.y.to_kind(Kind::Float) * r).sum(Kind::Float) + &out.l1_sum * DL1;
-    loss.backward();
-    let grads = leaves.iter().map(|l| l.grad()).collect();
-    (out, grads)
+    run_with_grads(
+        inputs,
+        |x, w| match path {
+            Some(p) => sparse_ffn(x, w, p),
+            None => dense_ffn(x, w),
+        },
+        |out| (out.y.to_kind(Kind::Float) * r).sum(Kind::Float) + &out.l1_sum * DL1,
+    )
 }
 
 /// One case at `N` tokens, width `D`, mean sparsity `s`, with `full_rows` all-H tokens.
@@ -109,51 +100,31 @@ fn case(name: &str, n: i64, d: i64, s: f64, full_rows: i64) {
     assert!(again.y.equal(&got.y), "{name}: y not bit-identical");
 }
 
-#[test]
-fn hybrid_995_n1() {
-    case("hybrid_995_n1", 1, D, 0.995, 0);
+/// One `#[test]` per case: `name: (N, D, sparsity, all-H rows)`.
+macro_rules! hybrid_cases {
+    ($($(#[$doc:meta])* $name:ident: ($n:expr, $d:expr, $s:expr, $full:expr);)*) => {
+        $(
+            $(#[$doc])*
+            #[test]
+            fn $name() {
+                case(stringify!($name), $n, $d, $s, $full);
+            }
+        )*
+    };
 }
 
-#[test]
-fn hybrid_995_n777() {
-    case("hybrid_995_n777", 777, D, 0.995, 0);
-}
-
-#[test]
-fn hybrid_995_n4096() {
-    case("hybrid_995_n4096", 4096, D, 0.995, 0);
-}
-
-#[test]
-fn hybrid_99_n777() {
-    case("hybrid_99_n777", 777, D, 0.99, 0);
-}
-
-#[test]
-fn hybrid_99_n4096() {
-    case("hybrid_99_n4096", 4096, D, 0.99, 0);
-}
-
-/// At 90 % the first-guess pool is too small: it grows and the forward reruns.
-#[test]
-fn hybrid_90_n777_pool_grows() {
-    case("hybrid_90_n777_pool_grows", 777, D, 0.90, 0);
-}
-
-#[test]
-fn hybrid_995_n777_five_all_h_rows() {
-    case("hybrid_995_n777_five_all_h_rows", 777, D, 0.995, 5);
-}
-
-#[test]
-fn hybrid_995_n1_all_h_row() {
-    case("hybrid_995_n1_all_h_row", 1, D, 0.995, 1);
-}
-
-/// D = 4096 runs the `_wide` kernels.
-#[test]
-fn hybrid_99_n300_wide() {
-    case("hybrid_99_n300_wide", 300, 4096, 0.99, 0);
+hybrid_cases! {
+    hybrid_995_n1: (1, D, 0.995, 0);
+    hybrid_995_n777: (777, D, 0.995, 0);
+    hybrid_995_n4096: (4096, D, 0.995, 0);
+    hybrid_99_n777: (777, D, 0.99, 0);
+    hybrid_99_n4096: (4096, D, 0.99, 0);
+    /// At 90 % the first-guess pool is too small: it grows and the forward reruns.
+    hybrid_90_n777_pool_grows: (777, D, 0.90, 0);
+    hybrid_995_n777_five_all_h_rows: (777, D, 0.995, 5);
+    hybrid_995_n1_all_h_row: (1, D, 0.995, 1);
+    /// D = 4096 runs the `_wide` kernels.
+    hybrid_99_n300_wide: (300, 4096, 0.99, 0);
 }
 
 /// Under autocast over fp32 weights, y comes back in autocast's dtype (tch turns on

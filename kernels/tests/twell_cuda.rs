@@ -3,7 +3,7 @@
 //! fail under `SPARSE_TRAIN_REQUIRE_GPU=1`).
 mod common;
 
-use common::assert_counts_close;
+use common::{assert_counts_close, run_with_grads};
 use sparse_kernels::testing::{cuda_device_or_skip, relative_error};
 use sparse_kernels::{dense_ffn, sparse_ffn, try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use tch::{Device, Kind, Tensor};
@@ -94,23 +94,17 @@ fn twell_with_grad_falls_back_exactly() {
         Tensor::randn([100, 64], opts) * 0.2,
     ];
     let run = |twell: bool| {
-        let leaves: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.copy().set_requires_grad(true))
-            .collect();
-        let w = FfnWeights {
-            gate: &leaves[1],
-            up: &leaves[2],
-            down_t: &leaves[3],
-        };
-        let out = if twell {
-            sparse_ffn(&leaves[0], &w, FfnPath::Twell)
-        } else {
-            dense_ffn(&leaves[0], &w)
-        };
-        (out.y.sum(Kind::Float) + &out.l1_sum).backward();
-        let grads: Vec<Tensor> = leaves.iter().map(|l| l.grad()).collect();
-        (out, grads)
+        run_with_grads(
+            &inputs,
+            |x, w| {
+                if twell {
+                    sparse_ffn(x, w, FfnPath::Twell)
+                } else {
+                    dense_ffn(x, w)
+                }
+            },
+            |out| out.y.sum(Kind::Float) + &out.l1_sum,
+        )
     };
     let (got, got_grads) = run(true);
     let (want, want_grads) = run(false);

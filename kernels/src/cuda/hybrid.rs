@@ -31,7 +31,7 @@ use super::consts::{
 use super::image::load_image;
 use super::launch::{
     cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill, hyb_fwd, hyb_l1, hyb_scan,
-    hyb_segscan, hyb_unitscan, load_once, ptr, LaunchShape, PerDevice,
+    hyb_segscan, hyb_unitscan, load_functions, load_once, ptr, LaunchShape, PerDevice,
 };
 use super::twell::{TwellKernels, TwellWorkspace};
 use super::{CudaKernelError, Result};
@@ -70,12 +70,7 @@ impl HybridKernels {
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )? as i64;
         let max_dyn_smem = (optin - FILL_STATIC_SMEM - 1024).max(0);
-        let smem_attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let count = f("hyb_count")?;
-        let fill = f("hyb_fill")?;
-        for g in [&count, &fill] {
-            g.set_attribute(smem_attr, max_dyn_smem as i32)?;
-        }
+        let [count, fill] = load_functions(&module, ["hyb_count", "hyb_fill"], max_dyn_smem)?;
         Ok(Self {
             segscan: f("hyb_segscan")?,
             unitscan: f("hyb_unitscan")?,
@@ -266,12 +261,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
             (ptr(x), ptr(wu), ptr(wdt), ptr(&y), ptr(&l1_tok), ptr(&l1));
         let capi = cap as i32;
         let hgrid = ((h + HYB_THREADS - 1) / HYB_THREADS) as u32;
-        let shape = |grid, block, smem_bytes| LaunchShape {
-            stream,
-            grid,
-            block,
-            smem_bytes,
-        };
+        let shape = LaunchShape::on(stream);
         let blocks = (nblk as u32, 1);
         // SAFETY: the launchers carry the kernels' parameter lists; every buffer is sized
         // above for (N, D, H, cap).
@@ -475,12 +465,7 @@ pub fn hybrid_backward(
     let (di, hi) = (d as i32, h as i32);
     let wide = usize::from(d > 2048);
     let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
-    let shape = |grid, block, smem_bytes| LaunchShape {
-        stream,
-        grid,
-        block,
-        smem_bytes,
-    };
+    let shape = LaunchShape::on(stream);
     // SAFETY: as in hybrid_forward; rec holds 4 floats per active of the forward.
     unsafe {
         hyb_bwd_tok(

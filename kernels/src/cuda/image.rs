@@ -210,10 +210,22 @@ pub fn nvrtc_compile(stem: &str, arch: &str) -> Result<cudarc::nvrtc::Ptx> {
         .map_err(|e| CudaKernelError::Image(format!("NVRTC on {stem}.cu for {arch}: {e:?}")))
 }
 
-/// The PTX of kernel file `stem` for `arch` through NVRTC, for tests on machines without a
-/// GPU: `None` (with the reason printed) where the CUDA headers or libnvrtc are missing.
+/// `(stem, arch, PTX)` of every kernel file under the Hopper and the Ampere architecture
+/// through NVRTC, for tests on machines without a GPU: `None` (with the reason printed)
+/// where the CUDA headers or libnvrtc are missing.
 #[cfg(test)]
-pub(super) fn nvrtc_ptx_for_test(stem: &str, arch: &str) -> Option<String> {
+pub(super) fn every_nvrtc_ptx_for_test() -> Option<Vec<(&'static str, &'static str, String)>> {
+    let mut out = Vec::new();
+    for (stem, _) in KERNEL_FILES {
+        for arch in ["compute_90a", "compute_80"] {
+            out.push((stem, arch, nvrtc_ptx_for_test(stem, arch)?));
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+fn nvrtc_ptx_for_test(stem: &str, arch: &str) -> Option<String> {
     if cuda_include_dirs().is_empty() {
         println!("skipped: no CUDA headers found (source scripts/env.sh)");
         return None;
@@ -236,22 +248,20 @@ mod tests {
     /// the fallback of a binary built without nvcc or run on a GPU it has no image for.
     #[test]
     fn kernel_sources_compile_with_nvrtc() {
-        for (stem, _) in KERNEL_FILES {
-            for arch in ["compute_90a", "compute_80"] {
-                let Some(text) = nvrtc_ptx_for_test(stem, arch) else {
-                    return;
-                };
-                assert!(
-                    text.contains(".entry"),
-                    "{stem} {arch}: no kernels in the PTX"
-                );
-                // The Hopper build holds the wgmma gate, the Ampere one must not.
-                assert_eq!(
-                    text.contains("wgmma.mma_async"),
-                    arch == "compute_90a" && stem == "twell",
-                    "{stem} {arch}: wgmma presence"
-                );
-            }
+        let Some(images) = every_nvrtc_ptx_for_test() else {
+            return;
+        };
+        for (stem, arch, text) in images {
+            assert!(
+                text.contains(".entry"),
+                "{stem} {arch}: no kernels in the PTX"
+            );
+            // The Hopper build holds the wgmma gate, the Ampere one must not.
+            assert_eq!(
+                text.contains("wgmma.mma_async"),
+                arch == "compute_90a" && stem == "twell",
+                "{stem} {arch}: wgmma presence"
+            );
         }
     }
 

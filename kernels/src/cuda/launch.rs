@@ -10,7 +10,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys;
-use cudarc::driver::CudaFunction;
+use cudarc::driver::{CudaFunction, CudaModule};
 use tch::{Device, Tensor};
 
 use super::{CudaKernelError, Result};
@@ -65,6 +65,28 @@ pub(super) fn tch_stream(device: Device) -> Result<sys::CUstream> {
         .ok_or(CudaKernelError::NotCuda(device))
 }
 
+/// The functions `names` of `module`, each allowed `smem_bytes` of dynamic shared memory
+/// (past the 48 KiB default) when `smem_bytes > 0`.
+pub(super) fn load_functions<const K: usize>(
+    module: &Arc<CudaModule>,
+    names: [&str; K],
+    smem_bytes: i64,
+) -> Result<[CudaFunction; K]> {
+    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    let mut out = Vec::with_capacity(K);
+    for name in names {
+        let f = module.load_function(name)?;
+        if smem_bytes > 0 {
+            f.set_attribute(attr, smem_bytes as i32)?;
+        }
+        out.push(f);
+    }
+    match out.try_into() {
+        Ok(functions) => Ok(functions),
+        Err(_) => unreachable!("one function per name"),
+    }
+}
+
 /// Grid, block and dynamic shared memory of one launch, on tch's current stream.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct LaunchShape {
@@ -72,6 +94,18 @@ pub(super) struct LaunchShape {
     pub grid: (u32, u32),
     pub block: i64,
     pub smem_bytes: u32,
+}
+
+impl LaunchShape {
+    /// Shapes of launches on `stream`: `(grid, block, smem_bytes) -> LaunchShape`.
+    pub fn on(stream: sys::CUstream) -> impl Fn((u32, u32), i64, u32) -> LaunchShape {
+        move |grid, block, smem_bytes| LaunchShape {
+            stream,
+            grid,
+            block,
+            smem_bytes,
+        }
+    }
 }
 
 /// Launches `f` with `args` (pointers to each argument value, as `cuLaunchKernel` takes them).
@@ -238,7 +272,7 @@ pub(super) fn tensor_map(ptr: u64, rows: i64, cols: i64, box_rows: u32) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::image::{nvrtc_ptx_for_test, KERNEL_FILES};
+    use crate::cuda::image::every_nvrtc_ptx_for_test;
 
     /// `(entry name, parameter byte sizes)` of every `.entry` in a PTX text.
     fn ptx_entries(ptx: &str) -> Vec<(String, Vec<usize>)> {
@@ -276,43 +310,35 @@ mod tests {
     }
 
     /// Every `.entry` of both kernel files, under both architectures, has exactly one
-    /// launcher, and that launcher passes the same number of parameters of the same sizes.
+    /// launcher, which passes the same number of parameters of the same sizes, and every
+    /// entry a launcher names exists.
     #[test]
     fn launchers_match_the_ptx_entry_parameters() {
-        for (stem, _) in KERNEL_FILES {
-            for arch in ["compute_90a", "compute_80"] {
-                let Some(ptx) = nvrtc_ptx_for_test(stem, arch) else {
-                    return;
-                };
-                let entries = ptx_entries(&ptx);
-                assert!(!entries.is_empty(), "{stem} {arch}: no entries");
-                for (name, bytes) in &entries {
-                    let sigs: Vec<&KernelSignature> = KERNEL_SIGNATURES
-                        .iter()
-                        .filter(|s| s.entries.contains(&name.as_str()))
-                        .collect();
-                    assert_eq!(sigs.len(), 1, "{stem} {arch}: `{name}` needs one launcher");
-                    assert_eq!(
-                        sigs[0].param_bytes,
-                        bytes.as_slice(),
-                        "{stem} {arch}: launcher {} passes other parameters than `{name}` takes",
-                        sigs[0].launcher
-                    );
-                }
-            }
-        }
-        // And no launcher names an entry that no file defines.
-        let all: Vec<String> = KERNEL_FILES
-            .iter()
-            .filter_map(|(stem, _)| nvrtc_ptx_for_test(stem, "compute_80"))
-            .flat_map(|ptx| ptx_entries(&ptx).into_iter().map(|(name, _)| name))
-            .collect();
-        if all.is_empty() {
+        let Some(images) = every_nvrtc_ptx_for_test() else {
             return;
+        };
+        let mut defined = Vec::new();
+        for (stem, arch, ptx) in &images {
+            let entries = ptx_entries(ptx);
+            assert!(!entries.is_empty(), "{stem} {arch}: no entries");
+            for (name, bytes) in entries {
+                let sigs: Vec<&KernelSignature> = KERNEL_SIGNATURES
+                    .iter()
+                    .filter(|s| s.entries.contains(&name.as_str()))
+                    .collect();
+                assert_eq!(sigs.len(), 1, "{stem} {arch}: `{name}` needs one launcher");
+                assert_eq!(
+                    sigs[0].param_bytes,
+                    bytes.as_slice(),
+                    "{stem} {arch}: launcher {} passes other parameters than `{name}` takes",
+                    sigs[0].launcher
+                );
+                defined.push(name);
+            }
         }
         for sig in KERNEL_SIGNATURES {
             for entry in sig.entries {
-                assert!(all.iter().any(|n| n == entry), "no kernel `{entry}`");
+                assert!(defined.iter().any(|n| n == entry), "no kernel `{entry}`");
             }
         }
     }

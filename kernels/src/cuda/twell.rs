@@ -24,8 +24,9 @@ use super::consts::{
 };
 use super::image::{load_image, LoadedImage};
 use super::launch::{
-    cuda_ordinal, load_once, ptr, tch_stream, tensor_map, twell_gate_gemm, twell_gate_skinny,
-    twell_gate_wgmma, twell_pack, twell_plan, twell_updown, LaunchShape, PerDevice,
+    cuda_ordinal, load_functions, load_once, ptr, tch_stream, tensor_map, twell_gate_gemm,
+    twell_gate_skinny, twell_gate_wgmma, twell_pack, twell_plan, twell_updown, LaunchShape,
+    PerDevice,
 };
 use super::{CudaKernelError, Result};
 
@@ -71,25 +72,25 @@ impl TwellKernels {
         let (module, image) = load_image(&ctx, "twell")?;
         let sm90a = image.wgmma;
         let f = |name: &str| module.load_function(name);
-        let smem_attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let gemm = [
-            f("twell_gate_gemm_tw32")?,
-            f("twell_gate_gemm_tw64")?,
-            f("twell_gate_gemm_tw128")?,
-        ];
-        for g in &gemm {
-            g.set_attribute(smem_attr, GEMM_SMEM_BYTES as i32)?;
-        }
+        let gemm = load_functions(
+            &module,
+            [
+                "twell_gate_gemm_tw32",
+                "twell_gate_gemm_tw64",
+                "twell_gate_gemm_tw128",
+            ],
+            GEMM_SMEM_BYTES,
+        )?;
         let wgmma = if sm90a {
-            let w = [
-                f("twell_gate_wgmma_tw32")?,
-                f("twell_gate_wgmma_tw64")?,
-                f("twell_gate_wgmma_tw128")?,
-            ];
-            for g in &w {
-                g.set_attribute(smem_attr, WGMMA_SMEM_BYTES as i32)?;
-            }
-            Some(w)
+            Some(load_functions(
+                &module,
+                [
+                    "twell_gate_wgmma_tw32",
+                    "twell_gate_wgmma_tw64",
+                    "twell_gate_wgmma_tw128",
+                ],
+                WGMMA_SMEM_BYTES,
+            )?)
         } else {
             None
         };
@@ -102,11 +103,11 @@ impl TwellKernels {
             sms,
             name,
             image,
-            pack: [
-                f("twell_pack_tw32")?,
-                f("twell_pack_tw64")?,
-                f("twell_pack_tw128")?,
-            ],
+            pack: load_functions(
+                &module,
+                ["twell_pack_tw32", "twell_pack_tw64", "twell_pack_tw128"],
+                0,
+            )?,
             skinny: f("twell_gate_skinny")?,
             plan: f("twell_plan")?,
             updown: [f("twell_updown_gated")?, f("twell_updown_gated_wide")?],
@@ -196,12 +197,7 @@ impl TwellKernels {
         let (twp, spp, ctp) = (ptr(&ws.twell), ptr(&ws.spill), ptr(&ws.ctrl));
         let spill_cap = ws.spill_cap as i32;
         let ti = tw_index(ws.tw);
-        let shape = |grid, block, smem_bytes| LaunchShape {
-            stream,
-            grid,
-            block,
-            smem_bytes,
-        };
+        let shape = LaunchShape::on(stream);
         let gate_grid = (ntiles, (ws.n as u32).div_ceil(GATE_ROWS as u32));
         // SAFETY: the launchers carry the kernels' parameter lists; every buffer was sized by
         // TwellWorkspace::new for this (N, D, H, tw) and the inputs were checked.
@@ -308,12 +304,7 @@ impl TwellKernels {
             &self.down[wide]
         };
         let grid = (self.sms * 8).min((ws.n as u32).saturating_mul(16)).max(1);
-        let shape = |grid, block, smem_bytes| LaunchShape {
-            stream,
-            grid,
-            block,
-            smem_bytes,
-        };
+        let shape = LaunchShape::on(stream);
         let plan_grid = ((ws.n as u32).div_ceil((PLAN_THREADS / 32) as u32), 1);
         // SAFETY: as in `gate`; y is [N, D] bf16, freshly allocated on the same device.
         unsafe {

@@ -31,7 +31,10 @@
 //! ```
 use thiserror::Error;
 
-use super::reference::{for_each_nonzero, mean_per_row, Element, SparseRows};
+use super::reference::{
+    check_dense_len, dense_slot, for_each_nonzero, mean_per_row, DenseLengthError, Element,
+    SparseRows,
+};
 
 /// Row -> tail map value of a row that is not in the tail.
 pub const NOT_IN_TAIL: u32 = u32::MAX;
@@ -75,12 +78,8 @@ pub enum EllTailError {
         value: usize,
         max: usize,
     },
-    #[error("dense input has {len} elements, expected rows x cols = {rows} x {cols}")]
-    Length {
-        len: usize,
-        rows: usize,
-        cols: usize,
-    },
+    #[error(transparent)]
+    Length(#[from] DenseLengthError),
 }
 
 /// Packing statistics.
@@ -177,13 +176,7 @@ impl EllTailMatrix {
         cols: usize,
         config: EllTailConfig,
     ) -> Result<Self, EllTailError> {
-        if dense.len() != rows * cols {
-            return Err(EllTailError::Length {
-                len: dense.len(),
-                rows,
-                cols,
-            });
-        }
+        check_dense_len(dense, rows, cols)?;
         let mut m = EllTailMatrix::empty(rows, cols, config)?;
         for r in 0..rows {
             let row = &dense[r * cols..(r + 1) * cols];
@@ -281,20 +274,14 @@ impl EllTailMatrix {
 }
 
 impl SparseRows for EllTailMatrix {
-    fn n_rows(&self) -> usize {
-        self.rows
-    }
-
-    fn n_cols(&self) -> usize {
-        self.cols
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     fn for_each_in_row<F: FnMut(usize, f32)>(&self, row: usize, mut f: F) {
         let slot = self.row_to_tail[row];
-        if slot != NOT_IN_TAIL {
-            let cols = slot as usize * self.cols..(slot as usize + 1) * self.cols;
-            for_each_nonzero(&self.tail[cols], f);
-            return;
+        if let Some(dense) = dense_slot(&self.tail, slot, NOT_IN_TAIL, self.cols) {
+            return for_each_nonzero(dense, f);
         }
         let w = self.config.ell_width;
         let n = self.row_nnz[row] as usize;
@@ -447,11 +434,11 @@ mod tests {
     fn bad_inputs_give_typed_errors() {
         assert_eq!(
             EllTailMatrix::pack(&[0.0f32; 5], 2, 3, EllTailConfig::TOKENS),
-            Err(EllTailError::Length {
+            Err(EllTailError::Length(DenseLengthError {
                 len: 5,
                 rows: 2,
                 cols: 3
-            })
+            }))
         );
         assert_eq!(
             EllTailMatrix::pack(

@@ -9,5 +9,7 @@ pub mod reference;
 pub mod twell;
 
 pub use ell_tail::{EllTailConfig, EllTailError, EllTailMatrix, EllTailStats};
-pub use reference::{Element, FfnGrads, FfnProblem, ForwardResult, ReferenceError, SparseRows};
+pub use reference::{
+    DenseLengthError, Element, FfnGrads, FfnProblem, ForwardResult, ReferenceError, SparseRows,
+};
 pub use twell::{TwellConfig, TwellError, TwellMatrix};

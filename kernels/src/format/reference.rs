@@ -53,8 +53,14 @@ impl Element for bf16 {
 /// Row-wise read access to a sparse `[rows, cols]` matrix: what the reference computes from.
 /// Every packed format implements it, whatever its physical layout.
 pub trait SparseRows {
-    fn n_rows(&self) -> usize;
-    fn n_cols(&self) -> usize;
+    /// `(rows, cols)`.
+    fn shape(&self) -> (usize, usize);
+    fn n_rows(&self) -> usize {
+        self.shape().0
+    }
+    fn n_cols(&self) -> usize {
+        self.shape().1
+    }
     /// Calls `f(col, value)` for every stored entry of `row`, in increasing column order.
     fn for_each_in_row<F: FnMut(usize, f32)>(&self, row: usize, f: F);
 
@@ -80,12 +86,44 @@ pub(crate) fn for_each_nonzero<E: Element, F: FnMut(usize, f32)>(row: &[E], mut 
     }
 }
 
+/// Row `slot` of a buffer of dense `cols`-wide rows (the overflow or tail part of a packed
+/// format), `None` when `slot` is the format's "not stored here" marker `none`.
+pub(crate) fn dense_slot<E>(rows: &[E], slot: u32, none: u32, cols: usize) -> Option<&[E]> {
+    (slot != none).then(|| &rows[slot as usize * cols..(slot as usize + 1) * cols])
+}
+
 /// Mean non-zeros per row of the packing statistics (0 for a matrix without rows).
 pub(crate) fn mean_per_row(nnz: usize, rows: usize) -> f64 {
     if rows == 0 {
         0.0
     } else {
         nnz as f64 / rows as f64
+    }
+}
+
+/// A dense input to pack whose length is not `rows x cols`.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("dense input has {len} elements, expected rows x cols = {rows} x {cols}")]
+pub struct DenseLengthError {
+    pub len: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Checks that a dense input to pack holds `rows x cols` elements.
+pub(crate) fn check_dense_len<E>(
+    dense: &[E],
+    rows: usize,
+    cols: usize,
+) -> Result<(), DenseLengthError> {
+    if dense.len() == rows * cols {
+        Ok(())
+    } else {
+        Err(DenseLengthError {
+            len: dense.len(),
+            rows,
+            cols,
+        })
     }
 }
 

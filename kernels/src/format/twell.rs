@@ -27,7 +27,10 @@
 use half::bf16;
 use thiserror::Error;
 
-use super::reference::{for_each_nonzero, mean_per_row, Element, SparseRows};
+use super::reference::{
+    check_dense_len, dense_slot, for_each_nonzero, mean_per_row, DenseLengthError, Element,
+    SparseRows,
+};
 
 /// Column indices are 16-bit: at most this many columns.
 pub const MAX_COLS: usize = 1 << 16;
@@ -91,12 +94,8 @@ pub enum TwellError {
     TooManyCols { cols: usize },
     #[error("TwELL overflow slots are 32-bit: rows = {rows} exceeds {max}", max = u32::MAX)]
     TooManyRows { rows: usize },
-    #[error("dense input has {len} elements, expected rows x cols = {rows} x {cols}")]
-    Length {
-        len: usize,
-        rows: usize,
-        cols: usize,
-    },
+    #[error(transparent)]
+    Length(#[from] DenseLengthError),
 }
 
 /// Packing statistics.
@@ -159,13 +158,7 @@ impl TwellMatrix {
         if rows >= NOT_OVERFLOW as usize {
             return Err(TwellError::TooManyRows { rows });
         }
-        if dense.len() != rows * cols {
-            return Err(TwellError::Length {
-                len: dense.len(),
-                rows,
-                cols,
-            });
-        }
+        check_dense_len(dense, rows, cols)?;
         let tiles = cols.div_ceil(config.tile);
         let wpt = config.words_per_tile();
         let mut m = TwellMatrix {
@@ -267,20 +260,14 @@ impl TwellMatrix {
 }
 
 impl SparseRows for TwellMatrix {
-    fn n_rows(&self) -> usize {
-        self.rows
-    }
-
-    fn n_cols(&self) -> usize {
-        self.cols
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     fn for_each_in_row<F: FnMut(usize, f32)>(&self, row: usize, mut f: F) {
         let slot = self.overflow_slot[row];
-        if slot != NOT_OVERFLOW {
-            let cols = slot as usize * self.cols..(slot as usize + 1) * self.cols;
-            for_each_nonzero(&self.overflow[cols], f);
-            return;
+        if let Some(dense) = dense_slot(&self.overflow, slot, NOT_OVERFLOW, self.cols) {
+            return for_each_nonzero(dense, f);
         }
         let wpt = self.config.words_per_tile();
         let tiles = self.tiles_per_row();
@@ -423,11 +410,11 @@ mod tests {
         let cfg = TwellConfig::default();
         assert_eq!(
             TwellMatrix::pack(&[0.0f32; 3], 2, 2, cfg),
-            Err(TwellError::Length {
+            Err(TwellError::Length(DenseLengthError {
                 len: 3,
                 rows: 2,
                 cols: 2
-            })
+            }))
         );
         assert_eq!(
             TwellMatrix::pack::<f32>(&[], 0, MAX_COLS + 1, cfg),

@@ -134,13 +134,8 @@ unsafe extern "C" fn forward_cb(
     err_len: usize,
 ) -> c_int {
     let op = &*(op as *const Op);
-    let [x, gate, up, down_t] = take_inputs::<4>(inputs);
-    let t = Inputs {
-        x: &x,
-        gate: &gate,
-        up: &up,
-        down_t: &down_t,
-    };
+    let tensors = take_inputs::<4>(inputs);
+    let t = Inputs::of(&tensors);
     match catching(|| forward(op.kernel, &op.config, &t)) {
         Ok((outs, saved)) => {
             give_outputs(outs, outputs);
@@ -166,14 +161,10 @@ unsafe extern "C" fn backward_cb(
     err_len: usize,
 ) -> c_int {
     let saved = &*(state as *const Saved);
-    let [x, gate, up, down_t, dy, dl1] = take_inputs::<6>(inputs);
-    let t = Inputs {
-        x: &x,
-        gate: &gate,
-        up: &up,
-        down_t: &down_t,
-    };
-    match catching(|| backward(saved, &t, &dy, &dl1)) {
+    let tensors = take_inputs::<6>(inputs);
+    let t = Inputs::of(&tensors);
+    let [.., dy, dl1] = &tensors;
+    match catching(|| backward(saved, &t, dy, dl1)) {
         Ok(grads) => {
             give_outputs(grads, outputs);
             0

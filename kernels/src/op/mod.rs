@@ -8,7 +8,7 @@
 //! | dense  | any    | any             | tch ops and tch autograd ([`dense::dense_ffn`]); without statistics and gradient the lean [`dense::dense_ffn_inference`] |
 //! | twell  | CPU    | any             | `SparseFfn` autograd function, `cpu` reference on TwELL |
 //! | hybrid | CPU    | any             | `SparseFfn`, `cpu` reference on the ELL + tail format |
-//! | twell  | CUDA   | no              | TwELL inference kernels (`cuda::twell_forward`), no autograd node |
+//! | twell  | CUDA   | no              | TwELL inference kernels (`cuda::twell_forward`), no autograd node; formats the kernels do not take run the dense fallback |
 //! | twell  | CUDA   | yes             | `SparseFfn`, the exact dense fallback (`dense::forward`) |
 //! | hybrid | CUDA   | any             | `SparseFfn`, hybrid training kernels (`cuda::hybrid_forward`); shapes the kernels do not take run the dense fallback |
 //!
@@ -171,7 +171,17 @@ struct Inputs<'a> {
     down_t: &'a Tensor,
 }
 
-impl Inputs<'_> {
+impl<'a> Inputs<'a> {
+    /// The first four of `tensors`: `x, Wg, Wu, Wd^T`.
+    fn of(tensors: &'a [Tensor]) -> Self {
+        Inputs {
+            x: &tensors[0],
+            gate: &tensors[1],
+            up: &tensors[2],
+            down_t: &tensors[3],
+        }
+    }
+
     /// `(N, D, H)`.
     fn dims(&self) -> Result<(i64, i64, i64), FfnError> {
         let (n, d) = self.x.size2()?;

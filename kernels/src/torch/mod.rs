@@ -12,7 +12,7 @@ use torch_sys::C_tensor;
 pub mod cuda_runtime;
 pub mod hooks;
 
-/// Bytes of the error buffers the bridges fill.
+/// Bytes of the error buffers the bridges fill (C++: `sparse_bridge::kErrLen`, bridge/ffi_error.h).
 pub(crate) const ERR_LEN: usize = 1024;
 
 /// Copies `msg` into the bridge's error buffer `err` of `len` bytes, truncated and

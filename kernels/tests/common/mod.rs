@@ -1,5 +1,6 @@
 //! Checks the GPU tests share (each test binary uses a part of them).
 #![allow(dead_code)]
+use sparse_kernels::{FfnOutput, FfnWeights};
 use tch::{Kind, Tensor};
 
 /// `sum |got - want|` of two int64 count tensors.
@@ -16,4 +17,26 @@ pub fn assert_counts_close(label: &str, got: &Tensor, want: &Tensor, total: i64)
         flips <= total / 1000 + 2,
         "{label}: active counts differ by {flips} of {total}"
     );
+}
+
+/// Runs `ffn` under autograd on fresh leaves copied from `inputs` (`[x, Wg, Wu, Wd^T]`) and
+/// differentiates `loss` of its output; returns the output and the four gradients.
+pub fn run_with_grads(
+    inputs: &[Tensor; 4],
+    ffn: impl Fn(&Tensor, &FfnWeights) -> FfnOutput,
+    loss: impl Fn(&FfnOutput) -> Tensor,
+) -> (FfnOutput, Vec<Tensor>) {
+    let leaves: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.detach().copy().set_requires_grad(true))
+        .collect();
+    let w = FfnWeights {
+        gate: &leaves[1],
+        up: &leaves[2],
+        down_t: &leaves[3],
+    };
+    let out = ffn(&leaves[0], &w);
+    loss(&out).backward();
+    let grads = leaves.iter().map(|l| l.grad()).collect();
+    (out, grads)
 }

@@ -73,6 +73,11 @@ typedef unsigned long long uint64_t;
 #define HYB_SCAN_THREADS 1024
 #define HYB_BWD_W_THREADS 128
 #define HYB_BWD_W_SLICE 256
+// 16-byte granules (8 bf16) of an output row per thread in the token-row kernels
+// (twell_updown_gated, twell_down, hyb_fwd, hyb_bwd_tok) and in their _wide variants, which
+// thus take D <= threads * 8 * granules.
+#define ROW_GRANULES 1
+#define ROW_GRANULES_WIDE 4
 // END SHARED CONSTANTS
 
 // A tile's spill-slot word when the spill buffer was full.

@@ -302,8 +302,8 @@ DEV void fwd_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
       const __nv_bfloat16 *__restrict__ WdT, const int *__restrict__ row_ptr, const int *__restrict__ ecol,     \
       const uint16_t *__restrict__ eg, float *eu, __nv_bfloat16 *y, float *l1_tok, const int *hctrl, int D
 #define FWD_PASS x, Wu, WdT, row_ptr, ecol, eg, eu, y, l1_tok, hctrl, D
-extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_fwd(FWD_ARGS) { fwd_body<1>(FWD_PASS); }
-extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_fwd_wide(FWD_ARGS) { fwd_body<4>(FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_fwd(FWD_ARGS) { fwd_body<ROW_GRANULES>(FWD_PASS); }
+extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_fwd_wide(FWD_ARGS) { fwd_body<ROW_GRANULES_WIDE>(FWD_PASS); }
 
 // l1_sum = sum over tokens of l1_tok, fixed order (one block of 1024 threads).
 extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_l1(const float* l1_tok, int N, float* out, const int* hctrl) {
@@ -402,9 +402,9 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
       const int *__restrict__ ecol, const uint16_t *__restrict__ eg, const float *__restrict__ eu, float4 *rec,     \
       __nv_bfloat16 *dx, const int *hctrl, int D
 #define BWT_PASS dy, dl1p, Wg, Wu, WdT, row_ptr, ecol, eg, eu, rec, dx, hctrl, D
-extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_bwd_tok(BWT_ARGS) { bwd_tok_body<1>(BWT_PASS); }
+extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_bwd_tok(BWT_ARGS) { bwd_tok_body<ROW_GRANULES>(BWT_PASS); }
 extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BWT_ARGS) {
-  bwd_tok_body<4>(BWT_PASS);
+  bwd_tok_body<ROW_GRANULES_WIDE>(BWT_PASS);
 }
 
 // ------------------------------------------------------------------------------------------

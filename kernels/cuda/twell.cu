@@ -701,13 +701,13 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
 // D <= 2048: twell_updown_gated / twell_down (64 registers, 4 CTAs per SM);
 // D <= 8192: the *_wide variants.
 extern "C" __global__ void __launch_bounds__(ud::THREADS, 4) twell_updown_gated(UPDOWN_ARGS) {
-  updown_body<true, 1>(UPDOWN_PASS);
+  updown_body<true, ROW_GRANULES>(UPDOWN_PASS);
 }
 extern "C" __global__ void __launch_bounds__(ud::THREADS, 2) twell_updown_gated_wide(UPDOWN_ARGS) {
-  updown_body<true, 4>(UPDOWN_PASS);
+  updown_body<true, ROW_GRANULES_WIDE>(UPDOWN_PASS);
 }
 // Non-gated: h = relu(x W1^T) packed in twell by the gate kernel run on W1; x and Wu unused.
-extern "C" __global__ void __launch_bounds__(ud::THREADS, 4) twell_down(UPDOWN_ARGS) { updown_body<false, 1>(UPDOWN_PASS); }
+extern "C" __global__ void __launch_bounds__(ud::THREADS, 4) twell_down(UPDOWN_ARGS) { updown_body<false, ROW_GRANULES>(UPDOWN_PASS); }
 extern "C" __global__ void __launch_bounds__(ud::THREADS, 2) twell_down_wide(UPDOWN_ARGS) {
-  updown_body<false, 4>(UPDOWN_PASS);
+  updown_body<false, ROW_GRANULES_WIDE>(UPDOWN_PASS);
 }

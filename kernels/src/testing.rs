@@ -148,6 +148,16 @@ pub fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
     err / want.abs().max().double_value(&[]).max(1e-30)
 }
 
+/// Held by the unit tests that seed tch's global generator and then draw from it, so that
+/// tests running in parallel threads do not interleave their draws.
+#[cfg(test)]
+pub(crate) static TCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[cfg(test)]
+pub(crate) fn lock_tch_rng() -> std::sync::MutexGuard<'static, ()> {
+    TCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +173,7 @@ mod tests {
     /// The generator hits the requested mean actives per token (CPU, small shape).
     #[test]
     fn generator_hits_target_sparsity() {
+        let _rng = lock_tch_rng();
         tch::manual_seed(3);
         let (n, d, h) = (2000, 64, 2048);
         let l = imposed_sparsity_layer(n, d, h, 0.99, Device::Cpu).unwrap();
@@ -180,6 +191,7 @@ mod tests {
     #[test]
     fn full_rows_fire_on_every_unit_and_keep_the_draws() {
         let (n, d, h) = (50, 16, 300);
+        let _rng = lock_tch_rng();
         tch::manual_seed(8);
         let full = imposed_sparsity_layer_with_full_rows(n, d, h, 0.99, 3, Device::Cpu).unwrap();
         tch::manual_seed(8);

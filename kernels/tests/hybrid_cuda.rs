@@ -13,7 +13,7 @@
 //! of 0 (<= 0.1 % + 2).
 mod common;
 
-use common::{assert_counts_close, run_with_grads};
+use common::{assert_counts_close, gpu_lock, run_with_grads};
 use sparse_kernels::testing::{
     cuda_device_or_skip, imposed_sparsity_layer_with_full_rows, relative_error,
 };
@@ -50,6 +50,7 @@ fn case(name: &str, n: i64, d: i64, s: f64, full_rows: i64) {
     let Some(dev) = cuda_device_or_skip(name) else {
         return;
     };
+    let _gpu = gpu_lock();
     tch::manual_seed(n * 7 + (s * 1000.0) as i64);
     let inputs = make_layer(n, d, H, s, full_rows, dev);
     let r = Tensor::randn([n, d], (Kind::Float, dev));
@@ -134,6 +135,7 @@ fn hybrid_under_autocast_returns_autocast_dtype() {
     let Some(dev) = cuda_device_or_skip("hybrid_under_autocast_returns_autocast_dtype") else {
         return;
     };
+    let _gpu = gpu_lock();
     tch::manual_seed(5);
     let inputs = make_layer(256, D, H, 0.995, 0, dev);
     let w = FfnWeights {

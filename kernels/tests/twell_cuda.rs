@@ -3,7 +3,7 @@
 //! fail under `SPARSE_TRAIN_REQUIRE_GPU=1`).
 mod common;
 
-use common::{assert_counts_close, run_with_grads};
+use common::{assert_counts_close, gpu_lock, run_with_grads};
 use sparse_kernels::testing::{cuda_device_or_skip, relative_error};
 use sparse_kernels::{dense_ffn, sparse_ffn, try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use tch::{Device, Kind, Tensor};
@@ -62,6 +62,7 @@ fn twell_kernels_match_dense_on_gpu() {
     let Some(dev) = cuda_device_or_skip("twell_kernels_match_dense_on_gpu") else {
         return;
     };
+    let _gpu = gpu_lock();
     for (n, d, h, shift, heavy) in [
         (1, 2048, 5632, -2.5, 0),
         (8, 512, 1000, -2.0, 0),
@@ -85,6 +86,7 @@ fn twell_with_grad_falls_back_exactly() {
     let Some(dev) = cuda_device_or_skip("twell_with_grad_falls_back_exactly") else {
         return;
     };
+    let _gpu = gpu_lock();
     tch::manual_seed(17);
     let opts = (Kind::Float, dev);
     let inputs = [

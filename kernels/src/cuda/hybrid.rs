@@ -26,12 +26,14 @@ use tch::{Device, Kind, Tensor};
 
 use super::consts::{
     HCTRL_WORDS, HC_GSPILL, HC_NNZ, HC_STATUS, HYB_BLK, HYB_BWD_W_SLICE, HYB_BWD_W_THREADS,
-    HYB_SCAN_THREADS, HYB_SEG, HYB_THREADS, MAX_TILES, ST_GATE_SPILL, ST_NNZ_OVER, TILE_COLS,
+    HYB_SCAN_THREADS, HYB_SEG, HYB_THREADS, MAX_TILES, ROW_GRANULES, ROW_GRANULES_WIDE,
+    ST_GATE_SPILL, ST_NNZ_OVER, TILE_COLS,
 };
 use super::image::load_image;
 use super::launch::{
     cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill, hyb_fwd, hyb_l1, hyb_scan,
-    hyb_segscan, hyb_unitscan, load_functions, load_once, ptr, LaunchShape, PerDevice,
+    hyb_segscan, hyb_unitscan, load_functions, load_once, ptr, row_kernel_max_d, LaunchShape,
+    PerDevice,
 };
 use super::twell::{TwellKernels, TwellWorkspace};
 use super::{CudaKernelError, Result};
@@ -103,8 +105,8 @@ impl HybridKernels {
         n >= 1
             && d >= 64
             && d % 64 == 0
-            && d <= 8192
-            && (1..=65536).contains(&h)
+            && d <= row_kernel_max_d(HYB_THREADS, ROW_GRANULES_WIDE)
+            && (1..=MAX_TILES * TILE_COLS).contains(&h)
             && 4 * h <= self.max_dyn_smem
             && n.checked_mul(h).is_some_and(|p| p < i32::MAX as i64)
     }
@@ -238,7 +240,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     let (nti, twi) = (ntiles as i32, TW as i32);
     let (nblki, nsegi) = (nblk as i32, nseg as i32);
     let smem = (4 * h) as u32;
-    let wide = usize::from(d > 2048);
+    let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let mut grows = 0;
     loop {
         let ws = TwellWorkspace::new(n, d, h, TW, 128, Some(spill_cap), 0, device)?;
@@ -463,7 +465,7 @@ pub fn hybrid_backward(
     let (upp, uop, csp) = (ptr(&s.unit_ptr), ptr(&s.uorder), ptr(&s.csc));
     let (dgp, dup, ddp) = (ptr(&dwg), ptr(&dwu), ptr(&dwd));
     let (di, hi) = (d as i32, h as i32);
-    let wide = usize::from(d > 2048);
+    let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
     let shape = LaunchShape::on(stream);
     // SAFETY: as in hybrid_forward; rec holds 4 floats per active of the forward.

@@ -87,6 +87,12 @@ pub(super) fn load_functions<const K: usize>(
     }
 }
 
+/// Largest D a token-row kernel of `threads` threads takes with `granules` 16-byte granules
+/// of the output row per thread.
+pub(super) fn row_kernel_max_d(threads: i64, granules: i64) -> i64 {
+    threads * 8 * granules
+}
+
 /// Grid, block and dynamic shared memory of one launch, on tch's current stream.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct LaunchShape {

@@ -18,15 +18,15 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use tch::{Device, Kind, Tensor};
 
 use super::consts::{
-    CTRL_LAST_STATUS, CTRL_WORDS, GATE_ROWS, GEMM_SMEM_BYTES, GEMM_THREADS, PACK_THREADS,
-    PLAN_THREADS, SKINNY_THREADS, SKINNY_TOKENS, SKINNY_UNITS, TILE_COLS, UPDOWN_THREADS,
-    WGMMA_SMEM_BYTES, WGMMA_THREADS,
+    CTRL_LAST_STATUS, CTRL_WORDS, GATE_ROWS, GEMM_SMEM_BYTES, GEMM_THREADS, MAX_TILES,
+    PACK_THREADS, PLAN_THREADS, ROW_GRANULES, ROW_GRANULES_WIDE, SKINNY_THREADS, SKINNY_TOKENS,
+    SKINNY_UNITS, TILE_COLS, UPDOWN_THREADS, WGMMA_SMEM_BYTES, WGMMA_THREADS,
 };
 use super::image::{load_image, LoadedImage};
 use super::launch::{
-    cuda_ordinal, load_functions, load_once, ptr, tch_stream, tensor_map, twell_gate_gemm,
-    twell_gate_skinny, twell_gate_wgmma, twell_pack, twell_plan, twell_updown, LaunchShape,
-    PerDevice,
+    cuda_ordinal, load_functions, load_once, ptr, row_kernel_max_d, tch_stream, tensor_map,
+    twell_gate_gemm, twell_gate_skinny, twell_gate_wgmma, twell_pack, twell_plan, twell_updown,
+    LaunchShape, PerDevice,
 };
 use super::{CudaKernelError, Result};
 
@@ -297,7 +297,7 @@ impl TwellKernels {
             ptr(&ws.arrive),
         );
         let (xp, wup, wdp, yp) = (ptr(x), ptr(wu), ptr(wdt), ptr(&y));
-        let wide = usize::from(ws.d > 2048);
+        let wide = usize::from(ws.d > row_kernel_max_d(UPDOWN_THREADS, ROW_GRANULES));
         let f = if gated {
             &self.updown[wide]
         } else {
@@ -385,8 +385,8 @@ impl TwellWorkspace {
     ) -> Result<Self> {
         if n < 1
             || d % 64 != 0
-            || d > 8192
-            || !(1..=65536).contains(&h)
+            || d > row_kernel_max_d(UPDOWN_THREADS, ROW_GRANULES_WIDE)
+            || !(1..=MAX_TILES * TILE_COLS).contains(&h)
             || ![32, 64, 128].contains(&tw)
             || chunk < 1
         {

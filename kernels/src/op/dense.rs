@@ -112,6 +112,7 @@ mod tests {
     /// The fallback's explicit forward and backward match tch autograd through the oracle.
     #[test]
     fn dense_fallback_matches_oracle_gradients() {
+        let _rng = crate::testing::lock_tch_rng();
         tch::manual_seed(11);
         let (n, d, h) = (37, 24, 70);
         let opts = (Kind::Float, Device::Cpu);

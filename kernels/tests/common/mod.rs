@@ -3,6 +3,14 @@
 use sparse_kernels::{FfnOutput, FfnWeights};
 use tch::{Kind, Tensor};
 
+/// Held by each GPU test for its whole run: the tests of a binary run in parallel threads,
+/// and one at a time they keep their seeded inputs (tch's generator is global) and the
+/// card to themselves.
+pub fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
+    static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GPU.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `sum |got - want|` of two int64 count tensors.
 pub fn count_flips(got: &Tensor, want: &Tensor) -> i64 {
     (got - want).abs().sum(Kind::Int64).int64_value(&[])

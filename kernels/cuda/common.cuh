@@ -230,4 +230,16 @@ DEV void warp_dot2(const __nv_bfloat16* vs, const __nv_bfloat16* __restrict__ r1
   }
 }
 
+// warp_dot2 over the gathered rows rows[idx] and rows[idx + WARPS] of W ([*, D] bf16): the
+// two entries a warp takes at once. Returns whether the second is real (idx + WARPS < L);
+// when it is not, s2 repeats the first row's product and must be ignored.
+template <int WARPS>
+DEV bool warp_dot2_gathered(const __nv_bfloat16* vs, const __nv_bfloat16* __restrict__ W, const int* rows, int idx,
+                            int L, int D, int G8, int lane, float& s1, float& s2) {
+  const int idx2 = idx + WARPS;
+  const bool two = idx2 < L;
+  warp_dot2(vs, W + (size_t)rows[idx] * D, W + (size_t)rows[two ? idx2 : idx] * D, G8, lane, s1, s2);
+  return two;
+}
+
 #endif  // SPARSE_TRAIN_COMMON_CUH

@@ -267,9 +267,8 @@ DEV void fwd_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
     __syncthreads();
     for (int idx = warp; idx < L; idx += 2 * WARPS) {
       const int idx2 = idx + WARPS;
-      const bool two = idx2 < L;
       float s1, s2;
-      warp_dot2(xs, Wu + (size_t)lcol[idx] * D, Wu + (size_t)lcol[two ? idx2 : idx] * D, G8, lane, s1, s2);
+      const bool two = warp_dot2_gathered<WARPS>(xs, Wu, lcol, idx, L, D, G8, lane, s1, s2);
       if (lane == 0) {
         float h = lg[idx] * s1;
         lh[idx] = h;
@@ -351,9 +350,8 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
     __syncthreads();
     for (int idx = warp; idx < L; idx += 2 * WARPS) {
       const int idx2 = idx + WARPS;
-      const bool two = idx2 < L;
       float s1, s2;
-      warp_dot2(ds, WdT + (size_t)lcol[idx] * D, WdT + (size_t)lcol[two ? idx2 : idx] * D, G8, lane, s1, s2);
+      const bool two = warp_dot2_gathered<WARPS>(ds, WdT, lcol, idx, L, D, G8, lane, s1, s2);
       if (lane < 2 && (lane == 0 || two)) {
         const int i = lane == 0 ? idx : idx2;
         const float d = lane == 0 ? s1 : s2;

@@ -637,9 +637,8 @@ DEV void updown_body(const __nv_bfloat16* __restrict__ x, const uint32_t* __rest
         // u_j = x . Wu[j]; one warp per entry, two entries in flight
         for (int idx = warp; idx < L; idx += 2 * WARPS) {
           const int idx2 = idx + WARPS;
-          const bool two = idx2 < L;
           float s1, s2;
-          warp_dot2(xs, Wu + (size_t)lcol[idx] * D, Wu + (size_t)lcol[two ? idx2 : idx] * D, G8, lane, s1, s2);
+          const bool two = warp_dot2_gathered<WARPS>(xs, Wu, lcol, idx, L, D, G8, lane, s1, s2);
           if (lane == 0) {
             lh[idx] *= s1;
             if (two) lh[idx2] *= s2;

@@ -13,10 +13,8 @@
 //! of 0 (<= 0.1 % + 2).
 mod common;
 
-use common::{assert_counts_close, gpu_lock, run_with_grads};
-use sparse_kernels::testing::{
-    cuda_device_or_skip, imposed_sparsity_layer_with_full_rows, relative_error,
-};
+use common::{assert_counts_close, gpu_or_skip, run_with_grads};
+use sparse_kernels::testing::{imposed_sparsity_layer_with_full_rows, relative_error};
 use sparse_kernels::{dense_ffn, sparse_ffn, FfnOutput, FfnPath, FfnWeights};
 use tch::{Device, Kind, Tensor};
 
@@ -47,10 +45,9 @@ fn run(path: Option<FfnPath>, inputs: &[Tensor; 4], r: &Tensor) -> (FfnOutput, V
 
 /// One case at `N` tokens, width `D`, mean sparsity `s`, with `full_rows` all-H tokens.
 fn case(name: &str, n: i64, d: i64, s: f64, full_rows: i64) {
-    let Some(dev) = cuda_device_or_skip(name) else {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
         return;
     };
-    let _gpu = gpu_lock();
     tch::manual_seed(n * 7 + (s * 1000.0) as i64);
     let inputs = make_layer(n, d, H, s, full_rows, dev);
     let r = Tensor::randn([n, d], (Kind::Float, dev));
@@ -132,10 +129,9 @@ hybrid_cases! {
 /// libtorch's default, fp16), as the dense matmuls give.
 #[test]
 fn hybrid_under_autocast_returns_autocast_dtype() {
-    let Some(dev) = cuda_device_or_skip("hybrid_under_autocast_returns_autocast_dtype") else {
+    let Some((dev, _gpu)) = gpu_or_skip("hybrid_under_autocast_returns_autocast_dtype") else {
         return;
     };
-    let _gpu = gpu_lock();
     tch::manual_seed(5);
     let inputs = make_layer(256, D, H, 0.995, 0, dev);
     let w = FfnWeights {

@@ -3,8 +3,8 @@
 //! fail under `SPARSE_TRAIN_REQUIRE_GPU=1`).
 mod common;
 
-use common::{assert_counts_close, gpu_lock, run_with_grads};
-use sparse_kernels::testing::{cuda_device_or_skip, relative_error};
+use common::{assert_counts_close, gpu_or_skip, run_with_grads};
+use sparse_kernels::testing::relative_error;
 use sparse_kernels::{dense_ffn, sparse_ffn, try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -59,10 +59,9 @@ fn case(dev: Device, n: i64, d: i64, h: i64, shift: f64, heavy_rows: i64) {
 
 #[test]
 fn twell_kernels_match_dense_on_gpu() {
-    let Some(dev) = cuda_device_or_skip("twell_kernels_match_dense_on_gpu") else {
+    let Some((dev, _gpu)) = gpu_or_skip("twell_kernels_match_dense_on_gpu") else {
         return;
     };
-    let _gpu = gpu_lock();
     for (n, d, h, shift, heavy) in [
         (1, 2048, 5632, -2.5, 0),
         (8, 512, 1000, -2.0, 0),
@@ -83,10 +82,9 @@ fn twell_kernels_match_dense_on_gpu() {
 /// dense oracle.
 #[test]
 fn twell_with_grad_falls_back_exactly() {
-    let Some(dev) = cuda_device_or_skip("twell_with_grad_falls_back_exactly") else {
+    let Some((dev, _gpu)) = gpu_or_skip("twell_with_grad_falls_back_exactly") else {
         return;
     };
-    let _gpu = gpu_lock();
     tch::manual_seed(17);
     let opts = (Kind::Float, dev);
     let inputs = [

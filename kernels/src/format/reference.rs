@@ -191,16 +191,12 @@ fn check_len(
     rows: usize,
     cols: usize,
 ) -> Result<(), ReferenceError> {
-    if v.len() == rows * cols {
-        Ok(())
-    } else {
-        Err(ReferenceError::Length {
-            name,
-            len: v.len(),
-            rows,
-            cols,
-        })
-    }
+    check_dense_len(v, rows, cols).map_err(|e| ReferenceError::Length {
+        name,
+        len: e.len,
+        rows,
+        cols,
+    })
 }
 
 fn check_pattern<S: SparseRows>(

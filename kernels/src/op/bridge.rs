@@ -117,6 +117,15 @@ unsafe fn give_outputs<const N: usize>(tensors: [Tensor; N], outputs: *mut *mut 
     }
 }
 
+/// Writes `e` into the bridge's error buffer; the callbacks' failure code, 1.
+///
+/// # Safety
+/// `err` points to `err_len >= 1` writable bytes.
+unsafe fn report(e: &FfnError, err: *mut c_char, err_len: usize) -> c_int {
+    write_err(err, err_len, &e.to_string());
+    1
+}
+
 /// Runs `f`, turning a panic into [`FfnError::Bridge`].
 fn catching<T>(f: impl FnOnce() -> Result<T, FfnError>) -> Result<T, FfnError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(FfnError::Bridge(panic_message(p))))
@@ -143,9 +152,9 @@ unsafe extern "C" fn forward_cb(
             0
         }
         Err(e) => {
-            write_err(err, err_len, &e.to_string());
+            let rc = report(&e, err, err_len);
             *op.error.borrow_mut() = Some(e);
-            1
+            rc
         }
     }
 }
@@ -169,10 +178,7 @@ unsafe extern "C" fn backward_cb(
             give_outputs(grads, outputs);
             0
         }
-        Err(e) => {
-            write_err(err, err_len, &e.to_string());
-            1
-        }
+        Err(e) => report(&e, err, err_len),
     }
 }
 

@@ -18,8 +18,8 @@
 //!
 //! Dtypes: the CPU arms and the dense fallback compute in f32 and return `y` and the
 //! gradients in their input's dtype; the CUDA kernels compute in bf16 (inputs cast) and
-//! return `y` in x's dtype (in autocast's dtype under autocast, as the dense matmuls would),
-//! the gradients in their input's dtype. `l1_sum` is f32 everywhere, NaN where the TwELL
+//! return `y` in x's dtype (the hybrid kernels under autocast: in autocast's dtype, as the
+//! dense matmuls would) and the gradients in their input's dtype. `l1_sum` is f32 everywhere, NaN where the TwELL
 //! inference kernels run (they never form `|h|`).
 use tch::{Device, Kind, Tensor};
 

@@ -1,7 +1,8 @@
 //! Checks the GPU tests share (each test binary uses a part of them).
 #![allow(dead_code)]
+use sparse_kernels::testing::cuda_device_or_skip;
 use sparse_kernels::{FfnOutput, FfnWeights};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Held by each GPU test for its whole run: the tests of a binary run in parallel threads,
 /// and one at a time they keep their seeded inputs (tch's generator is global) and the
@@ -9,6 +10,13 @@ use tch::{Kind, Tensor};
 pub fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
     static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
     GPU.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The start of every GPU test: the device and [`gpu_lock`], or `None` to skip (see
+/// `cuda_device_or_skip`: a panic instead under `SPARSE_TRAIN_REQUIRE_GPU=1`).
+pub fn gpu_or_skip(test: &str) -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
+    let dev = cuda_device_or_skip(test)?;
+    Some((dev, gpu_lock()))
 }
 
 /// `sum |got - want|` of two int64 count tensors.

@@ -49,6 +49,9 @@ typedef unsigned long long uint64_t;
 #define GEMM_SMEM_BYTES 98304
 #define WGMMA_THREADS 384
 #define WGMMA_SMEM_BYTES 197632
+// K columns per stage of the wgmma gate: the inner box of its TMA maps (64 bf16 = one 128-B
+// swizzle row).
+#define WGMMA_K_TILE 64
 #define SKINNY_THREADS 128
 #define SKINNY_TOKENS 64
 #define SKINNY_UNITS 32

@@ -301,7 +301,7 @@ DEV void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
 #endif
 
 namespace wg {
-constexpr int BM = GATE_ROWS, BN = TILE_COLS, BK = 64, ST = 4;
+constexpr int BM = GATE_ROWS, BN = TILE_COLS, BK = WGMMA_K_TILE, ST = 4;
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
 constexpr int CS = BN + 8;
 static_assert(BM * CS * 2 + 8 * 128 * 4 <= ST * STAGE_BYTES, "epilogue does not fit");

@@ -13,6 +13,7 @@ use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaModule};
 use tch::{Device, Tensor};
 
+use super::consts::WGMMA_K_TILE;
 use super::{CudaKernelError, Result};
 
 /// A device pointer as the kernels take it.
@@ -236,12 +237,13 @@ kernels! {
 #[derive(Clone, Copy)]
 pub(super) struct TmapParam([u64; 16]);
 
-/// bf16 `[rows, cols]` row-major, box `{64, box_rows}`, 128-B swizzle, zero fill out of bounds.
+/// bf16 `[rows, cols]` row-major, box `{WGMMA_K_TILE, box_rows}`, 128-B swizzle, zero fill out
+/// of bounds.
 pub(super) fn tensor_map(ptr: u64, rows: i64, cols: i64, box_rows: u32) -> Result<TmapParam> {
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
     let dims = [cols as u64, rows as u64];
     let strides = [cols as u64 * 2];
-    let boxd = [64u32, box_rows];
+    let boxd = [WGMMA_K_TILE as u32, box_rows];
     let es = [1u32, 1];
     // SAFETY: every pointer names a live local of the length the call expects.
     let res = unsafe {

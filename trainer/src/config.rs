@@ -530,6 +530,26 @@ impl Config {
     }
 }
 
+/// The small model the unit tests build (override fields with `..ModelConfig::tiny()`).
+#[cfg(test)]
+impl ModelConfig {
+    pub(crate) fn tiny() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: Some(2),
+            max_seq_len: 12,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            tie_embeddings: false,
+            init_std: 0.02,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,16 +93,12 @@ mod tests {
         tch::manual_seed(3);
         let cfg = ModelConfig {
             vocab_size: 40,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
             num_heads: 2,
             num_kv_heads: None,
             max_seq_len: 8,
-            rope_theta: 1e4,
-            rms_norm_eps: 1e-5,
             tie_embeddings: true,
             init_std: 0.2,
+            ..ModelConfig::tiny()
         };
         let vs = VarStore::new(Device::Cpu);
         let model = Llama::new(&vs, &cfg);

@@ -63,10 +63,8 @@ mod tests {
             num_heads: 2,
             num_kv_heads: None,
             max_seq_len: 4,
-            rope_theta: 1e4,
-            rms_norm_eps: 1e-5,
             tie_embeddings: true,
-            init_std: 0.02,
+            ..ModelConfig::tiny()
         };
         let vs = VarStore::new(Device::Cpu);
         let model = Llama::new(&vs, &cfg);

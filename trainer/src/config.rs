@@ -530,22 +530,44 @@ impl Config {
     }
 }
 
-/// The small model the unit tests build (override fields with `..ModelConfig::tiny()`).
+/// The small models the unit tests build.
 #[cfg(test)]
 impl ModelConfig {
+    /// 50 tokens, D 16, H 24, 2 layers of 4 heads (2 key/value heads), untied.
     pub(crate) fn tiny() -> ModelConfig {
+        ModelConfig::tiny_shaped(50, 16, 24, 2, 12)
+    }
+
+    /// [`ModelConfig::tiny`] at another vocabulary, width, FFN size, depth and length.
+    pub(crate) fn tiny_shaped(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_layers: usize,
+        max_seq_len: usize,
+    ) -> ModelConfig {
         ModelConfig {
-            vocab_size: 50,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
             num_heads: 4,
             num_kv_heads: Some(2),
-            max_seq_len: 12,
+            max_seq_len,
             rope_theta: 10000.0,
             rms_norm_eps: 1e-5,
             tie_embeddings: false,
             init_std: 0.02,
+        }
+    }
+
+    /// This shape with `heads` attention heads, as many key/value heads, tied embeddings.
+    pub(crate) fn tied_mha(self, heads: usize) -> ModelConfig {
+        ModelConfig {
+            num_heads: heads,
+            num_kv_heads: None,
+            tie_embeddings: true,
+            ..self
         }
     }
 }

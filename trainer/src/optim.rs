@@ -105,6 +105,11 @@ impl AdamW {
         self.grad_sq().sqrt()
     }
 
+    /// The parameter called `name`, with its moments.
+    pub fn param(&self, name: &str) -> Option<&ParamState> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
     /// Sum of the squared gradients, each tensor weighted by its `norm_share` (one device
     /// scalar; summed over a tensor-parallel group it is the squared global norm).
     pub fn grad_sq(&self) -> Tensor {

@@ -231,24 +231,13 @@ pub(super) fn summary(v: &[f64]) -> String {
 mod tests {
     use super::*;
     use crate::config::ModelConfig;
-    use tch::nn::VarStore;
+    use crate::model::llama::seeded_model;
 
     /// The calibration reaches the target mean actives per token on every layer (CPU).
     #[test]
     fn imposed_sparsity_hits_the_target() {
-        tch::manual_seed(0);
-        let cfg = ModelConfig {
-            vocab_size: 101,
-            hidden_size: 64,
-            intermediate_size: 2048,
-            num_layers: 3,
-            num_kv_heads: None,
-            max_seq_len: 128,
-            tie_embeddings: true,
-            ..ModelConfig::tiny()
-        };
-        let vs = VarStore::new(Device::Cpu);
-        let model = Llama::new(&vs, &cfg);
+        let cfg = ModelConfig::tiny_shaped(101, 64, 2048, 3, 128).tied_mha(4);
+        let (_vs, model) = seeded_model(0, &cfg);
         let tokens = Tensor::randint(101, [4, 128], (Kind::Int64, Device::Cpu));
         let paths = [FfnPath::Dense; 3];
         let target = 0.01 * 2048.0;

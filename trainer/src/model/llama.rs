@@ -369,6 +369,15 @@ pub enum CachedOutput {
     AllLogits,
 }
 
+/// A model on the CPU drawn after seeding torch with `seed`, for the unit tests.
+#[cfg(test)]
+pub(crate) fn seeded_model(seed: i64, cfg: &ModelConfig) -> (VarStore, Llama) {
+    tch::manual_seed(seed);
+    let vs = VarStore::new(tch::Device::Cpu);
+    let model = Llama::new(&vs, cfg);
+    (vs, model)
+}
+
 /// Casts a model to bf16 for inference: the weights, and the dtype its matrix products run
 /// in (the KV cache and attention then stay bf16 end to end).
 pub fn to_bf16(vs: &mut VarStore, model: &mut Llama) {
@@ -408,10 +417,8 @@ mod tests {
 
     #[test]
     fn forward_shapes_and_hf_parameter_names() {
-        tch::manual_seed(0);
-        let vs = VarStore::new(Device::Cpu);
         let cfg = ModelConfig::tiny();
-        let m = Llama::new(&vs, &cfg);
+        let (vs, m) = seeded_model(0, &cfg);
         let tokens = Tensor::randint(50, [3, 7], (Kind::Int64, Device::Cpu));
         let out = m.forward(&tokens, &[FfnPath::Dense; 2]);
         assert_eq!(out.logits.size(), [3, 7, 50]);

@@ -260,33 +260,52 @@ impl RunLog {
             "val_ce": r.val_ce, "layers": r.layers, "reinitialized": r.reinitialized,
             "ffn_path": r.ffn_paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
         }))?;
-        let mut scalars: Vec<(String, f32)> = vec![
-            ("train/loss".into(), r.loss as f32),
-            ("train/ce".into(), r.ce as f32),
-            ("train/l1".into(), r.l1 as f32),
-            ("train/lambda".into(), r.lambda as f32),
-            ("train/lr".into(), r.lr as f32),
-            ("train/grad_norm".into(), r.grad_norm as f32),
-            ("train/skipped_steps".into(), r.skipped_total as f32),
-            ("perf/tokens_per_s".into(), r.tokens_per_s as f32),
-            ("perf/mfu".into(), r.mfu as f32),
-            ("perf/memory_gib".into(), r.memory_gib as f32),
-            ("sparsity/sparsity".into(), r.sparsity as f32),
-            ("sparsity/nnz_per_token".into(), r.nnz_per_token as f32),
+        // TensorBoard tags: `group/name`, and `layerNN/name` per layer.
+        let groups: [(&str, &[(&str, f64)]); 4] = [
+            ("train", &[("loss", r.loss), ("ce", r.ce), ("l1", r.l1)]),
+            (
+                "train",
+                &[
+                    ("lambda", r.lambda),
+                    ("lr", r.lr),
+                    ("grad_norm", r.grad_norm),
+                    ("skipped_steps", r.skipped_total as f64),
+                ],
+            ),
+            (
+                "perf",
+                &[
+                    ("tokens_per_s", r.tokens_per_s),
+                    ("mfu", r.mfu),
+                    ("memory_gib", r.memory_gib),
+                ],
+            ),
+            (
+                "sparsity",
+                &[("sparsity", r.sparsity), ("nnz_per_token", r.nnz_per_token)],
+            ),
         ];
+        let mut scalars: Vec<(String, f32)> = groups
+            .iter()
+            .flat_map(|(g, values)| {
+                values
+                    .iter()
+                    .map(move |(k, v)| (format!("{g}/{k}"), *v as f32))
+            })
+            .collect();
         if let Some(v) = r.val_ce {
             scalars.push(("val/ce".into(), v as f32));
         }
         for (l, (ls, path)) in r.layers.iter().zip(r.ffn_paths).enumerate() {
-            scalars.push((format!("layer{l:02}/nnz_mean"), ls.nnz_mean as f32));
-            scalars.push((format!("layer{l:02}/nnz_max"), ls.nnz_max as f32));
-            scalars.push((format!("layer{l:02}/sparsity"), ls.sparsity as f32));
-            scalars.push((format!("layer{l:02}/dead"), ls.dead as f32));
-            scalars.push((format!("layer{l:02}/ffn_path"), path.id() as f32));
-            scalars.push((
-                format!("layer{l:02}/reinitialized"),
-                r.reinitialized[l] as f32,
-            ));
+            let per_layer = [
+                ("nnz_mean", ls.nnz_mean),
+                ("nnz_max", ls.nnz_max as f64),
+                ("sparsity", ls.sparsity),
+                ("dead", ls.dead as f64),
+                ("ffn_path", path.id() as f64),
+                ("reinitialized", r.reinitialized[l] as f64),
+            ];
+            scalars.extend(per_layer.map(|(k, v)| (format!("layer{l:02}/{k}"), v as f32)));
         }
         self.scalars(r.step as i64, &scalars)?;
         self.flush()

@@ -375,7 +375,7 @@ impl<'w> Trainer<'w> {
         self.cursor += t.batch_size as u64;
         self.activity.end_step(self.step_tokens);
         let repack_every = self.cfg.sparsity.repack_every;
-        if repack_every > 0 && (step + 1) % repack_every == 0 {
+        if repack_every > 0 && (step + 1).is_multiple_of(repack_every) {
             self.repack(step)?;
         }
         Ok(Some(StepValues {
@@ -455,7 +455,7 @@ impl<'w> Trainer<'w> {
         let nnz: f64 = layers.iter().map(|l| l.nnz_mean).sum::<f64>() / layers.len() as f64;
         let mut val_ce = None;
         if let Some(v) = self.val.as_mut() {
-            if (step + 1) % t.eval_every == 0 || last {
+            if (step + 1).is_multiple_of(t.eval_every) || last {
                 val_ce = Some(evaluate(&self.model, v, cfg, &paths, device)?);
             }
         }

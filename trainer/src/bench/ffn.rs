@@ -9,8 +9,9 @@
 //! kernels/cuda/twell.cu called directly (`sparse_kernels::cuda::twell_ffn`, no statistics);
 //! the column "op" is the same forward through `sparse_ffn(.., FfnPath::Twell)` under
 //! no_grad, which also computes the active-unit statistics (one synchronising
-//! `masked_select`); "op nostat" the op with `statistics: false`, as inference runs it. Before timing, each layer's TwELL output is checked against an fp32
-//! dense reference on the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
+//! `masked_select`); "op nostat" the op with `statistics: false`, as inference runs it.
+//! Before timing, each layer's TwELL output is checked against an fp32 dense reference on
+//! the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
 //!
 //! `--mode train`: per layer `loss = sum(y * dy) + 1e-4 * l1_sum` and the gradients of x, Wg,
 //! Wu, Wd^T (bf16 leaves). Dense = tch bf16 autograd (cuBLAS); hybrid = `sparse_ffn(..,

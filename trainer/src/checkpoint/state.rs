@@ -184,16 +184,18 @@ pub fn snapshot(
 /// Fails, naming the directory, when there is no checkpoint there to resume.
 pub fn resolve(resume: Option<&Path>, out_dir: &Path) -> Result<PathBuf> {
     let path = resume.map_or_else(|| out_dir.to_path_buf(), Path::to_path_buf);
-    if path.join(sparse_checkpoints::MANIFEST_FILE).exists() {
+    let is_step_dir = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("step_"))
+    };
+    // A checkpoint directory, even a damaged one: the load names what is wrong with it.
+    if path.join(sparse_checkpoints::MANIFEST_FILE).exists() || is_step_dir(&path) {
         return Ok(path);
     }
     let checkpoints = path.join(sparse_checkpoints::CHECKPOINTS_DIR);
     let has_latest = checkpoints.join(sparse_checkpoints::LATEST_FILE).exists();
-    let has_step_dir = std::fs::read_dir(&checkpoints).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("step_"))
-    });
+    let has_step_dir = std::fs::read_dir(&checkpoints)
+        .is_ok_and(|entries| entries.flatten().any(|e| is_step_dir(&e.path())));
     if !has_latest && !has_step_dir {
         bail!(
             "no checkpoint to resume in {} (no `latest` and no step_* directory): train without --resume to start",

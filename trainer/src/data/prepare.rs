@@ -1,4 +1,4 @@
-//! `sparse-train prepare`: text to token shards.
+//! Text to token shards (the work of `sparse-train prepare`).
 //!
 //! Inputs are `.jsonl` files (one JSON object with a `"text"` field per line, one document
 //! each) or `.txt` files (the whole file is one document). Each document is tokenized with

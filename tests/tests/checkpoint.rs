@@ -594,3 +594,33 @@ fn resume_after_a_repack_continues_identically() {
         [128, 512]
     );
 }
+
+/// `--resume` in a run directory without a checkpoint says so, names the directory, and
+/// writes nothing there.
+#[test]
+fn resume_without_a_checkpoint_names_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("empty");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let out = run(&args(&[
+        "--max-steps",
+        "2",
+        "--out-dir",
+        s(&run_dir),
+        "--resume",
+    ]));
+    let (stdout, stderr) = output_text(&out);
+    assert!(!out.status.success(), "resume succeeded\n{stdout}");
+    let want = format!("no checkpoint to resume in {}", run_dir.display());
+    assert!(stderr.contains(&want), "stderr lacks {want:?}:\n{stderr}");
+    assert!(stderr.contains("without --resume"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&run_dir).unwrap().count(), 0);
+    // The explicit `train` subcommand takes the same flags.
+    let out = run(&[
+        &["train"][..],
+        &args(&["--max-steps", "2", "--out-dir", s(&run_dir), "--resume"]),
+    ]
+    .concat());
+    assert!(!out.status.success());
+    assert!(output_text(&out).1.contains(&want));
+}

@@ -1,19 +1,17 @@
-//! sparse-train: configs, model, data, optimizer, sparsity scheduler and the training loop.
+//! sparse-train: train and serve Llama-style models whose FFN is >99 % sparse.
+//!
+//! One room per job: [`model`] (the decoder, KV cache, generation, tensor-parallel
+//! primitives), [`train`] (the loop and its log), [`sparsity`] (lambda schedule, path
+//! choice, activity, dead units, repack), [`checkpoint`] (state, restore, inference load),
+//! [`data`] (shards, loader, tokenization), [`optim`], [`config`], the subcommands in
+//! [`cmd`] and the GPU benchmarks in [`bench`]. Imports point one way: `model` uses only
+//! `config`; `sparsity` uses `model`; `checkpoint` uses both; `train` uses all of them.
 pub mod bench;
-pub mod bench_e2e;
-pub mod checkpointing;
+pub mod checkpoint;
+pub mod cmd;
 pub mod config;
-pub mod corpus_cmd;
 pub mod data;
-pub mod dead_units;
-pub mod generate;
-pub mod inference;
-pub mod metrics;
 pub mod model;
 pub mod optim;
-pub mod prepare;
-pub mod repack;
-pub mod scheduler;
-pub mod stop;
-pub mod tensor_parallel;
+pub mod sparsity;
 pub mod train;

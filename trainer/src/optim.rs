@@ -1,6 +1,7 @@
 //! AdamW on tch tensors (its state is ours, so checkpoints hold it exactly), the cosine LR
-//! schedule with linear warm-up, the lambda ramp, and global-norm gradient clipping.
-use crate::config::{SparsityConfig, TrainConfig};
+//! schedule with linear warm-up, global-norm gradient clipping, and ZeRO-1 sharding of the
+//! moments over the data-parallel ranks.
+use crate::config::TrainConfig;
 use sparse_launch::{Collective, LaunchError};
 use tch::{Kind, Tensor};
 
@@ -102,6 +103,11 @@ impl AdamW {
     /// Global L2 norm of all gradients (one device scalar).
     pub fn grad_norm(&self) -> Tensor {
         self.grad_sq().sqrt()
+    }
+
+    /// The parameter called `name`, with its moments.
+    pub fn param(&self, name: &str) -> Option<&ParamState> {
+        self.params.iter().find(|p| p.name == name)
     }
 
     /// Sum of the squared gradients, each tensor weighted by its `norm_share` (one device
@@ -376,19 +382,6 @@ pub fn learning_rate(cfg: &TrainConfig, step: usize) -> f64 {
     min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// lambda at optimizer step `step`: 0 before `l1_start_step`, linear to `l1_coeff` at
-/// `l1_end_step`, constant after.
-pub fn l1_coeff(cfg: &SparsityConfig, step: usize) -> f64 {
-    if step < cfg.l1_start_step {
-        0.0
-    } else if step >= cfg.l1_end_step {
-        cfg.l1_coeff
-    } else {
-        let span = (cfg.l1_end_step - cfg.l1_start_step) as f64;
-        cfg.l1_coeff * (step - cfg.l1_start_step) as f64 / span
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,19 +400,6 @@ mod tests {
         assert!((learning_rate(&cfg, 10) - 1.0).abs() < 1e-12);
         assert!((learning_rate(&cfg, 60) - 0.55).abs() < 1e-12);
         assert!((learning_rate(&cfg, 110) - 0.1).abs() < 1e-12);
-    }
-
-    #[test]
-    fn l1_ramp_is_linear_between_start_and_end() {
-        let cfg = SparsityConfig {
-            l1_coeff: 2.0,
-            l1_start_step: 10,
-            l1_end_step: 20,
-            ..Default::default()
-        };
-        assert_eq!(l1_coeff(&cfg, 5), 0.0);
-        assert_eq!(l1_coeff(&cfg, 15), 1.0);
-        assert_eq!(l1_coeff(&cfg, 25), 2.0);
     }
 
     #[test]

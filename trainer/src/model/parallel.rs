@@ -13,16 +13,12 @@
 //!
 //! Ranks are laid out tensor-major: world rank = `data_rank * tensor + tensor_rank`, so a
 //! tensor-parallel group is `tensor` consecutive ranks (one node's GPUs, in practice).
-use crate::checkpointing::{self, TrainerState};
-use crate::config::{Config, TrainConfig};
-use crate::optim::AdamW;
-use crate::scheduler::PathScheduler;
+use crate::config::Config;
 use anyhow::{anyhow, bail, Result};
 use sparse_kernels::hooks::hooked_identity;
 use sparse_launch::{Collective, World};
-use std::path::Path;
 use std::rc::Rc;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// This rank's place in its tensor-parallel group, and the group.
 pub struct TensorParallel {
@@ -66,6 +62,17 @@ impl TensorParallel {
             rank,
             size: group.size(),
             group,
+        })
+    }
+
+    /// Rank `rank` of a group of `size` whose collectives run in this process alone: for
+    /// checks of the block layout, which call none of them.
+    #[cfg(test)]
+    pub(crate) fn detached(rank: usize, size: usize) -> Rc<TensorParallel> {
+        Rc::new(TensorParallel {
+            rank,
+            size,
+            group: Collective::single(1 << 20),
         })
     }
 
@@ -180,152 +187,5 @@ impl<'w> ParallelGroups<'w> {
     /// The ranks holding the same block of the model (gradients are summed over them).
     pub fn data(&self) -> &Collective {
         self.data_split.as_ref().unwrap_or(self.world)
-    }
-}
-
-/// The full optimizer (parameters and moments) and dead-unit clocks from every rank's
-/// blocks, for one checkpoint of the whole model (collective over the group).
-pub fn gather_full(
-    tp: &TensorParallel,
-    opt: &AdamW,
-    clocks: &[Tensor],
-    train: &TrainConfig,
-) -> Result<(AdamW, Vec<Tensor>)> {
-    tch::no_grad(|| {
-        let named = opt
-            .params
-            .iter()
-            .map(|p| {
-                Ok((
-                    p.name.clone(),
-                    tp.gather(&p.param.detach(), split_of(&p.name))?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut full = AdamW::new(named, train);
-        full.step = opt.step;
-        // Both are sorted by name, so they pair up.
-        for (f, p) in full.params.iter_mut().zip(&opt.params) {
-            let split = split_of(&p.name);
-            f.exp_avg = tp.gather(&p.exp_avg, split)?;
-            f.exp_avg_sq = tp.gather(&p.exp_avg_sq, split)?;
-        }
-        let clocks = clocks
-            .iter()
-            .map(|c| tp.gather(c, Split::Dim(0)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((full, clocks))
-    })
-}
-
-/// `checkpointing::restore` for a rank holding blocks (`tp`; without it, the plain restore):
-/// the checkpoint (always of the whole model) is read into full-size tensors, then this
-/// rank's blocks are copied out, so a checkpoint resumes at any tensor-parallel width.
-/// Nothing of `opt` changes on an error.
-pub fn restore(
-    tp: Option<&TensorParallel>,
-    path: &Path,
-    cfg: &Config,
-    opt: &mut AdamW,
-    sched: &mut PathScheduler,
-    clocks: &mut [Tensor],
-) -> Result<TrainerState> {
-    let Some(tp) = tp else {
-        return checkpointing::restore(path, cfg, opt, sched, clocks);
-    };
-    let t = tp.size as i64;
-    let named = opt
-        .params
-        .iter()
-        .map(|p| {
-            let mut shape = p.param.size();
-            if let Split::Dim(d) = split_of(&p.name) {
-                shape[d as usize] *= t;
-            }
-            (
-                p.name.clone(),
-                p.param
-                    .new_zeros(shape.as_slice(), (Kind::Float, p.param.device())),
-            )
-        })
-        .collect();
-    let mut full = AdamW::new(named, &cfg.train);
-    let mut full_clocks: Vec<Tensor> = clocks
-        .iter()
-        .map(|c| c.new_zeros([c.size()[0] * t], (c.kind(), c.device())))
-        .collect();
-    let state = checkpointing::restore(path, cfg, &mut full, sched, &mut full_clocks)?;
-    if !state.ffn_layout.is_empty() {
-        bail!(
-            "{}: the checkpoint's FFN was repacked (units removed); resume it with parallel.tensor = 1",
-            path.display()
-        );
-    }
-    tch::no_grad(|| {
-        for (p, f) in opt.params.iter_mut().zip(&full.params) {
-            let split = split_of(&p.name);
-            p.param.copy_(&tp.local(&f.param, split));
-            p.exp_avg.copy_(&tp.local(&f.exp_avg, split));
-            p.exp_avg_sq.copy_(&tp.local(&f.exp_avg_sq, split));
-        }
-        for (c, f) in clocks.iter_mut().zip(&full_clocks) {
-            *c = tp.local(f, Split::Dim(0)).contiguous();
-        }
-    });
-    opt.step = full.step;
-    Ok(state)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::ModelConfig;
-    use crate::model::Llama;
-    use tch::nn::VarStore;
-    use tch::Device;
-
-    fn cfg() -> ModelConfig {
-        ModelConfig {
-            vocab_size: 50,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: Some(2),
-            max_seq_len: 8,
-            rope_theta: 10000.0,
-            rms_norm_eps: 1e-5,
-            tie_embeddings: false,
-            init_std: 0.02,
-        }
-    }
-
-    /// Rank r of 2 holds exactly block r (per `split_of`) of the full model's draws.
-    #[test]
-    fn blocks_are_the_full_models_slices_named_by_split_of() {
-        let full_vs = VarStore::new(Device::Cpu);
-        tch::manual_seed(3);
-        let _full = Llama::new(&full_vs, &cfg());
-        let full = full_vs.variables();
-        for rank in 0..2 {
-            let tp = Rc::new(TensorParallel {
-                rank,
-                size: 2,
-                group: Collective::single(1 << 20),
-            });
-            let vs = VarStore::new(Device::Cpu);
-            tch::manual_seed(3);
-            let _m = Llama::new_parallel(&vs, &cfg(), Some(tp.clone()));
-            let local = vs.variables();
-            assert_eq!(local.len(), full.len());
-            let mut split = 0;
-            for (name, f) in &full {
-                let s = split_of(name);
-                split += usize::from(s != Split::Replicated);
-                let want = tp.local(f, s);
-                assert!(local[name].equal(&want), "{name} on rank {rank}");
-            }
-            assert_eq!(split, 2 * 7, "q, k, v, o, gate, up, down per layer");
-        }
     }
 }

@@ -83,29 +83,17 @@ pub fn full_layout(layers: usize, hidden: usize) -> Vec<Tensor> {
 mod tests {
     use super::*;
     use crate::config::ModelConfig;
-    use crate::model::Llama;
+    use crate::model::llama::seeded_model;
     use sparse_kernels::FfnPath;
-    use tch::nn::VarStore;
     use tch::Device;
 
     #[test]
     fn removing_units_that_never_fire_keeps_outputs_and_slices_state() {
-        tch::manual_seed(3);
         let cfg = ModelConfig {
-            vocab_size: 40,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
-            num_heads: 2,
-            num_kv_heads: None,
-            max_seq_len: 8,
-            rope_theta: 1e4,
-            rms_norm_eps: 1e-5,
-            tie_embeddings: true,
             init_std: 0.2,
+            ..ModelConfig::tiny_shaped(40, 16, 24, 2, 8).tied_mha(2)
         };
-        let vs = VarStore::new(Device::Cpu);
-        let model = Llama::new(&vs, &cfg);
+        let (vs, model) = seeded_model(3, &cfg);
         let mut opt = AdamW::new(vs.variables().into_iter().collect(), &Default::default());
         // Units 3, 7 and 20 of layer 1 can never fire: zero gate rows give relu(0) = 0.
         let dead = Tensor::from_slice(&[3i64, 7, 20]);
@@ -118,14 +106,8 @@ mod tests {
         }
         let tokens = Tensor::randint(40, [2, 8], (Kind::Int64, Device::Cpu));
         let before = tch::no_grad(|| model.forward(&tokens, &[FfnPath::Dense; 2]).logits);
-        let up_m = |opt: &AdamW| {
-            opt.params
-                .iter()
-                .find(|p| p.name == "model.layers.1.mlp.up_proj.weight")
-                .unwrap()
-                .exp_avg
-                .copy()
-        };
+        let up = "model.layers.1.mlp.up_proj.weight";
+        let up_m = |opt: &AdamW| opt.param(up).unwrap().exp_avg.copy();
         let m_before = up_m(&opt);
         let mut clocks: Vec<Tensor> = (0..2)
             .map(|_| Tensor::zeros([24], (Kind::Int64, Device::Cpu)))

@@ -1,14 +1,28 @@
-//! Per-layer FFN path choice from measured activity.
+//! The sparsity schedule: the L1 coefficient lambda per step ([`l1_coeff`]) and the
+//! per-layer FFN path choice from measured activity ([`PathScheduler`]).
 //!
 //! `sparsity.ffn_path` fixes one path for every layer, or `auto` starts dense and, at most
 //! every `switch_period` optimizer steps, moves each layer to the hybrid path when its mean
 //! active units per token (over the last log interval, all tokens of the global batch) is
 //! below `l0_cutoff`, and back to dense when it rises above it. The statistics are global, so
 //! every rank takes the same decision.
+use super::activity::LayerSummary;
 use crate::config::SparsityConfig;
-use crate::metrics::LayerSummary;
 use anyhow::Result;
 use sparse_kernels::FfnPath;
+
+/// lambda at optimizer step `step`: 0 before `l1_start_step`, linear to `l1_coeff` at
+/// `l1_end_step`, constant after.
+pub fn l1_coeff(cfg: &SparsityConfig, step: usize) -> f64 {
+    if step < cfg.l1_start_step {
+        0.0
+    } else if step >= cfg.l1_end_step {
+        cfg.l1_coeff
+    } else {
+        let span = (cfg.l1_end_step - cfg.l1_start_step) as f64;
+        cfg.l1_coeff * (step - cfg.l1_start_step) as f64 / span
+    }
+}
 
 pub struct PathScheduler {
     auto: bool,
@@ -99,5 +113,18 @@ mod tests {
         assert_eq!(s.paths(), &[FfnPath::Hybrid, FfnPath::Dense]);
         s.observe(19, &[summary(60.0), summary(20.0)]);
         assert_eq!(s.paths(), &[FfnPath::Dense, FfnPath::Hybrid]);
+    }
+
+    #[test]
+    fn l1_ramp_is_linear_between_start_and_end() {
+        let cfg = SparsityConfig {
+            l1_coeff: 2.0,
+            l1_start_step: 10,
+            l1_end_step: 20,
+            ..Default::default()
+        };
+        assert_eq!(l1_coeff(&cfg, 5), 0.0);
+        assert_eq!(l1_coeff(&cfg, 15), 1.0);
+        assert_eq!(l1_coeff(&cfg, 25), 2.0);
     }
 }

@@ -4,10 +4,10 @@
 //! Nothing random happens after initialisation (no dropout; the data order is a function of
 //! the seed and the cursor), so the seed and the data cursor are the whole RNG state.
 use crate::config::Config;
-use crate::metrics::IntervalActivity;
 use crate::optim::AdamW;
-use crate::repack;
-use crate::scheduler::PathScheduler;
+use crate::sparsity::activity::IntervalActivity;
+use crate::sparsity::paths::PathScheduler;
+use crate::sparsity::repack;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sparse_checkpoints::{Checkpoint, Dtype, RawTensor};
@@ -181,19 +181,44 @@ pub fn snapshot(
 }
 
 /// Where `--resume` points: a checkpoint directory or a run directory (its latest).
-pub fn resolve(resume: Option<&Path>, out_dir: &Path) -> PathBuf {
-    resume.map_or_else(|| out_dir.to_path_buf(), Path::to_path_buf)
+/// Fails, naming the directory, when there is no checkpoint there to resume.
+pub fn resolve(resume: Option<&Path>, out_dir: &Path) -> Result<PathBuf> {
+    let path = resume.map_or_else(|| out_dir.to_path_buf(), Path::to_path_buf);
+    let is_step_dir = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("step_"))
+    };
+    // A checkpoint directory, even a damaged one: the load names what is wrong with it.
+    if path.join(sparse_checkpoints::MANIFEST_FILE).exists() || is_step_dir(&path) {
+        return Ok(path);
+    }
+    let checkpoints = path.join(sparse_checkpoints::CHECKPOINTS_DIR);
+    let has_latest = checkpoints.join(sparse_checkpoints::LATEST_FILE).exists();
+    let has_step_dir = std::fs::read_dir(&checkpoints)
+        .is_ok_and(|entries| entries.flatten().any(|e| is_step_dir(&e.path())));
+    if !has_latest && !has_step_dir {
+        bail!(
+            "no checkpoint to resume in {} (no `latest` and no step_* directory): train without --resume to start",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
-/// Restores parameters, AdamW state, dead-unit clocks and scheduler from a checkpoint, after
-/// checking it matches this run's model. Nothing is modified unless every check passes.
-pub fn restore(
-    path: &Path,
-    cfg: &Config,
-    opt: &mut AdamW,
-    sched: &mut PathScheduler,
-    dead_clocks: &mut [Tensor],
-) -> Result<TrainerState> {
+/// A checkpoint read and checked against this run's model and optimizer: every check of a
+/// restore has passed, nothing is changed yet ([`Verified::apply`] changes it).
+pub struct Verified {
+    path: PathBuf,
+    ckpt: Checkpoint,
+    pub state: TrainerState,
+    paths: Vec<FfnPath>,
+    adam_step: u64,
+}
+
+/// Reads the checkpoint at `path` and checks it fits this run: the model config, the FFN
+/// layout, every tensor's name, dtype and shape (`opt` as it is before the restore: full
+/// size), the per-layer FFN paths and the optimizer step.
+pub fn verify(path: &Path, cfg: &Config, opt: &AdamW) -> Result<Verified> {
     let ckpt = sparse_checkpoints::load(path)
         .with_context(|| format!("resuming from {}", path.display()))?;
     let state: TrainerState =
@@ -223,32 +248,27 @@ pub fn restore(
             b[&field]
         );
     }
-    // Check every tensor before touching anything.
     let hidden = cfg.model.intermediate_size;
-    if state
-        .ffn_layout
-        .iter()
-        .any(|k| k.len() > hidden || k.is_empty())
-    {
+    let fits = |k: &Vec<i64>| {
+        !k.is_empty() && k.len() <= hidden && k.iter().all(|&i| (0..hidden as i64).contains(&i))
+    };
+    if state.ffn_layout.len() > cfg.model.num_layers || !state.ffn_layout.iter().all(fits) {
         bail!(
             "{}: ffn_layout does not fit model.intermediate_size = {hidden}",
             path.display()
         );
     }
-    for (l, clock) in dead_clocks.iter_mut().enumerate() {
-        if let Some(kept) = state.repacked(l, hidden) {
-            let keep = Tensor::from_slice(kept).to_device(opt.params[0].param.device());
-            repack::apply_keep(opt, l, &keep);
-            *clock = clock.index_select(0, &keep);
-        }
-    }
     let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
     for p in &opt.params {
         let mut shape: Vec<usize> = p.param.size().iter().map(|&d| d as usize).collect();
         let (hf, transposed) = hf_name(&p.name);
-        let moment_shape = shape.clone();
-        if repack::ffn_layer(&p.name).is_some() {
+        let mut moment_shape = shape.clone();
+        if let Some(layer) = repack::ffn_layer(&p.name) {
+            // Weights are stored at the full H; moments at the repacked one.
             shape[0] = hidden;
+            if let Some(kept) = state.repacked(layer, hidden) {
+                moment_shape[0] = kept.len();
+            }
         }
         if transposed {
             shape.reverse();
@@ -282,42 +302,103 @@ pub fn restore(
         .and_then(|r| r.data.get(..8))
         .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
         .with_context(|| format!("{}: optimizer state has no `adam_step`", path.display()))?;
-    let device = opt.params[0].param.device();
-    tch::no_grad(|| -> Result<()> {
-        for p in &mut opt.params {
-            let (hf, transposed) = hf_name(&p.name);
-            let w = from_raw(&hf, &ckpt.weights[&hf], device)?;
-            let mut w = if transposed { w.tr().contiguous() } else { w };
-            if let Some(kept) = repack::ffn_layer(&p.name).and_then(|l| state.repacked(l, hidden)) {
-                w = w.index_select(0, &Tensor::from_slice(kept).to_device(device));
+    Ok(Verified {
+        path: path.to_path_buf(),
+        ckpt,
+        state,
+        paths,
+        adam_step: adam_step as u64,
+    })
+}
+
+impl Verified {
+    /// Restores parameters (repacked to the saved FFN layout), AdamW state, dead-unit clocks
+    /// and scheduler from the checked checkpoint: with [`verify`], the exact restore of a run
+    /// that changes nothing unless every check passes. `opt` and `dead_clocks` must be the ones
+    /// [`verify`] checked against.
+    pub fn apply(
+        self,
+        opt: &mut AdamW,
+        sched: &mut PathScheduler,
+        dead_clocks: &mut [Tensor],
+    ) -> TrainerState {
+        let Verified {
+            path,
+            ckpt,
+            state,
+            paths,
+            adam_step,
+        } = self;
+        let hidden = state.config.model.intermediate_size;
+        let device = opt.params[0].param.device();
+        for (l, clock) in dead_clocks.iter_mut().enumerate() {
+            if let Some(kept) = state.repacked(l, hidden) {
+                let keep = Tensor::from_slice(kept).to_device(device);
+                repack::apply_keep(opt, l, &keep);
+                *clock = clock.index_select(0, &keep);
             }
-            p.param.copy_(&w);
-            p.exp_avg.copy_(&from_raw(
-                &p.name,
-                &ckpt.optimizer[&format!("exp_avg.{}", p.name)],
-                device,
-            )?);
-            p.exp_avg_sq.copy_(&from_raw(
-                &p.name,
-                &ckpt.optimizer[&format!("exp_avg_sq.{}", p.name)],
-                device,
-            )?);
         }
-        Ok(())
-    })?;
-    for (l, clock) in dead_clocks.iter_mut().enumerate() {
-        if let Some(raw) = ckpt.optimizer.get(&format!("tokens_since_fired.{l}")) {
-            let v: Vec<i64> = raw
-                .data
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            if v.len() as i64 == clock.size()[0] {
-                *clock = Tensor::from_slice(&v).to_device(device);
+        // Names, dtypes and shapes were checked by `verify`.
+        let read = |name: &str, raw: &RawTensor| {
+            from_raw(name, raw, device)
+                .unwrap_or_else(|e| panic!("{}: {e} after the checks", path.display()))
+        };
+        tch::no_grad(|| {
+            for p in &mut opt.params {
+                let (hf, transposed) = hf_name(&p.name);
+                let w = read(&hf, &ckpt.weights[&hf]);
+                let mut w = if transposed { w.tr().contiguous() } else { w };
+                if let Some(kept) =
+                    repack::ffn_layer(&p.name).and_then(|l| state.repacked(l, hidden))
+                {
+                    w = w.index_select(0, &Tensor::from_slice(kept).to_device(device));
+                }
+                p.param.copy_(&w);
+                p.exp_avg.copy_(&read(
+                    &p.name,
+                    &ckpt.optimizer[&format!("exp_avg.{}", p.name)],
+                ));
+                p.exp_avg_sq.copy_(&read(
+                    &p.name,
+                    &ckpt.optimizer[&format!("exp_avg_sq.{}", p.name)],
+                ));
+            }
+        });
+        for (l, clock) in dead_clocks.iter_mut().enumerate() {
+            if let Some(raw) = ckpt.optimizer.get(&format!("tokens_since_fired.{l}")) {
+                let v: Vec<i64> = raw
+                    .data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                if v.len() as i64 == clock.size()[0] {
+                    *clock = Tensor::from_slice(&v).to_device(device);
+                }
             }
         }
+        opt.step = adam_step;
+        sched.set_paths(paths, state.next_path_decision);
+        state
     }
-    opt.step = adam_step as u64;
-    sched.set_paths(paths, state.next_path_decision);
-    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--resume` where the run directory holds no checkpoint names the directory.
+    #[test]
+    fn resolve_names_a_directory_without_checkpoints() {
+        let run = tempfile::tempdir().unwrap();
+        let err = resolve(None, run.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "no checkpoint to resume in {}",
+                run.path().display()
+            )),
+            "{err}"
+        );
+        std::fs::create_dir_all(run.path().join("checkpoints/step_00000004")).unwrap();
+        assert_eq!(resolve(None, run.path()).unwrap(), run.path());
+    }
 }

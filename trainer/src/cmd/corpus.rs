@@ -151,26 +151,26 @@ pub fn run(args: &CorpusBuildArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating the sparse-train executable")?;
 
-    let train = train_inputs(&args.out)?;
-    let mut prep = Command::new(&exe);
-    prep.arg("prepare")
-        .arg("--input")
-        .args(&train)
-        .arg("--out")
-        .arg(args.out.join("shards").join("train"));
-    run_checked(&mut prep, "tokenizing training text")?;
-
+    // `prepare` of `inputs` into shards/`split`, by this same executable.
+    let tokenize = |inputs: &[PathBuf], split: &str, what: &str| {
+        let mut prep = Command::new(&exe);
+        prep.arg("prepare")
+            .arg("--input")
+            .args(inputs)
+            .arg("--out")
+            .arg(args.out.join("shards").join(split));
+        run_checked(&mut prep, what)
+    };
+    tokenize(
+        &train_inputs(&args.out)?,
+        "train",
+        "tokenizing training text",
+    )?;
     let val = args.out.join("val").join("bbc.jsonl");
     if !val.is_file() {
         bail!("validation text missing: {}", val.display());
     }
-    let mut prep = Command::new(&exe);
-    prep.arg("prepare")
-        .arg("--input")
-        .arg(&val)
-        .arg("--out")
-        .arg(args.out.join("shards").join("val"));
-    run_checked(&mut prep, "tokenizing validation text")?;
+    tokenize(&[val], "val", "tokenizing validation text")?;
 
     eprintln!(
         "[corpus] done: shards in {} and {}",

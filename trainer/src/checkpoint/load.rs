@@ -1,5 +1,5 @@
 //! Loading a trained model from a checkpoint for inference (`logits`, `generate`).
-use crate::checkpointing::{from_raw, hf_name, TrainerState};
+use super::state::{from_raw, hf_name, TrainerState};
 use crate::config::Config;
 use crate::model::Llama;
 use anyhow::{Context, Result};
@@ -48,11 +48,4 @@ pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
     })?;
     vs.freeze();
     Ok(LoadedModel { config, model, vs })
-}
-
-/// Casts a model to bf16 for inference: the weights, and the dtype its matrix products run
-/// in (the KV cache and attention then stay bf16 end to end).
-pub fn to_bf16(vs: &mut VarStore, model: &mut Llama) {
-    vs.bfloat16();
-    model.compute = tch::Kind::BFloat16;
 }

@@ -1,10 +1,10 @@
-//! Training metrics: per-layer FFN activity kept on the device between logs, and the sinks
-//! (progress line, `metrics.jsonl`).
+//! Per-layer FFN activity, kept on the device between logs: active units per token, the L1
+//! value, and each unit's tokens since it last fired (the dead-unit clocks). Summarised at
+//! each log, combined over the data-parallel ranks; the path scheduler, the dead-unit
+//! re-initialisation and the repack read it.
 use crate::model::LayerStats;
 use serde::Serialize;
 use sparse_launch::{Collective, LaunchError};
-use std::io::Write;
-use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Per-layer FFN activity, accumulated on the device over a log interval.
@@ -191,41 +191,4 @@ impl LayerActivity {
         self.tokens = 0;
         Ok(out)
     }
-}
-
-/// Appends one JSON object per line to `metrics.jsonl` in the run directory.
-pub struct JsonlSink {
-    file: std::fs::File,
-}
-
-impl JsonlSink {
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("metrics.jsonl"))?;
-        Ok(JsonlSink { file })
-    }
-
-    pub fn write(&mut self, value: &serde_json::Value) -> std::io::Result<()> {
-        writeln!(self.file, "{value}")
-    }
-
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
-/// Peak resident memory of this process in bytes (Linux), for CPU runs.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }

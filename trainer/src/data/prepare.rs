@@ -1,11 +1,11 @@
-//! `sparse-train prepare`: text to token shards.
+//! Text to token shards (the work of `sparse-train prepare`).
 //!
 //! Inputs are `.jsonl` files (one JSON object with a `"text"` field per line, one document
 //! each) or `.txt` files (the whole file is one document). Each document is tokenized with
 //! the GPT-2 BPE (bundled with `tiktoken-rs`, works offline) and followed by the
 //! end-of-text token; documents are concatenated and cut into shards of at most
-//! `shard_tokens` tokens, written as `shard_00000.bin`, ... (format in [`crate::data`]).
-use crate::data::write_shard;
+//! `shard_tokens` tokens, written as `shard_00000.bin`, ... (format in [`super::shards`]).
+use super::shards::write_shard;
 use anyhow::{bail, Context, Result};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

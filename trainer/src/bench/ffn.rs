@@ -9,8 +9,9 @@
 //! kernels/cuda/twell.cu called directly (`sparse_kernels::cuda::twell_ffn`, no statistics);
 //! the column "op" is the same forward through `sparse_ffn(.., FfnPath::Twell)` under
 //! no_grad, which also computes the active-unit statistics (one synchronising
-//! `masked_select`); "op nostat" the op with `statistics: false`, as inference runs it. Before timing, each layer's TwELL output is checked against an fp32
-//! dense reference on the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
+//! `masked_select`); "op nostat" the op with `statistics: false`, as inference runs it.
+//! Before timing, each layer's TwELL output is checked against an fp32 dense reference on
+//! the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
 //!
 //! `--mode train`: per layer `loss = sum(y * dy) + 1e-4 * l1_sum` and the gradients of x, Wg,
 //! Wu, Wd^T (bf16 leaves). Dense = tch bf16 autograd (cuBLAS); hybrid = `sparse_ffn(..,
@@ -264,6 +265,9 @@ struct FfnBenchSetup {
     tw: std::sync::Arc<TwellKernels>,
 }
 
+/// Layers of weights each token count is timed on, used in rotation.
+const LAYERS: usize = 4;
+
 impl FfnBenchSetup {
     fn new(args: &BenchFfnArgs) -> Result<FfnBenchSetup> {
         if !(0.0..1.0).contains(&args.sparsity) {
@@ -275,10 +279,27 @@ impl FfnBenchSetup {
         if !tch::Cuda::is_available() {
             bail!("bench ffn needs a CUDA device (tch sees none)");
         }
+        if args.tokens.iter().any(|&n| (n as i64) < 1) {
+            bail!("--tokens: N must be >= 1");
+        }
         let (d, h) = parse_shape(&args.shape)?;
         let device = Device::Cuda(args.device);
         let tw = TwellKernels::for_device(device).context("loading the TwELL kernels")?;
         Ok(FfnBenchSetup { d, h, device, tw })
+    }
+
+    /// The token counts of `--tokens`, each with its [`LAYERS`] layers made by `make(n)`
+    /// after seeding with `--seed + n` (the same inputs whatever else is timed).
+    fn layers_per_count<'a, L: 'a>(
+        args: &'a BenchFfnArgs,
+        mut make: impl FnMut(i64) -> Result<L> + 'a,
+    ) -> impl Iterator<Item = Result<(i64, Vec<L>)>> + 'a {
+        args.tokens.iter().map(move |&n| {
+            let n = n as i64;
+            tch::manual_seed(args.seed + n);
+            let layers = (0..LAYERS).map(|_| make(n)).collect::<Result<Vec<_>>>()?;
+            Ok((n, layers))
+        })
     }
 
     /// `GPU ... (driver), shape ..., sparsity ...` for the header line.
@@ -335,15 +356,10 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
         "op ms",
         "op nostat"
     );
-    for &n in &args.tokens {
-        let n = n as i64;
-        if n < 1 {
-            bail!("--tokens: N must be >= 1");
-        }
-        tch::manual_seed(args.seed + n);
-        let layers = (0..4)
-            .map(|_| make_layer(n, d, h, args.sparsity, device))
-            .collect::<Result<Vec<_>>>()?;
+    let counts =
+        FfnBenchSetup::layers_per_count(args, |n| make_layer(n, d, h, args.sparsity, device));
+    for counted in counts {
+        let (n, layers) = counted?;
         let launch = TwellLaunch::for_tokens(n);
         let mut worst = (0.0f64, 0.0f64, 0.0f64, 0i64);
         for l in &layers {
@@ -431,15 +447,21 @@ fn dense_train(l: &TrainLayer) -> Result<Vec<Tensor>> {
     grads_of(&y, &l1, &l.dy, &l.leaves)
 }
 
+/// `sparse_ffn` on the hybrid path over the leaves `[x, Wg, Wu, Wd^T]`.
+fn hybrid_ffn(leaves: &[Tensor; 4]) -> Result<sparse_kernels::FfnOutput> {
+    let [x, gate, up, down_t] = leaves;
+    let w = FfnWeights { gate, up, down_t };
+    Ok(sparse_kernels::try_sparse_ffn(
+        x,
+        &w,
+        FfnPath::Hybrid,
+        &Default::default(),
+    )?)
+}
+
 /// The hybrid path through `sparse_ffn` (the SparseFfn autograd function, CUDA kernels).
 fn hybrid_train(l: &TrainLayer) -> Result<Vec<Tensor>> {
-    let [x, wg, wu, wd] = &l.leaves;
-    let w = FfnWeights {
-        gate: wg,
-        up: wu,
-        down_t: wd,
-    };
-    let out = sparse_kernels::try_sparse_ffn(x, &w, FfnPath::Hybrid, &Default::default())?;
+    let out = hybrid_ffn(&l.leaves)?;
     grads_of(&out.y, &out.l1_sum, &l.dy, &l.leaves)
 }
 
@@ -501,13 +523,7 @@ fn check_train(l: &TrainLayer) -> Result<([f64; 6], [f64; 4])> {
     let dyf = l.dy.to_kind(Kind::Float);
     let loss = (&y * &dyf).sum(Kind::Float) + &l1 * TRAIN_DL1;
     let want = Tensor::f_run_backward(&[loss], &f32leaves, false, false)?;
-    let [lx, lg, lu, ld] = &l.leaves;
-    let w = FfnWeights {
-        gate: lg,
-        up: lu,
-        down_t: ld,
-    };
-    let out = sparse_kernels::try_sparse_ffn(lx, &w, FfnPath::Hybrid, &Default::default())?;
+    let out = hybrid_ffn(&l.leaves)?;
     let got = grads_of(&out.y, &out.l1_sum, &l.dy, &l.leaves)?;
     let rel = |a: &Tensor, b: &Tensor| {
         (a.to_kind(Kind::Float) - b).abs().max().double_value(&[])
@@ -570,21 +586,15 @@ fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
         "peak MiB dense->hyb",
         "saved MiB"
     );
-    for &n in &args.tokens {
-        let n = n as i64;
-        if n < 1 {
-            bail!("--tokens: N must be >= 1");
-        }
-        tch::manual_seed(args.seed + n);
-        let layers = (0..4)
-            .map(|_| {
-                let l = make_layer(n, d, h, args.sparsity, device)?;
-                Ok(TrainLayer {
-                    leaves: [l.x, l.wg, l.wu, l.wd].map(|t| t.set_requires_grad(true)),
-                    dy: Tensor::randn([n, d], (Kind::Float, device)).to_kind(Kind::BFloat16),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+    let counts = FfnBenchSetup::layers_per_count(args, |n| {
+        let l = make_layer(n, d, h, args.sparsity, device)?;
+        Ok(TrainLayer {
+            leaves: [l.x, l.wg, l.wu, l.wd].map(|t| t.set_requires_grad(true)),
+            dy: Tensor::randn([n, d], (Kind::Float, device)).to_kind(Kind::BFloat16),
+        })
+    });
+    for counted in counts {
+        let (n, layers) = counted?;
         let dl1 = Tensor::full([1], TRAIN_DL1, (Kind::Float, device));
         let mut errs = [0.0f64; 6];
         let mut dense_errs = [0.0f64; 4];

@@ -1,17 +1,18 @@
 //! The Llama-style decoder with the ReLU-gated sparse FFN.
 //!
 //! Written for one device; with tensor parallelism each rank holds its block of the attention
-//! heads and FFN units (see `tensor_parallel`). Parameters live
-//! in a `VarStore` under HF Llama names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
+//! heads and FFN units (see [`super::parallel`]). Parameters live in a `VarStore` under HF Llama names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
 //! except the down projection, kept transposed as `mlp.down_proj.weight_t: [H, D]` so the
 //! sparse kernels read contiguous rows of live units; checkpoints export it as HF's
 //! `mlp.down_proj.weight: [D, H]`.
+use super::attention::{attend, rope_tables};
+use super::kv_cache::KvCache;
+use super::parallel::{Split, TensorParallel};
 use crate::config::ModelConfig;
-use crate::tensor_parallel::{Split, TensorParallel};
 use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use std::rc::Rc;
 use tch::nn::{Init, Path, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub struct Block {
     pub input_norm: Tensor,
@@ -65,7 +66,7 @@ pub struct Llama {
 
 /// A `[out_dim, in_dim]` weight drawn N(0, std) at full size (the same draws whatever the
 /// tensor-parallel layout), of which this rank keeps its block (`split`, as
-/// `tensor_parallel::split_of` names it: a test checks they agree).
+/// `parallel::split_of` names it: a test checks they agree).
 fn linear(
     p: Path,
     out_dim: usize,
@@ -95,7 +96,7 @@ impl Llama {
     }
 
     /// As [`Llama::new`], holding only this rank's block of each split parameter when `tp`
-    /// is given (see [`crate::tensor_parallel`]); the full model's draws either way.
+    /// is given (see [`super::parallel`]); the full model's draws either way.
     pub fn new_parallel(vs: &VarStore, cfg: &ModelConfig, tp: Option<Rc<TensorParallel>>) -> Llama {
         let rows = tp.as_deref().map(|t| (t, Split::Dim(0)));
         let cols = tp.as_deref().map(|t| (t, Split::Dim(1)));
@@ -218,18 +219,85 @@ impl Llama {
     /// `tokens: [B, T]` int64 -> logits `[B, T, V]` and the L1 term; `paths[l]` picks each
     /// layer's FFN implementation.
     pub fn forward(&self, tokens: &Tensor, paths: &[FfnPath]) -> ForwardOutput {
+        let out = self.blocks_forward(tokens, None, paths, true);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = self.linear(&out.hidden, head).to_kind(Kind::Float);
+        let l1_sum = out.l1_total.expect("at least one layer") / self.blocks.len() as f64;
+        ForwardOutput {
+            logits,
+            l1_sum,
+            layers: out.layers,
+        }
+    }
+
+    /// Inference forward of `tokens: [B, T]` placed at positions `cache.len()..+T`: RoPE at
+    /// those positions, attention over the cached keys/values plus the new ones (which are
+    /// appended to the cache). With `cache = None` it is a plain causal forward from position
+    /// 0 (what [`Llama::forward`] computes, without its statistics).
+    pub fn forward_cached(
+        &self,
+        tokens: &Tensor,
+        cache: Option<&mut KvCache>,
+        paths: &[FfnPath],
+        output: CachedOutput,
+    ) -> Tensor {
+        assert!(
+            self.tp.as_ref().is_none_or(|tp| tp.size == 1),
+            "forward_cached runs the whole model in one process (no tensor parallelism)"
+        );
+        let t = tokens.size2().expect("tokens must be [B, T]").1;
+        let x = self.blocks_forward(tokens, cache, paths, false).hidden;
+        let x = match output {
+            CachedOutput::Hidden => return x,
+            CachedOutput::LastLogits => x.narrow(1, t - 1, 1),
+            CachedOutput::AllLogits => x,
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        self.linear(&x, head).to_kind(Kind::Float)
+    }
+
+    /// The decoder blocks and the final norm over `tokens: [B, T]`, the one loop behind
+    /// [`Llama::forward`] and [`Llama::forward_cached`]: at positions `cache.len()..+T` when
+    /// a cache is given (which it extends), from 0 otherwise; with `statistics`, the FFN's
+    /// L1 term and activity counts per layer (training).
+    fn blocks_forward(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        paths: &[FfnPath],
+        statistics: bool,
+    ) -> BlocksOutput {
         let (b, t) = tokens.size2().expect("tokens must be [B, T]");
+        let pos = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = &cache {
+            assert!(
+                pos + t <= c.capacity(),
+                "KV cache holds {} positions, {} + {t} requested",
+                c.capacity(),
+                pos
+            );
+        }
+        assert!(
+            pos + t <= self.cfg.max_seq_len as i64,
+            "position {} beyond max_seq_len {}",
+            pos + t,
+            self.cfg.max_seq_len
+        );
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
         let mut l1_total: Option<Tensor> = None;
-        let mut layers = Vec::with_capacity(self.blocks.len());
-        for (blk, &path) in self.blocks.iter().zip(paths) {
+        let mut layers = Vec::with_capacity(if statistics { self.blocks.len() } else { 0 });
+        for (l, (blk, &path)) in self.blocks.iter().zip(paths).enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let ax = self.enter_split(rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps));
-            x = &x + self.leave_split(self.attention(blk, &ax, t));
+            x = &x + self.leave_split(self.attention(blk, &ax, pos, kv));
             let hx = self.enter_split(rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps));
-            let out = self.ffn(blk, &hx, path, true);
+            let out = self.ffn(blk, &hx, path, statistics);
             x = &x + self.leave_split(out.y.view([b, t, -1]));
+            if !statistics {
+                continue;
+            }
             // Local units' activity, summed over the group: per token and the L1 value of
-            // the whole layer (`l1_sum` below stays local: it is this rank's loss term).
+            // the whole layer (`l1_total` stays local: it is this rank's loss term).
             let mut active_per_token = out.active_per_token;
             let mut l1 = out.l1_sum.detach().copy();
             if let Some(tp) = self.tp.as_ref().filter(|tp| tp.size > 1) {
@@ -247,40 +315,33 @@ impl Llama {
                 Some(acc) => acc + out.l1_sum,
             });
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = self.linear(&x, head).to_kind(Kind::Float);
-        let l1_sum = l1_total.expect("at least one layer") / self.blocks.len() as f64;
-        ForwardOutput {
-            logits,
-            l1_sum,
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        BlocksOutput {
+            hidden: rms_norm(&x, &self.norm, self.cfg.rms_norm_eps),
+            l1_total,
             layers,
         }
     }
 
-    /// Attention over this rank's heads; with tensor parallelism the output is partial (the
+    /// Attention over this rank's heads of `x: [B, T, D]` at positions `pos..pos + T`
+    /// (extending `kv` when given); with tensor parallelism the output is partial (the
     /// caller sums it over the group).
-    fn attention(&self, blk: &Block, x: &Tensor, t: i64) -> Tensor {
-        let (b, _, _) = x.size3().unwrap();
+    fn attention(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        pos: i64,
+        kv: Option<&mut (Tensor, Tensor)>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
         let hd = self.cfg.head_dim() as i64;
         let (nh, nkv) = self.local_heads();
         let q = self.linear(x, &blk.q).view([b, t, nh, hd]).transpose(1, 2);
         let k = self.linear(x, &blk.k).view([b, t, nkv, hd]).transpose(1, 2);
         let v = self.linear(x, &blk.v).view([b, t, nkv, hd]).transpose(1, 2);
-        let cos = self.cos.narrow(0, 0, t);
-        let sin = self.sin.narrow(0, 0, t);
-        let q = apply_rope(&q, &cos, &sin);
-        let k = apply_rope(&k, &cos, &sin);
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            true,
-            None,
-            nh != nkv,
-        );
+        let y = attend(&q, &k, &v, (&self.cos, &self.sin), pos, kv);
         self.linear(
             &y.transpose(1, 2).contiguous().view([b, t, nh * hd]),
             &blk.o,
@@ -288,57 +349,13 @@ impl Llama {
     }
 }
 
-/// Keys and values of past positions for incremental decoding: per layer, `k, v:
-/// [B, kv_heads, capacity, head_dim]`, preallocated; positions `0..len` are filled.
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: i64,
-    capacity: i64,
-}
-
-impl KvCache {
-    /// An empty cache for `batch` sequences of at most `capacity` positions, in `kind` on
-    /// `device` (the dtype of the model's activations: bf16 for a bf16 model).
-    pub fn new(
-        cfg: &ModelConfig,
-        batch: i64,
-        capacity: i64,
-        kind: Kind,
-        device: Device,
-    ) -> KvCache {
-        let shape = [
-            batch,
-            cfg.kv_heads() as i64,
-            capacity,
-            cfg.head_dim() as i64,
-        ];
-        let layers = (0..cfg.num_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(shape, (kind, device)),
-                    Tensor::zeros(shape, (kind, device)),
-                )
-            })
-            .collect();
-        KvCache {
-            layers,
-            len: 0,
-            capacity,
-        }
-    }
-
-    /// Positions cached so far (the position of the next token).
-    pub fn len(&self) -> i64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> i64 {
-        self.capacity
-    }
+/// What the block loop hands to [`Llama::forward`] and [`Llama::forward_cached`].
+struct BlocksOutput {
+    /// Final-norm hidden states `[B, T, D]`.
+    hidden: Tensor,
+    /// Sum over layers of this rank's differentiable L1 term (`None` without statistics).
+    l1_total: Option<Tensor>,
+    layers: Vec<LayerStats>,
 }
 
 /// What [`Llama::forward_cached`] returns.
@@ -352,111 +369,20 @@ pub enum CachedOutput {
     AllLogits,
 }
 
-impl Llama {
-    /// Inference forward of `tokens: [B, T]` placed at positions `cache.len()..+T`: RoPE at
-    /// those positions, attention over the cached keys/values plus the new ones (which are
-    /// appended to the cache). With `cache = None` it is a plain causal forward from position
-    /// 0 (what [`Llama::forward`] computes, without its statistics). Causal SDPA when the
-    /// cache was empty (prefill), no mask for one new token, an explicit mask otherwise.
-    pub fn forward_cached(
-        &self,
-        tokens: &Tensor,
-        mut cache: Option<&mut KvCache>,
-        paths: &[FfnPath],
-        output: CachedOutput,
-    ) -> Tensor {
-        let (b, t) = tokens.size2().expect("tokens must be [B, T]");
-        assert!(
-            self.tp.as_ref().is_none_or(|tp| tp.size == 1),
-            "forward_cached runs the whole model in one process (no tensor parallelism)"
-        );
-        let pos = cache.as_ref().map_or(0, |c| c.len);
-        if let Some(c) = &cache {
-            assert!(
-                pos + t <= c.capacity,
-                "KV cache holds {} positions, {} + {t} requested",
-                c.capacity,
-                pos
-            );
-        }
-        assert!(
-            pos + t <= self.cfg.max_seq_len as i64,
-            "position {} beyond max_seq_len {}",
-            pos + t,
-            self.cfg.max_seq_len
-        );
-        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
-        for (l, (blk, &path)) in self.blocks.iter().zip(paths).enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let a = self.attention_cached(
-                blk,
-                &rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps),
-                pos,
-                kv,
-            );
-            x = &x + a;
-            let hx = rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps);
-            let out = self.ffn(blk, &hx, path, false);
-            x = &x + out.y.view([b, t, -1]);
-        }
-        if let Some(c) = cache {
-            c.len += t;
-        }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
-        let x = match output {
-            CachedOutput::Hidden => return x,
-            CachedOutput::LastLogits => x.narrow(1, t - 1, 1),
-            CachedOutput::AllLogits => x,
-        };
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        self.linear(&x, head).to_kind(Kind::Float)
-    }
+/// A model on the CPU drawn after seeding torch with `seed`, for the unit tests.
+#[cfg(test)]
+pub(crate) fn seeded_model(seed: i64, cfg: &ModelConfig) -> (VarStore, Llama) {
+    tch::manual_seed(seed);
+    let vs = VarStore::new(tch::Device::Cpu);
+    let model = Llama::new(&vs, cfg);
+    (vs, model)
+}
 
-    fn attention_cached(
-        &self,
-        blk: &Block,
-        x: &Tensor,
-        pos: i64,
-        kv: Option<&mut (Tensor, Tensor)>,
-    ) -> Tensor {
-        let (b, t, d) = x.size3().unwrap();
-        let hd = self.cfg.head_dim() as i64;
-        let nh = self.cfg.num_heads as i64;
-        let nkv = self.cfg.kv_heads() as i64;
-        let q = self.linear(x, &blk.q).view([b, t, nh, hd]).transpose(1, 2);
-        let k = self.linear(x, &blk.k).view([b, t, nkv, hd]).transpose(1, 2);
-        let v = self.linear(x, &blk.v).view([b, t, nkv, hd]).transpose(1, 2);
-        let cos = self.cos.narrow(0, pos, t);
-        let sin = self.sin.narrow(0, pos, t);
-        let q = apply_rope(&q, &cos, &sin);
-        let k = apply_rope(&k, &cos, &sin);
-        let (k, v) = match kv {
-            None => (k, v),
-            Some((kc, vc)) => {
-                kc.narrow(2, pos, t).copy_(&k);
-                vc.narrow(2, pos, t).copy_(&v);
-                (kc.narrow(2, 0, pos + t), vc.narrow(2, 0, pos + t))
-            }
-        };
-        // Query i (position pos + i) sees keys 0..=pos + i.
-        let mask = (pos > 0 && t > 1).then(|| {
-            let dev = x.device();
-            let qi = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(1) + pos;
-            let kj = Tensor::arange(pos + t, (Kind::Int64, dev)).unsqueeze(0);
-            kj.le_tensor(&qi)
-        });
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask.as_ref(),
-            0.0,
-            pos == 0 && t > 1,
-            None,
-            nh != nkv,
-        );
-        self.linear(&y.transpose(1, 2).contiguous().view([b, t, d]), &blk.o)
-    }
+/// Casts a model to bf16 for inference: the weights, and the dtype its matrix products run
+/// in (the KV cache and attention then stay bf16 end to end).
+pub fn to_bf16(vs: &mut VarStore, model: &mut Llama) {
+    vs.bfloat16();
+    model.compute = Kind::BFloat16;
 }
 
 /// Cross-entropy of `logits: [..., V]` against the token ids `targets: [...]` (int64),
@@ -483,55 +409,16 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     w * (xf * r).to_kind(kind)
 }
 
-/// cos/sin tables `[max_seq_len, head_dim]` in HF's rotate-half layout.
-fn rope_tables(cfg: &ModelConfig, device: Device) -> (Tensor, Tensor) {
-    let hd = cfg.head_dim() as i64;
-    let inv_freq = (Tensor::arange_start_step(0, hd, 2, (Kind::Float, device)) / hd as f64)
-        .multiply_scalar(cfg.rope_theta.ln())
-        .exp()
-        .reciprocal();
-    let pos = Tensor::arange(cfg.max_seq_len as i64, (Kind::Float, device));
-    let freqs = pos.outer(&inv_freq);
-    let emb = Tensor::cat(&[&freqs, &freqs], -1);
-    (emb.cos(), emb.sin())
-}
-
-/// `x: [B, heads, T, hd]`
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let hd = x.size()[3];
-    let x1 = x.narrow(-1, 0, hd / 2);
-    let x2 = x.narrow(-1, hd / 2, hd / 2);
-    let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
-    let kind = x.kind();
-    (x * cos.to_kind(kind)) + rotated * sin.to_kind(kind)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::parallel::split_of;
     use super::*;
-
-    fn tiny_cfg() -> ModelConfig {
-        ModelConfig {
-            vocab_size: 50,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: Some(2),
-            max_seq_len: 12,
-            rope_theta: 10000.0,
-            rms_norm_eps: 1e-5,
-            tie_embeddings: false,
-            init_std: 0.02,
-        }
-    }
+    use tch::Device;
 
     #[test]
     fn forward_shapes_and_hf_parameter_names() {
-        tch::manual_seed(0);
-        let vs = VarStore::new(Device::Cpu);
-        let cfg = tiny_cfg();
-        let m = Llama::new(&vs, &cfg);
+        let cfg = ModelConfig::tiny();
+        let (vs, m) = seeded_model(0, &cfg);
         let tokens = Tensor::randint(50, [3, 7], (Kind::Int64, Device::Cpu));
         let out = m.forward(&tokens, &[FfnPath::Dense; 2]);
         assert_eq!(out.logits.size(), [3, 7, 50]);
@@ -583,5 +470,34 @@ mod tests {
             Vec::<f32>::try_from(out.y.reshape([-1])).unwrap(),
             [2.0, 2.0, -11.5, -11.5]
         );
+    }
+
+    /// Rank r of 2 holds exactly block r (per `split_of`) of the full model's draws.
+    #[test]
+    fn blocks_are_the_full_models_slices_named_by_split_of() {
+        let cfg = ModelConfig {
+            max_seq_len: 8,
+            ..ModelConfig::tiny()
+        };
+        let full_vs = VarStore::new(Device::Cpu);
+        tch::manual_seed(3);
+        let _full = Llama::new(&full_vs, &cfg);
+        let full = full_vs.variables();
+        for rank in 0..2 {
+            let tp = TensorParallel::detached(rank, 2);
+            let vs = VarStore::new(Device::Cpu);
+            tch::manual_seed(3);
+            let _m = Llama::new_parallel(&vs, &cfg, Some(tp.clone()));
+            let local = vs.variables();
+            assert_eq!(local.len(), full.len());
+            let mut split = 0;
+            for (name, f) in &full {
+                let s = split_of(name);
+                split += usize::from(s != Split::Replicated);
+                let want = tp.local(f, s);
+                assert!(local[name].equal(&want), "{name} on rank {rank}");
+            }
+            assert_eq!(split, 2 * 7, "q, k, v, o, gate, up, down per layer");
+        }
     }
 }

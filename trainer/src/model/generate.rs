@@ -1,59 +1,12 @@
-//! `sparse-train generate`: text generation from a checkpoint with a KV cache.
-//!
-//! The prompt is encoded with the GPT-2 tokenizer, replicated `--batch` times, run once
-//! through the model (prefill, causal SDPA, keys/values stored in a [`KvCache`]), then one
-//! token per step attends to the cache (decode). The FFN runs on `--ffn-path` (TwELL
-//! kernels on CUDA by default, dense on CPU); on CUDA the weights are cast to bf16.
-//! Sampling: greedy at temperature 0 (the default), else softmax(logits / T), optionally
-//! restricted to the top k, drawn with the seeded torch generator.
-use crate::inference;
-use crate::model::{CachedOutput, KvCache, Llama};
-use anyhow::{bail, Result};
+//! The generation loop: prefill a prompt once, then decode one token per step against the
+//! KV cache (or, as the reference the cache is checked against, recompute the whole
+//! sequence each step). Sampling: greedy at temperature 0, else softmax(logits / T),
+//! optionally restricted to the top k, drawn with the seeded torch generator.
+use super::kv_cache::KvCache;
+use super::llama::{CachedOutput, Llama};
 use sparse_kernels::FfnPath;
-use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-
-/// GPT-2's `<|endoftext|>`.
-pub const EOT: i64 = 50256;
-
-/// Arguments of `sparse-train generate`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct GenerateArgs {
-    /// A checkpoint directory, or a run directory (its latest checkpoint).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// The prompt text (GPT-2 tokenizer).
-    #[arg(long)]
-    pub prompt: String,
-    /// New tokens to generate (stops earlier once every sequence has emitted <|endoftext|>).
-    #[arg(long, default_value_t = 64)]
-    pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Sample only among the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: i64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// FFN implementation: `dense` or `twell` (default: twell on CUDA, dense on CPU).
-    #[arg(long)]
-    pub ffn_path: Option<FfnPath>,
-    /// Replicate the prompt B times (throughput measurement).
-    #[arg(long, default_value_t = 1)]
-    pub batch: i64,
-    /// Run on the CPU even if CUDA is available.
-    #[arg(long)]
-    pub cpu: bool,
-    /// Keep generating after <|endoftext|> (fixed-length throughput runs).
-    #[arg(long)]
-    pub ignore_eos: bool,
-    /// Untimed generations of the same length before the timed one (a process's first
-    /// seconds of eager decoding on a GPU are measured to run several times slower).
-    #[arg(long, default_value_t = 0)]
-    pub warmup: usize,
-}
 
 /// How the next token is picked from the last position's logits.
 #[derive(Clone, Copy, Debug)]
@@ -93,7 +46,8 @@ pub struct GenStats {
     pub decode_steps: usize,
 }
 
-fn sync(device: Device) {
+/// Waits for the device's queued work (timings of GPU work end here); no-op on the CPU.
+pub fn synchronize(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
@@ -126,11 +80,11 @@ pub fn generate_tokens(
         let mut done = Tensor::zeros([b, 1], (Kind::Bool, device));
         let mut out: Vec<Tensor> = Vec::with_capacity(max_new);
         let mut seq = prompt.shallow_clone();
-        sync(device);
+        synchronize(device);
         let t0 = Instant::now();
         let logits = model.forward_cached(prompt, cache.as_mut(), paths, CachedOutput::LastLogits);
         let mut next = sampler.sample(&logits.squeeze_dim(1));
-        sync(device);
+        synchronize(device);
         stats.prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         loop {
@@ -154,155 +108,26 @@ pub fn generate_tokens(
             next = sampler.sample(&logits.squeeze_dim(1));
             stats.decode_steps += 1;
         }
-        sync(device);
+        synchronize(device);
         stats.decode_s = t1.elapsed().as_secs_f64();
         (Tensor::cat(&out, 1), stats)
     })
 }
 
-/// Runs `sparse-train generate`.
-pub fn run(args: &GenerateArgs) -> Result<()> {
-    if args.batch < 1 {
-        bail!("--batch must be >= 1");
-    }
-    if args.temperature < 0.0 || !args.temperature.is_finite() {
-        bail!("--temperature must be >= 0");
-    }
-    let device = if !args.cpu && tch::Cuda::is_available() {
-        Device::Cuda(0)
-    } else {
-        Device::Cpu
-    };
-    let path = args.ffn_path.unwrap_or(if device.is_cuda() {
-        FfnPath::Twell
-    } else {
-        FfnPath::Dense
-    });
-    if path == FfnPath::Hybrid {
-        bail!("--ffn-path hybrid is the training format: use dense or twell");
-    }
-    let mut loaded = inference::load(&args.checkpoint, device)?;
-    if device.is_cuda() {
-        inference::to_bf16(&mut loaded.vs, &mut loaded.model);
-    }
-    let cfg = &loaded.config.model;
-    let bpe = crate::prepare::gpt2()?;
-    let ids: Vec<i64> = bpe
-        .encode_with_special_tokens(&args.prompt)
-        .into_iter()
-        .map(|t| t as i64)
-        .collect();
-    if ids.is_empty() {
-        bail!("--prompt: empty after tokenization");
-    }
-    if let Some(bad) = ids.iter().find(|&&t| t >= cfg.vocab_size as i64) {
-        bail!(
-            "prompt token {bad} is outside the model's vocabulary ({}): the model was not trained with the GPT-2 tokenizer",
-            cfg.vocab_size
-        );
-    }
-    let total = ids.len() + args.max_tokens;
-    if total > cfg.max_seq_len {
-        bail!(
-            "prompt ({} tokens) + --max-tokens {} exceeds the model's max_seq_len {}",
-            ids.len(),
-            args.max_tokens,
-            cfg.max_seq_len
-        );
-    }
-    let prompt = Tensor::from_slice(&ids)
-        .view([1, -1])
-        .repeat([args.batch, 1])
-        .to_device(device);
-    let paths = vec![path; cfg.num_layers];
-    let sampler = Sampler {
-        temperature: args.temperature,
-        top_k: args.top_k,
-    };
-    let stop = (!args.ignore_eos).then_some(EOT);
-    let generate = || {
-        generate_tokens(
-            &loaded.model,
-            &prompt,
-            args.max_tokens,
-            sampler,
-            &paths,
-            true,
-            stop,
-        )
-    };
-    for _ in 0..args.warmup {
-        let _ = generate();
-    }
-    // Seeded after the warm-up: the timed run samples as it would without one (nothing
-    // before it draws random numbers).
-    tch::manual_seed(args.seed as i64);
-    if device.is_cuda() {
-        tch::Cuda::manual_seed_all(args.seed);
-    }
-    let (tokens, stats) = generate();
-    let tokens = tokens.to_device(Device::Cpu);
-    for row in 0..args.batch.min(if args.temperature > 0.0 { 4 } else { 1 }) {
-        let mut ids: Vec<u32> = Vec::<i64>::try_from(tokens.get(row))?
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        if let Some(i) = ids.iter().position(|&t| t as i64 == EOT) {
-            ids.truncate(i + 1);
-        }
-        let text = bpe
-            .decode(&ids)
-            .unwrap_or_else(|e| format!("<undecodable: {e}>"));
-        if args.batch > 1 {
-            println!("--- sequence {row}");
-        }
-        println!("{}{}", args.prompt, text);
-    }
-    let b = args.batch as f64;
-    let prefill_tokens = b * ids.len() as f64;
-    let decode_tokens = b * stats.decode_steps as f64;
-    println!(
-        "prefill: {} x {} tokens in {:.1} ms = {:.0} tokens/s | decode: {} steps x {} in {:.1} ms = {:.1} tokens/s ({:.2} ms/step) | {} {} ffn {}",
-        args.batch,
-        ids.len(),
-        stats.prefill_s * 1e3,
-        prefill_tokens / stats.prefill_s,
-        stats.decode_steps,
-        args.batch,
-        stats.decode_s * 1e3,
-        if stats.decode_steps > 0 { decode_tokens / stats.decode_s } else { 0.0 },
-        if stats.decode_steps > 0 { stats.decode_s * 1e3 / stats.decode_steps as f64 } else { 0.0 },
-        if device.is_cuda() { "cuda" } else { "cpu" },
-        if device.is_cuda() { "bf16" } else { "f32" },
-        path.name()
-    );
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::llama::{seeded_model, to_bf16};
     use super::*;
     use crate::config::ModelConfig;
     use tch::nn::VarStore;
 
     fn model(init_std: f64, kv_heads: usize) -> (VarStore, Llama) {
-        tch::manual_seed(7);
         let cfg = ModelConfig {
-            vocab_size: 97,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_layers: 3,
-            num_heads: 4,
             num_kv_heads: Some(kv_heads),
-            max_seq_len: 40,
-            rope_theta: 10000.0,
-            rms_norm_eps: 1e-5,
-            tie_embeddings: false,
             init_std,
+            ..ModelConfig::tiny_shaped(97, 32, 64, 3, 40)
         };
-        let vs = VarStore::new(Device::Cpu);
-        let m = Llama::new(&vs, &cfg);
-        (vs, m)
+        seeded_model(7, &cfg)
     }
 
     /// Greedy decoding with the KV cache emits exactly the tokens of recomputing the full
@@ -366,7 +191,7 @@ mod tests {
     #[test]
     fn bf16_model_generates_with_the_cache() {
         let (mut vs, mut m) = model(0.5, 2);
-        crate::inference::to_bf16(&mut vs, &mut m);
+        to_bf16(&mut vs, &mut m);
         let prompt = Tensor::from_slice(&[3i64, 9, 4, 1, 7, 2]).view([2, 3]);
         let paths = vec![FfnPath::Dense; m.cfg.num_layers];
         let (cached, _) = generate_tokens(&m, &prompt, 5, Sampler::GREEDY, &paths, true, None);

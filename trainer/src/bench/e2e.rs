@@ -1,0 +1,248 @@
+//! `sparse-train bench train` / `bench infer` / `bench generate`: whole-model throughput at a
+//! config's shape,
+//! sparse FFN against dense, side by side in one process, on the same weights.
+//!
+//! The model's sparsity is imposed ([`super::common::impose_sparsity`]).
+//!
+//! **infer**: decoder forward without the LM head (as the paper's benchmark), bf16 weights,
+//! no grad; dense = the `Dense` FFN path (cuBLAS), sparse = `Twell` (CUDA kernels).
+//! **train**: full steps (fwd + bwd + L1 term + clip + AdamW) with bf16 matrix products over f32
+//! weights at the config's micro-batch, lr `--lr` (default 0, see its help); dense =
+//! `Dense`, sparse = `Hybrid`.
+//!
+//! Reported per path: ms per iteration (mean of the timed loop between synchronisations),
+//! tokens/s, ratio to dense, peak memory held by tensors (the caching allocator's peak since
+//! the path started), and energy from NVML's total-energy counter (delta over the timed loop,
+//! whole board) per iteration and per token.
+use super::common::{impose_sparsity, layer_means, summary, Energy, GIB};
+pub use super::common::{BenchE2eArgs, Mode};
+use super::generate::run_generate;
+use crate::config::Config;
+use crate::model::{cross_entropy, synchronize, CachedOutput, Llama};
+use crate::optim::AdamW;
+use anyhow::{bail, Result};
+use sparse_kernels::cuda_runtime;
+use sparse_kernels::FfnPath;
+use std::collections::HashMap;
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// One path's measured figures.
+struct Row {
+    path: FfnPath,
+    ms: f64,
+    tokens_per_s: f64,
+    peak: Option<u64>,
+    used_end: Option<u64>,
+    energy_j: Option<f64>,
+    nnz: Option<Vec<f64>>,
+}
+
+/// Runs `sparse-train bench train` or `bench infer`.
+pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
+    let cfg = Config::load_with_overrides(&args.config, &args.overrides)?;
+    if !(0.0..1.0).contains(&args.sparsity) {
+        bail!("--sparsity {} must be in [0, 1)", args.sparsity);
+    }
+    if args.steps == 0 {
+        bail!("--steps must be >= 1");
+    }
+    if !tch::Cuda::is_available() {
+        bail!("bench train/infer needs a CUDA device (tch sees none)");
+    }
+    let device = Device::Cuda(args.device);
+    let m = &cfg.model;
+    let seq = cfg.train.seq_len as i64;
+    let batch = args.batch.unwrap_or(match mode {
+        Mode::Train => cfg.train.micro_batch_size,
+        Mode::Infer | Mode::Generate => 64,
+    }) as i64;
+    let tokens_per_iter = (batch * seq) as f64;
+    let paths: Vec<FfnPath> = if args.paths.is_empty() {
+        vec![
+            FfnPath::Dense,
+            match mode {
+                Mode::Train => FfnPath::Hybrid,
+                Mode::Infer | Mode::Generate => FfnPath::Twell,
+            },
+        ]
+    } else {
+        args.paths.clone()
+    };
+    let energy = Energy::new(args.device as u32);
+    let gpu = energy.name().unwrap_or_else(|| "unknown GPU".into());
+    let h = m.intermediate_size as f64;
+    let target = (1.0 - args.sparsity) * h;
+    println!(
+        "bench {}: GPU {gpu}, config {} (L {}, D {}, H {}, heads {}/{}, vocab {}, {:.2}B params), {} x {} = {} tokens/iter, {}",
+        match mode { Mode::Train => "train", Mode::Infer => "infer", Mode::Generate => "generate" },
+        args.config.display(),
+        m.num_layers,
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_heads,
+        m.kv_heads(),
+        m.vocab_size,
+        m.num_params() as f64 / 1e9,
+        batch,
+        seq,
+        tokens_per_iter,
+        match mode {
+            Mode::Train => "bf16 matrix products over f32 weights, fwd+bwd+AdamW",
+            Mode::Infer => "bf16 weights, no grad, decoder body (LM head excluded)",
+            Mode::Generate => "bf16 weights, KV cache, greedy decoding (timed rows below; the tokens/iter figure is calibration only)",
+        }
+    );
+    tch::manual_seed(cfg.train.seed as i64);
+    tch::Cuda::manual_seed_all(cfg.train.seed);
+    let mut vs = VarStore::new(device);
+    let mut model = Llama::new(&vs, m);
+    model.compute = Kind::BFloat16;
+    if mode != Mode::Train {
+        vs.bfloat16();
+    }
+    tch::manual_seed(0);
+    let data = Tensor::randint(m.vocab_size as i64, [batch, seq + 1], (Kind::Int64, device));
+    let inputs = data.narrow(1, 0, seq);
+    let targets = data.narrow(1, 1, seq);
+    let calib = inputs.narrow(0, 0, batch.min(2));
+    let dense_paths = vec![FfnPath::Dense; m.num_layers];
+    let t0 = Instant::now();
+    let nnz = impose_sparsity(&model, target, 24, || {
+        tch::no_grad(|| {
+            let out = model.forward(&calib, &dense_paths);
+            layer_means(&out)
+        })
+    });
+    println!(
+        "imposed sparsity: target {:.2} % = {target:.1} active units/token of {h}; measured (dense, {} calibration tokens) {}; calibration {:.1} s",
+        args.sparsity * 100.0,
+        calib.numel(),
+        summary(&nnz),
+        t0.elapsed().as_secs_f64()
+    );
+    if mode == Mode::Generate {
+        return run_generate(args, &model, &paths, &energy);
+    }
+    // The calibrated weights, restored before each training path.
+    let snapshot: Option<HashMap<String, Tensor>> = (mode == Mode::Train).then(|| {
+        vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_device(Device::Cpu)))
+            .collect()
+    });
+    let mut rows = Vec::new();
+    for &path in &paths {
+        let layer_paths = vec![path; m.num_layers];
+        if let Some(snap) = &snapshot {
+            tch::no_grad(|| {
+                for (name, mut v) in vs.variables() {
+                    v.copy_(&snap[&name]);
+                }
+            });
+        }
+        synchronize(device);
+        cuda_runtime::reset_peak(device);
+        let row = match mode {
+            Mode::Infer => measure(path, device, &energy, args, tokens_per_iter, |_, _| {
+                tch::no_grad(|| {
+                    let _ = model.forward_cached(&inputs, None, &layer_paths, CachedOutput::Hidden);
+                });
+                Ok(())
+            })?,
+            Mode::Generate => unreachable!("handled above"),
+            Mode::Train => {
+                let mut opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);
+                let lambda = cfg.sparsity.l1_coeff;
+                let mut last = None;
+                let mut row = measure(path, device, &energy, args, tokens_per_iter, |i, keep| {
+                    let out = model.forward(&inputs, &layer_paths);
+                    let ce = cross_entropy(&out.logits, &targets, Reduction::Sum);
+                    let loss = (&ce + &out.l1_sum * lambda) / tokens_per_iter;
+                    loss.backward();
+                    let gn = opt.grad_norm().double_value(&[]);
+                    if !gn.is_finite() {
+                        bail!("{}: non-finite gradient norm at step {i}", path.name());
+                    }
+                    opt.clip(gn, cfg.train.grad_clip);
+                    opt.step(args.lr);
+                    opt.zero_grad();
+                    if keep {
+                        last = Some(layer_means(&out));
+                    }
+                    Ok(())
+                })?;
+                row.nnz = last;
+                row
+            }
+        };
+        print_row(&row, rows.first(), args.steps, tokens_per_iter);
+        rows.push(row);
+    }
+    if rows.iter().any(|r| r.peak == Some(0) || r.peak.is_none()) {
+        println!("note: the caching allocator reported no peak; 'used' is NVML's device memory in use at the end of the loop (includes the allocator's cache)");
+    }
+    Ok(())
+}
+
+/// Runs `iter(i, last)` `args.warmup` times untimed, then `args.steps` times between two
+/// synchronisations (`last` true on the final one), and measures the timed part: time,
+/// tokens/s, the allocator's peak since the caller's reset, NVML memory and energy.
+fn measure(
+    path: FfnPath,
+    device: Device,
+    energy: &Energy,
+    args: &BenchE2eArgs,
+    tokens_per_iter: f64,
+    mut iter: impl FnMut(usize, bool) -> Result<()>,
+) -> Result<Row> {
+    for i in 0..args.warmup {
+        iter(i, false)?;
+    }
+    synchronize(device);
+    let e0 = energy.total_mj();
+    let t0 = Instant::now();
+    for i in 0..args.steps {
+        iter(args.warmup + i, i + 1 == args.steps)?;
+    }
+    synchronize(device);
+    let s = t0.elapsed().as_secs_f64();
+    let e1 = energy.total_mj();
+    Ok(Row {
+        path,
+        ms: s * 1e3 / args.steps as f64,
+        tokens_per_s: tokens_per_iter * args.steps as f64 / s,
+        peak: cuda_runtime::peak_allocated_bytes(device),
+        used_end: energy.used_bytes(),
+        energy_j: e0.zip(e1).map(|(a, b)| (b - a) as f64 / 1e3),
+        nnz: None,
+    })
+}
+
+fn print_row(r: &Row, dense: Option<&Row>, steps: usize, tokens_per_iter: f64) {
+    let ratio = dense.map_or(String::from("1.000x"), |d| {
+        format!("{:.3}x", r.tokens_per_s / d.tokens_per_s)
+    });
+    let energy = r.energy_j.map_or(String::from("energy n/a"), |j| {
+        let per_iter = j / steps as f64;
+        format!(
+            "{per_iter:.2} J/iter, {:.3} mJ/token",
+            per_iter * 1e3 / tokens_per_iter
+        )
+    });
+    let mem = match (r.peak, r.used_end) {
+        (Some(p), _) if p > 0 => format!("peak alloc {:.2} GiB", p as f64 / GIB),
+        (_, Some(u)) => format!("peak n/a, NVML used {:.2} GiB", u as f64 / GIB),
+        _ => String::from("memory n/a"),
+    };
+    let nnz = r.nnz.as_ref().map_or(String::new(), |v| {
+        format!(" | actives/token after last step {}", summary(v))
+    });
+    println!(
+        "{:>6}: {:9.2} ms/iter | {:10.0} tokens/s | {ratio} vs dense | {mem} | {energy}{nnz}",
+        r.path.name(),
+        r.ms,
+        r.tokens_per_s
+    );
+}

@@ -43,6 +43,22 @@ pub fn run(args: &[&str]) -> Output {
     command(args).output().expect("spawning sparse-train")
 }
 
+/// Trains `args` into run directory `first`, then again into `second` resumed from
+/// `first`'s checkpoint at `step` (both must succeed); returns the first run's output. With
+/// the same `--max-steps`, `second`'s losses are `first`'s from `step` on.
+pub fn train_then_resume(args: &[&str], first: &Path, second: &Path, step: usize) -> Output {
+    let mut uninterrupted = args.to_vec();
+    uninterrupted.extend(["--out-dir", first.to_str().unwrap()]);
+    let out = run(&uninterrupted);
+    assert_success(&out);
+    let checkpoint = first.join(format!("checkpoints/step_{step:08}"));
+    let mut resumed = args.to_vec();
+    resumed.extend(["--out-dir", second.to_str().unwrap()]);
+    resumed.extend(["--resume", checkpoint.to_str().unwrap()]);
+    assert_success(&run(&resumed));
+    out
+}
+
 /// Per-step records (`"step"` present, not skipped) of a run directory's metrics.jsonl.
 pub fn step_records(run_dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");
@@ -142,6 +158,20 @@ pub fn assert_success(out: &Output) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Asserts a command failed and its stderr holds every one of `names` (the file, field or
+/// rank at fault); returns the stderr.
+pub fn assert_fails_naming(out: &Output, names: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the command succeeded\nstderr:\n{err}"
+    );
+    for name in names {
+        assert!(err.contains(name), "stderr does not name `{name}`:\n{err}");
+    }
+    err
 }
 
 /// `mpirun` from the repository root with the flags every test passes: root allowed, more

@@ -203,14 +203,8 @@ fn every_readme_command_is_run_or_skipped_with_a_reason() {
 fn readme_commands_that_fit_a_cpu_run_as_written() {
     let root = scratch_root();
     for (command, args) in RUN {
-        let out = shell(root.path(), command, args);
-        assert!(
-            out.status.success(),
-            "`{command} {args}` failed: {:?}\nstdout:\n{}\nstderr:\n{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        eprintln!("+ {command} {args}");
+        assert_success(&shell(root.path(), command, args));
     }
     assert!(root.path().join("runs/tiny/checkpoints/latest").exists());
     assert!(root.path().join("data/shards/mine").is_dir());

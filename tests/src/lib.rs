@@ -2,6 +2,7 @@
 //! read its `metrics.jsonl`.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use tempfile::TempDir;
 
 /// Repository root.
 pub fn repo() -> PathBuf {
@@ -43,20 +44,22 @@ pub fn run(args: &[&str]) -> Output {
     command(args).output().expect("spawning sparse-train")
 }
 
-/// Trains `args` into run directory `first`, then again into `second` resumed from
-/// `first`'s checkpoint at `step` (both must succeed); returns the first run's output. With
-/// the same `--max-steps`, `second`'s losses are `first`'s from `step` on.
-pub fn train_then_resume(args: &[&str], first: &Path, second: &Path, step: usize) -> Output {
+/// Trains `args` into a fresh run directory, then again into another one resumed from the
+/// first's checkpoint at `step` (both must succeed). Returns both directories (uninterrupted,
+/// resumed) and the first run's output. With `--max-steps` in `args`, the resumed run's
+/// losses are the uninterrupted run's from `step` on.
+pub fn train_then_resume(args: &[&str], step: usize) -> (TempDir, TempDir, Output) {
+    let (first, second) = (TempDir::new().unwrap(), TempDir::new().unwrap());
     let mut uninterrupted = args.to_vec();
-    uninterrupted.extend(["--out-dir", first.to_str().unwrap()]);
+    uninterrupted.extend(["--out-dir", first.path().to_str().unwrap()]);
     let out = run(&uninterrupted);
     assert_success(&out);
-    let checkpoint = first.join(format!("checkpoints/step_{step:08}"));
+    let checkpoint = first.path().join(format!("checkpoints/step_{step:08}"));
     let mut resumed = args.to_vec();
-    resumed.extend(["--out-dir", second.to_str().unwrap()]);
+    resumed.extend(["--out-dir", second.path().to_str().unwrap()]);
     resumed.extend(["--resume", checkpoint.to_str().unwrap()]);
     assert_success(&run(&resumed));
-    out
+    (first, second, out)
 }
 
 /// Per-step records (`"step"` present, not skipped) of a run directory's metrics.jsonl.

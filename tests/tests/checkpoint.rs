@@ -373,24 +373,12 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
     let dir = tmp.path().join("run");
     // One step at lr 1e30 leaves weights near 1e30: finite, but every later forward pass
     // overflows.
-    let out = run(&args(&[
-        "--max-steps",
-        "20",
-        "--set",
-        "train.lr=1e30",
-        "--set",
-        "train.warmup_steps=0",
-        "--set",
-        "train.grad_clip=0",
-        "--set",
-        "train.max_skipped_steps=3",
-        "--set",
-        "checkpoint.every=1",
-        "--set",
-        "checkpoint.keep_last=20",
-        "--out-dir",
-        s(&dir),
-    ]));
+    let mut diverging = args_line(
+        "--max-steps 20 --set train.lr=1e30 --set train.warmup_steps=0 --set train.grad_clip=0 \
+         --set train.max_skipped_steps=3 --set checkpoint.every=1 --set checkpoint.keep_last=20",
+    );
+    diverging.extend(["--out-dir", s(&dir)]);
+    let out = run(&diverging);
     let (stdout, stderr) = output_text(&out);
     assert!(!out.status.success(), "diverged run succeeded\n{stdout}");
     assert!(
@@ -442,13 +430,13 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
 /// the middle of one restores its running sums, so the decisions and losses stay identical.
 #[test]
 fn resume_mid_interval_keeps_the_path_decisions() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let common = args_line(
-        "--max-steps 12 --quiet \
-         --set train.log_every=10 --set checkpoint.every=5 \
-         --set sparsity.switch_period=10 --set sparsity.l0_cutoff=254.8",
+    let (a, b, _) = train_then_resume(
+        &args_line(
+            "--max-steps 12 --quiet --set train.log_every=10 --set checkpoint.every=5 \
+             --set sparsity.switch_period=10 --set sparsity.l0_cutoff=254.8",
+        ),
+        5,
     );
-    train_then_resume(&common, a.path(), b.path(), 5);
     let paths = |d: &std::path::Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(d.join("metrics.jsonl"))
             .unwrap()
@@ -520,13 +508,14 @@ fn sigkill_during_checkpoint_writes_never_corrupts_latest() {
 /// and its checkpoint still holds full-size HF weights (removed units as zero rows).
 #[test]
 fn resume_after_a_repack_continues_identically() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let common = args_line(
-        "--max-steps 30 --quiet \
-         --set sparsity.repack_every=10 --set sparsity.tokens_until_dead=1280 \
-         --set checkpoint.every=5 --set checkpoint.keep_last=10",
+    let (a, b, out) = train_then_resume(
+        &args_line(
+            "--max-steps 30 --quiet --set sparsity.repack_every=10 \
+             --set sparsity.tokens_until_dead=1280 --set checkpoint.every=5 \
+             --set checkpoint.keep_last=10",
+        ),
+        25,
     );
-    let out = train_then_resume(&common, a.path(), b.path(), 25);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("repacked the FFN"),
         "no repack happened"

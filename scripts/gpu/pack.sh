@@ -28,7 +28,7 @@ for line in sys.stdin:
   done
 anchor=${SPARSE_TRAIN_TORCH_ANCHOR:-../shared/bench/torch_anchor.py}
 if [ -f "$anchor" ]; then
-  cp "$anchor" "$CARRY/torch_anchor.py"
+  install -m 0644 "$anchor" "$CARRY/torch_anchor.py"
   echo "carried $CARRY/torch_anchor.py"
 fi
 du -sh "$CARRY"

@@ -9,4 +9,4 @@ NV=$(dirname "$(dirname "$TL")")/nvidia
 mkdir -p /tmp/ncclso && ln -sf "$NV/nccl/lib/libnccl.so.2" /tmp/ncclso/libnccl.so
 export LD_LIBRARY_PATH="$TL:$NV/cu13/lib:$NV/nccl/lib:/tmp/ncclso${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export NCCL_NVLS_ENABLE=0
-BIN="$PWD/$CARRY/bin/sparse-train"
+BIN=$(realpath -m "$CARRY/bin/sparse-train")

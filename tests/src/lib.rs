@@ -1,5 +1,6 @@
-//! Helpers for the end-to-end tests in `tests/`: locate the `sparse-train` binary, run it,
-//! read its `metrics.jsonl`.
+//! Helpers for the end-to-end tests in `tests/`: locate the `sparse-train` binary, run it
+//! (alone or under `mpirun`), read its `metrics.jsonl`, and compare two runs: bit for bit, or
+//! within a stated rounding bound.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tempfile::TempDir;

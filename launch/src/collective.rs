@@ -13,6 +13,7 @@ use mpi::collective::SystemOperation;
 use mpi::topology::{Color, Communicator};
 use tch::{Device, Tensor};
 
+use crate::element::{InPlace, Transfer};
 use crate::error::LaunchError;
 use crate::mpi_ops::MpiGroup;
 use crate::nccl::NcclGroup;
@@ -144,15 +145,22 @@ impl Collective {
 
     /// Sums `tensor` (any shape, contiguous or not) over the group, in place.
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), LaunchError> {
-        const OP: &str = "all_reduce_sum";
+        self.in_place(InPlace::AllReduceSum, tensor)
+    }
+
+    /// Runs `collective` on the backend of `tensor`'s device; nothing to do on one rank
+    /// without NCCL.
+    fn in_place(&self, collective: InPlace, tensor: &mut Tensor) -> Result<(), LaunchError> {
         if self.size == 1 && self.nccl.is_none() {
             return Ok(());
         }
         let _no_grad = tch::no_grad_guard();
         Self::on_contiguous(tensor, |t| match (t.device(), &self.nccl, &self.mpi) {
-            (Device::Cuda(_), Some(nccl), _) => nccl.all_reduce_sum(t),
-            (Device::Cuda(_), None, _) => Err(self.cuda_without_nccl(OP, t.device())),
-            (_, _, Some(mpi)) => mpi.all_reduce_sum(t),
+            (Device::Cuda(_), Some(nccl), _) => nccl.in_place(collective, t),
+            (Device::Cuda(_), None, _) => {
+                Err(self.cuda_without_nccl(collective.name(), t.device()))
+            }
+            (_, _, Some(mpi)) => mpi.in_place(collective, t),
             (_, _, None) => Ok(()),
         })
     }
@@ -245,36 +253,33 @@ impl Collective {
         input: &Tensor,
         output: &mut Tensor,
     ) -> Result<(), LaunchError> {
-        const OP: &str = "reduce_scatter_sum";
-        self.check_pair(OP, output, input)?;
-        let _no_grad = tch::no_grad_guard();
-        let input = input.contiguous();
-        Self::on_contiguous(output, |out| match (out.device(), &self.nccl, &self.mpi) {
-            (Device::Cuda(_), Some(nccl), _) => nccl.reduce_scatter_sum(&input, out),
-            (Device::Cuda(_), None, _) if self.size > 1 => {
-                Err(self.cuda_without_nccl(OP, out.device()))
-            }
-            (Device::Cpu, _, Some(mpi)) => mpi.reduce_scatter_sum(&input, out),
-            _ => {
-                out.copy_(&input.view_as(out));
-                Ok(())
-            }
-        })
+        self.check_pair(Transfer::ReduceScatterSum.name(), output, input)?;
+        self.transfer(Transfer::ReduceScatterSum, input, output)
     }
 
     /// All-gather: `output` (`numel = n * size`) receives every rank's `input` (`numel = n`)
     /// in rank order, i.e. elements `[r * n, (r + 1) * n)` come from rank `r`.
     pub fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<(), LaunchError> {
-        const OP: &str = "all_gather";
-        self.check_pair(OP, input, output)?;
+        self.check_pair(Transfer::AllGather.name(), input, output)?;
+        self.transfer(Transfer::AllGather, input, output)
+    }
+
+    /// Runs `collective` on the backend of `output`'s device; on one rank without NCCL both
+    /// collectives are a copy.
+    fn transfer(
+        &self,
+        collective: Transfer,
+        input: &Tensor,
+        output: &mut Tensor,
+    ) -> Result<(), LaunchError> {
         let _no_grad = tch::no_grad_guard();
         let input = input.contiguous();
         Self::on_contiguous(output, |out| match (out.device(), &self.nccl, &self.mpi) {
-            (Device::Cuda(_), Some(nccl), _) => nccl.all_gather(&input, out),
+            (Device::Cuda(_), Some(nccl), _) => nccl.transfer(collective, &input, out),
             (Device::Cuda(_), None, _) if self.size > 1 => {
-                Err(self.cuda_without_nccl(OP, out.device()))
+                Err(self.cuda_without_nccl(collective.name(), out.device()))
             }
-            (Device::Cpu, _, Some(mpi)) => mpi.all_gather(&input, out),
+            (Device::Cpu, _, Some(mpi)) => mpi.transfer(collective, &input, out),
             _ => {
                 out.copy_(&input.view_as(out));
                 Ok(())
@@ -292,16 +297,7 @@ impl Collective {
                 format_args!("root {root} is not a rank of this group of {}", self.size),
             ));
         }
-        if self.size == 1 && self.nccl.is_none() {
-            return Ok(());
-        }
-        let _no_grad = tch::no_grad_guard();
-        Self::on_contiguous(tensor, |t| match (t.device(), &self.nccl, &self.mpi) {
-            (Device::Cuda(_), Some(nccl), _) => nccl.broadcast(t, root),
-            (Device::Cuda(_), None, _) => Err(self.cuda_without_nccl(OP, t.device())),
-            (_, _, Some(mpi)) => mpi.broadcast(t, root),
-            (_, _, None) => Ok(()),
-        })
+        self.in_place(InPlace::Broadcast { root }, tensor)
     }
 
     /// Blocks until every rank of the group got here (host-side; does not wait for GPU work).

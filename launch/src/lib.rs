@@ -41,6 +41,7 @@
 //! ```
 
 mod collective;
+mod element;
 mod error;
 mod mpi_ops;
 mod nccl;

@@ -12,40 +12,8 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use tch::{Device, Kind, Tensor};
 
+use crate::element::{check_device, unsupported, with_element_type, InPlace, Transfer};
 use crate::error::LaunchError;
-
-/// Runs `$body` with `$T` bound to the Rust element type of `$kind`, or evaluates `$other`.
-macro_rules! with_mpi_type {
-    ($kind:expr, $T:ident => $body:expr, $other:expr) => {
-        match $kind {
-            Kind::Float => {
-                type $T = f32;
-                $body
-            }
-            Kind::Double => {
-                type $T = f64;
-                $body
-            }
-            Kind::Int64 => {
-                type $T = i64;
-                $body
-            }
-            Kind::Int => {
-                type $T = i32;
-                $body
-            }
-            Kind::Uint8 => {
-                type $T = u8;
-                $body
-            }
-            Kind::Int8 => {
-                type $T = i8;
-                $body
-            }
-            _ => $other,
-        }
-    };
-}
 
 /// The elements of a contiguous, non-empty CPU tensor whose kind matches `T`.
 fn host<T>(tensor: &Tensor) -> &[T] {
@@ -94,139 +62,84 @@ impl MpiGroup {
         Self::new(comm, self.world_rank, self._universe.clone())
     }
 
-    fn check(&self, op: &'static str, tensor: &Tensor) -> Result<(), LaunchError> {
-        if tensor.device() != Device::Cpu {
-            return Err(LaunchError::WrongDevice {
-                rank: self.world_rank,
-                op,
-                got: tensor.device(),
-                expected: "Cpu (MPI); this group has no NCCL communicator".into(),
-            });
-        }
-        debug_assert!(tensor.is_contiguous());
-        Ok(())
+    fn check(&self, op: &'static str, tensors: &[&Tensor]) -> Result<(), LaunchError> {
+        check_device(self.world_rank, op, tensors, Device::Cpu, || {
+            "Cpu (MPI); this group has no NCCL communicator".into()
+        })
     }
 
-    fn unsupported(&self, op: &'static str, tensor: &Tensor) -> LaunchError {
-        LaunchError::UnsupportedKind {
-            rank: self.world_rank,
-            op,
-            kind: tensor.kind(),
-            device: tensor.device(),
-        }
-    }
-
-    /// In-place sum of a contiguous CPU tensor over the group.
-    pub(crate) fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), LaunchError> {
-        const OP: &str = "all_reduce_sum";
-        self.check(OP, tensor)?;
+    /// Runs `collective` on a contiguous CPU tensor: `MPI_Allreduce` or `MPI_Bcast`.
+    pub(crate) fn in_place(
+        &self,
+        collective: InPlace,
+        tensor: &mut Tensor,
+    ) -> Result<(), LaunchError> {
+        let op = collective.name();
+        self.check(op, &[tensor])?;
         if tensor.numel() == 0 {
             return Ok(());
         }
         if staged(tensor.kind()) {
             let mut wide = tensor.to_kind(Kind::Float);
-            self.all_reduce_sum(&mut wide)?;
+            self.in_place(collective, &mut wide)?;
             tensor.copy_(&wide);
             return Ok(());
         }
-        let send = tensor.copy();
-        with_mpi_type!(
+        with_element_type!(
             tensor.kind(),
             T => {
-                self.comm.all_reduce_into(
-                    host::<T>(&send),
-                    host_mut::<T>(tensor),
-                    SystemOperation::sum(),
-                );
+                match collective {
+                    InPlace::AllReduceSum => {
+                        let send = tensor.copy();
+                        self.comm.all_reduce_into(
+                            host::<T>(&send),
+                            host_mut::<T>(tensor),
+                            SystemOperation::sum(),
+                        );
+                    }
+                    InPlace::Broadcast { root } => self
+                        .comm
+                        .process_at_rank(root as i32)
+                        .broadcast_into(host_mut::<T>(tensor)),
+                }
                 Ok(())
             },
-            Err(self.unsupported(OP, tensor))
+            Err(unsupported(self.world_rank, op, tensor))
         )
     }
 
-    /// `output` (`numel = n`) gets block `rank` of the group-wide sum of `input`
-    /// (`numel = n * size`), through `MPI_Reduce_scatter_block`.
-    pub(crate) fn reduce_scatter_sum(
+    /// Runs `collective` from `input` into `output` (contiguous CPU tensors of one kind):
+    /// `MPI_Reduce_scatter_block` or `MPI_Allgather`.
+    pub(crate) fn transfer(
         &self,
+        collective: Transfer,
         input: &Tensor,
         output: &mut Tensor,
     ) -> Result<(), LaunchError> {
-        const OP: &str = "reduce_scatter_sum";
-        self.check(OP, input)?;
-        self.check(OP, output)?;
-        if output.numel() == 0 {
+        let op = collective.name();
+        self.check(op, &[input, output])?;
+        if input.numel() == 0 || output.numel() == 0 {
             return Ok(());
         }
         if staged(input.kind()) {
             let mut wide = output.to_kind(Kind::Float);
-            self.reduce_scatter_sum(&input.to_kind(Kind::Float), &mut wide)?;
+            self.transfer(collective, &input.to_kind(Kind::Float), &mut wide)?;
             output.copy_(&wide);
             return Ok(());
         }
-        with_mpi_type!(
+        with_element_type!(
             input.kind(),
             T => {
-                self.comm.reduce_scatter_block_into(
-                    host::<T>(input),
-                    host_mut::<T>(output),
-                    SystemOperation::sum(),
-                );
+                let (send, recv) = (host::<T>(input), host_mut::<T>(output));
+                match collective {
+                    Transfer::ReduceScatterSum => {
+                        self.comm.reduce_scatter_block_into(send, recv, SystemOperation::sum())
+                    }
+                    Transfer::AllGather => self.comm.all_gather_into(send, recv),
+                }
                 Ok(())
             },
-            Err(self.unsupported(OP, input))
-        )
-    }
-
-    /// `output` (`numel = n * size`) gets every rank's `input` (`numel = n`) in rank order.
-    pub(crate) fn all_gather(
-        &self,
-        input: &Tensor,
-        output: &mut Tensor,
-    ) -> Result<(), LaunchError> {
-        const OP: &str = "all_gather";
-        self.check(OP, input)?;
-        self.check(OP, output)?;
-        if input.numel() == 0 {
-            return Ok(());
-        }
-        if staged(input.kind()) {
-            let mut wide = output.to_kind(Kind::Float);
-            self.all_gather(&input.to_kind(Kind::Float), &mut wide)?;
-            output.copy_(&wide);
-            return Ok(());
-        }
-        with_mpi_type!(
-            input.kind(),
-            T => {
-                self.comm.all_gather_into(host::<T>(input), host_mut::<T>(output));
-                Ok(())
-            },
-            Err(self.unsupported(OP, input))
-        )
-    }
-
-    /// Overwrites `tensor` with group rank `root`'s copy.
-    pub(crate) fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), LaunchError> {
-        const OP: &str = "broadcast";
-        self.check(OP, tensor)?;
-        if tensor.numel() == 0 {
-            return Ok(());
-        }
-        if staged(tensor.kind()) {
-            let mut wide = tensor.to_kind(Kind::Float);
-            self.broadcast(&mut wide, root)?;
-            tensor.copy_(&wide);
-            return Ok(());
-        }
-        with_mpi_type!(
-            tensor.kind(),
-            T => {
-                self.comm
-                    .process_at_rank(root as i32)
-                    .broadcast_into(host_mut::<T>(tensor));
-                Ok(())
-            },
-            Err(self.unsupported(OP, tensor))
+            Err(unsupported(self.world_rank, op, input))
         )
     }
 

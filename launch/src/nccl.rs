@@ -20,49 +20,22 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, Root};
 use tch::{Device, Kind, Tensor};
 
+use crate::element::{check_device, unsupported, with_element_type, InPlace, Transfer};
 use crate::error::LaunchError;
 
 /// Bytes in an NCCL unique id.
 const NCCL_ID_BYTES: usize = 128;
 
-/// Runs `$body` with `$T` bound to the Rust element type of `$kind`, or evaluates `$unsupported`.
+/// [`with_element_type`] and the half-precision kinds NCCL also moves natively.
 macro_rules! with_nccl_type {
-    ($kind:expr, $T:ident => $body:expr, $unsupported:expr) => {
-        match $kind {
-            Kind::Float => {
-                type $T = f32;
-                $body
-            }
-            Kind::BFloat16 => {
-                type $T = half::bf16;
-                $body
-            }
-            Kind::Half => {
-                type $T = half::f16;
-                $body
-            }
-            Kind::Double => {
-                type $T = f64;
-                $body
-            }
-            Kind::Int64 => {
-                type $T = i64;
-                $body
-            }
-            Kind::Int => {
-                type $T = i32;
-                $body
-            }
-            Kind::Uint8 => {
-                type $T = u8;
-                $body
-            }
-            Kind::Int8 => {
-                type $T = i8;
-                $body
-            }
-            _ => $unsupported,
-        }
+    ($kind:expr, $T:ident => $body:expr, $other:expr) => {
+        with_element_type!(
+            $kind,
+            $T => $body,
+            $other,
+            Kind::BFloat16 => half::bf16,
+            Kind::Half => half::f16
+        )
     };
 }
 
@@ -240,26 +213,10 @@ impl NcclGroup {
         Device::Cuda(self.ordinal)
     }
 
-    fn check(&self, op: &'static str, tensor: &Tensor) -> Result<(), LaunchError> {
-        if tensor.device() != self.device() {
-            return Err(LaunchError::WrongDevice {
-                rank: self.world_rank,
-                op,
-                got: tensor.device(),
-                expected: format!("{:?} (NCCL) or Cpu (MPI)", self.device()),
-            });
-        }
-        debug_assert!(tensor.is_contiguous());
-        Ok(())
-    }
-
-    fn unsupported(&self, op: &'static str, tensor: &Tensor) -> LaunchError {
-        LaunchError::UnsupportedKind {
-            rank: self.world_rank,
-            op,
-            kind: tensor.kind(),
-            device: tensor.device(),
-        }
+    fn check(&self, op: &'static str, tensors: &[&Tensor]) -> Result<(), LaunchError> {
+        check_device(self.world_rank, op, tensors, self.device(), || {
+            format!("{:?} (NCCL) or Cpu (MPI)", self.device())
+        })
     }
 
     fn result<S>(&self, op: &'static str, r: Result<S, NcclError>) -> Result<(), LaunchError> {
@@ -270,72 +227,53 @@ impl NcclGroup {
         })
     }
 
-    /// In-place sum of a contiguous tensor over the group.
-    pub(crate) fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), LaunchError> {
-        const OP: &str = "all_reduce_sum";
-        self.check(OP, tensor)?;
+    /// Runs `collective` on a contiguous tensor on this group's GPU: `ncclAllReduce` or
+    /// `ncclBroadcast`, in place.
+    pub(crate) fn in_place(
+        &self,
+        collective: InPlace,
+        tensor: &mut Tensor,
+    ) -> Result<(), LaunchError> {
+        let op = collective.name();
+        self.check(op, &[tensor])?;
         with_nccl_type!(
             tensor.kind(),
             T => {
                 let mut mem = TensorMem::<T>::new(tensor, &self.stream);
-                self.result(OP, self.comm.all_reduce_in_place(&mut mem, &ReduceOp::Sum))
+                let r = match collective {
+                    InPlace::AllReduceSum => self.comm.all_reduce_in_place(&mut mem, &ReduceOp::Sum),
+                    InPlace::Broadcast { root } => self.comm.broadcast_in_place(&mut mem, root as i32),
+                };
+                self.result(op, r)
             },
-            Err(self.unsupported(OP, tensor))
+            Err(unsupported(self.world_rank, op, tensor))
         )
     }
 
-    /// `output` (`numel = n`) gets block `rank` of the group-wide sum of `input`
-    /// (`numel = n * size`); both contiguous and of one kind.
-    pub(crate) fn reduce_scatter_sum(
+    /// Runs `collective` from `input` into `output` (contiguous, of one kind, on this
+    /// group's GPU): `ncclReduceScatter` or `ncclAllGather`.
+    pub(crate) fn transfer(
         &self,
+        collective: Transfer,
         input: &Tensor,
         output: &mut Tensor,
     ) -> Result<(), LaunchError> {
-        const OP: &str = "reduce_scatter_sum";
-        self.check(OP, input)?;
-        self.check(OP, output)?;
+        let op = collective.name();
+        self.check(op, &[input, output])?;
         with_nccl_type!(
             input.kind(),
             T => {
                 let send = TensorMem::<T>::new(input, &self.stream);
                 let mut recv = TensorMem::<T>::new(output, &self.stream);
-                self.result(OP, self.comm.reduce_scatter(&send, &mut recv, &ReduceOp::Sum))
+                let r = match collective {
+                    Transfer::ReduceScatterSum => {
+                        self.comm.reduce_scatter(&send, &mut recv, &ReduceOp::Sum)
+                    }
+                    Transfer::AllGather => self.comm.all_gather(&send, &mut recv),
+                };
+                self.result(op, r)
             },
-            Err(self.unsupported(OP, input))
-        )
-    }
-
-    /// `output` (`numel = n * size`) gets every rank's `input` (`numel = n`) in rank order.
-    pub(crate) fn all_gather(
-        &self,
-        input: &Tensor,
-        output: &mut Tensor,
-    ) -> Result<(), LaunchError> {
-        const OP: &str = "all_gather";
-        self.check(OP, input)?;
-        self.check(OP, output)?;
-        with_nccl_type!(
-            input.kind(),
-            T => {
-                let send = TensorMem::<T>::new(input, &self.stream);
-                let mut recv = TensorMem::<T>::new(output, &self.stream);
-                self.result(OP, self.comm.all_gather(&send, &mut recv))
-            },
-            Err(self.unsupported(OP, input))
-        )
-    }
-
-    /// Overwrites `tensor` with group rank `root`'s copy.
-    pub(crate) fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), LaunchError> {
-        const OP: &str = "broadcast";
-        self.check(OP, tensor)?;
-        with_nccl_type!(
-            tensor.kind(),
-            T => {
-                let mut mem = TensorMem::<T>::new(tensor, &self.stream);
-                self.result(OP, self.comm.broadcast_in_place(&mut mem, root as i32))
-            },
-            Err(self.unsupported(OP, tensor))
+            Err(unsupported(self.world_rank, op, input))
         )
     }
 }

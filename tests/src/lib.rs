@@ -1,7 +1,9 @@
-//! Helpers for the end-to-end tests in `tests/`: locate the `sparse-train` binary, run it,
-//! read its `metrics.jsonl`.
+//! Helpers for the end-to-end tests in `tests/`: locate the `sparse-train` binary, run it
+//! (alone or under `mpirun`), read its `metrics.jsonl`, and compare two runs: bit for bit, or
+//! within a stated rounding bound.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use tempfile::TempDir;
 
 /// Repository root.
 pub fn repo() -> PathBuf {
@@ -24,16 +26,41 @@ pub fn binary() -> PathBuf {
     p
 }
 
-/// Runs the binary with `args` from the repository root. One intra-op thread each: the
-/// test harness runs several binaries at once on a small machine, and OpenMP threads that
-/// spin against each other make CPU training many times slower.
+/// One intra-op thread for libtorch's OpenMP pool and for MKL, in every process a test
+/// starts. The harness runs several binaries at once on a small machine (threads that spin
+/// against each other make CPU training many times slower), and a kernel's summation order
+/// can depend on its thread count: with one thread everywhere, one rank and N ranks run
+/// each micro-batch through the same kernels in the same order.
+pub const ONE_THREAD: [(&str, &str); 2] = [("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")];
+
+/// The binary as a command from the repository root, one intra-op thread.
+pub fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.args(args).current_dir(repo()).envs(ONE_THREAD);
+    cmd
+}
+
+/// Runs the binary with `args` from the repository root (see [`command`]).
 pub fn run(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .current_dir(repo())
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("spawning sparse-train")
+    command(args).output().expect("spawning sparse-train")
+}
+
+/// Trains `args` into a fresh run directory, then again into another one resumed from the
+/// first's checkpoint at `step` (both must succeed). Returns both directories (uninterrupted,
+/// resumed) and the first run's output. With `--max-steps` in `args`, the resumed run's
+/// losses are the uninterrupted run's from `step` on.
+pub fn train_then_resume(args: &[&str], step: usize) -> (TempDir, TempDir, Output) {
+    let (first, second) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let mut uninterrupted = args.to_vec();
+    uninterrupted.extend(["--out-dir", first.path().to_str().unwrap()]);
+    let out = run(&uninterrupted);
+    assert_success(&out);
+    let checkpoint = first.path().join(format!("checkpoints/step_{step:08}"));
+    let mut resumed = args.to_vec();
+    resumed.extend(["--out-dir", second.path().to_str().unwrap()]);
+    resumed.extend(["--resume", checkpoint.to_str().unwrap()]);
+    assert_success(&run(&resumed));
+    (first, second, out)
 }
 
 /// Per-step records (`"step"` present, not skipped) of a run directory's metrics.jsonl.
@@ -53,6 +80,79 @@ pub fn losses(run_dir: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Asserts two runs logged the same per-step values bit for bit: for runs that do the same
+/// arithmetic in the same order (one rank and N ranks on the same micro-batches, a resumed
+/// run and an uninterrupted one).
+pub fn assert_bit_identical(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts differ");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(x.to_bits() == y.to_bits(), "{what}: step {i}: {x} vs {y}");
+    }
+}
+
+/// The regime in which two runs that add the same terms in another association order (the
+/// sparse FFN skipping zeros, tensor-parallel partial sums, ZeRO-1's sharded optimizer) stay
+/// within [`reassociation_tolerance`]: at most [`REASSOCIATION_STEPS`] steps at lr 1e-3 with
+/// the L1 ramp from step 0 (a wrong path shows from the first steps), and no gradient
+/// clipping, whose scale comes from a norm summed over all parameters in another order (a
+/// sum of millions of terms, not covered by the bound below). At tiny.yaml's lr 3e-3 the
+/// runs reach gradient-norm spikes after step 10 that multiply any difference instead.
+pub const REASSOCIATION_REGIME: [&str; 8] = [
+    "--set",
+    "train.lr=1e-3",
+    "--set",
+    "sparsity.l1_start_step=0",
+    "--set",
+    "sparsity.l1_end_step=10",
+    "--set",
+    "train.grad_clip=0",
+];
+
+/// Steps over which [`REASSOCIATION_REGIME`]'s bound is claimed.
+pub const REASSOCIATION_STEPS: usize = 10;
+
+/// Relative loss difference allowed at step `step` between two runs of
+/// [`REASSOCIATION_REGIME`] whose longest reassociated sum has `terms` terms.
+///
+/// Bound: two float32 evaluations of a sum of `n` products in different orders each differ
+/// from the exact sum by at most gamma_n = n u / (1 - n u) of the sum of the terms' magnitudes
+/// (u = 2^-24; Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5), so from each
+/// other by 2 gamma_n; at step 0 (same weights) the loss, a composition of such sums with
+/// normalisations, moves by that relatively to first order. Each step's update then carries
+/// the previous difference forward and adds a new one of the same size (AdamW's elementwise
+/// differences are a few u, below 2 gamma_n); in the regime differences add, so step k is
+/// within (k + 1) 2 gamma_n. Independent of the CPU: no term depends on how a machine
+/// orders its sums.
+pub fn reassociation_tolerance(terms: usize, step: usize) -> f64 {
+    let nu = terms as f64 * f64::from(f32::EPSILON) / 2.0;
+    (step + 1) as f64 * 2.0 * nu / (1.0 - nu)
+}
+
+/// Asserts per-step losses of two runs in [`REASSOCIATION_REGIME`], logged from step
+/// `first_step` on, agree within [`reassociation_tolerance`] for reassociated sums of at most
+/// `terms` terms.
+pub fn assert_within_reassociation_bound(
+    a: &[f64],
+    b: &[f64],
+    first_step: usize,
+    terms: usize,
+    what: &str,
+) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts differ");
+    assert!(
+        first_step + a.len() <= REASSOCIATION_STEPS,
+        "{what}: the bound is claimed for {REASSOCIATION_STEPS} steps"
+    );
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let step = first_step + i;
+        let tolerance = reassociation_tolerance(terms, step);
+        assert!(
+            (x - y).abs() <= tolerance * x.abs(),
+            "{what}: step {step}: {x} vs {y} (relative bound {tolerance:.2e})"
+        );
+    }
+}
+
 /// Asserts a command succeeded, printing its output otherwise.
 pub fn assert_success(out: &Output) {
     assert!(
@@ -64,16 +164,40 @@ pub fn assert_success(out: &Output) {
     );
 }
 
-/// `mpirun -n ranks sparse-train ARGS` from the repository root: CPU ranks, one thread each,
-/// root allowed, more ranks than cores allowed.
-pub fn mpirun_command(ranks: usize, args: &[&str]) -> Command {
+/// Asserts a command failed and its stderr holds every one of `names` (the file, field or
+/// rank at fault); returns the stderr.
+pub fn assert_fails_naming(out: &Output, names: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the command succeeded\nstderr:\n{err}"
+    );
+    for name in names {
+        assert!(err.contains(name), "stderr does not name `{name}`:\n{err}");
+    }
+    err
+}
+
+/// `mpirun` from the repository root with the flags every test passes: root allowed, more
+/// ranks than cores allowed, one intra-op thread per rank ([`ONE_THREAD`], forwarded).
+pub fn mpirun() -> Command {
     let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-n"])
-        .arg(ranks.to_string())
-        .args(["-x", "OMP_NUM_THREADS=1"])
-        .arg(binary())
-        .args(args)
+    cmd.args(["--allow-run-as-root", "--oversubscribe"])
+        .envs(ONE_THREAD)
         .current_dir(repo());
+    for (name, _) in ONE_THREAD {
+        cmd.args(["-x", name]);
+    }
+    cmd
+}
+
+/// `mpirun -n ranks sparse-train ARGS` from the repository root (see [`mpirun`]).
+pub fn mpirun_command(ranks: usize, args: &[&str]) -> Command {
+    let mut cmd = mpirun();
+    cmd.arg("-n")
+        .arg(ranks.to_string())
+        .arg(binary())
+        .args(args);
     cmd
 }
 
@@ -88,29 +212,24 @@ pub struct Trainer {
 impl Trainer {
     /// Starts the binary with `args` from the repository root.
     pub fn spawn(args: &[&str]) -> Trainer {
-        let child = Command::new(binary())
-            .args(args)
-            .current_dir(repo())
-            .env("OMP_NUM_THREADS", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawning sparse-train");
-        Trainer {
-            child,
-            status: None,
-        }
+        Trainer::start(command(args), "spawning sparse-train")
     }
 
     /// Starts `mpirun -n ranks` over the binary with `args` (see [`mpirun_command`]).
     pub fn spawn_mpirun(ranks: usize, args: &[&str]) -> Trainer {
-        let child = mpirun_command(ranks, args)
+        Trainer::start(
+            mpirun_command(ranks, args),
+            "mpirun not found: run scripts/setup.sh",
+        )
+    }
+
+    fn start(mut cmd: Command, failure: &str) -> Trainer {
+        let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .expect("mpirun not found: run scripts/setup.sh");
+            .expect(failure);
         Trainer {
             child,
             status: None,

@@ -1,7 +1,8 @@
 //! Checkpoints end to end on the shipped tiny corpus (CPU): bit-exact resume, graceful stop on
 //! signals, resumes that must fail without touching the run, and the non-finite step guard.
 use sparse_train_tests::{
-    assert_success, copy_tree, losses, run, step_records, tree_digest, Trainer,
+    assert_fails_naming, assert_success, copy_tree, losses, run, step_records, train_then_resume,
+    tree_digest, Trainer,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +24,11 @@ fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         .copied()
         .chain(extra.iter().copied())
         .collect()
+}
+
+/// `CONFIG` + the whitespace-separated arguments of `line`.
+fn args_line(line: &str) -> Vec<&str> {
+    args(&line.split_whitespace().collect::<Vec<_>>())
 }
 
 fn output_text(out: &std::process::Output) -> (String, String) {
@@ -256,14 +262,7 @@ fn incompatible_resume_names_the_problem_and_overwrites_nothing() {
             &["--resume"],
         ]
         .concat());
-        let (stdout, stderr) = output_text(&out);
-        assert!(
-            !out.status.success(),
-            "resume with {extra:?} succeeded\n{stdout}"
-        );
-        for e in expect {
-            assert!(stderr.contains(e), "stderr lacks {e:?}:\n{stderr}");
-        }
+        assert_fails_naming(&out, expect);
         let after = tree_digest(dir);
         let changed: std::collections::BTreeSet<_> = before
             .keys()
@@ -306,8 +305,7 @@ fn incompatible_resume_names_the_problem_and_overwrites_nothing() {
         "--resume",
         s(&step2),
     ]));
-    assert!(!out.status.success());
-    assert!(output_text(&out).1.contains("model.intermediate_size"));
+    assert_fails_naming(&out, &["model.intermediate_size"]);
     assert!(
         !fresh.exists(),
         "a failed resume created {}",
@@ -375,24 +373,12 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
     let dir = tmp.path().join("run");
     // One step at lr 1e30 leaves weights near 1e30: finite, but every later forward pass
     // overflows.
-    let out = run(&args(&[
-        "--max-steps",
-        "20",
-        "--set",
-        "train.lr=1e30",
-        "--set",
-        "train.warmup_steps=0",
-        "--set",
-        "train.grad_clip=0",
-        "--set",
-        "train.max_skipped_steps=3",
-        "--set",
-        "checkpoint.every=1",
-        "--set",
-        "checkpoint.keep_last=20",
-        "--out-dir",
-        s(&dir),
-    ]));
+    let mut diverging = args_line(
+        "--max-steps 20 --set train.lr=1e30 --set train.warmup_steps=0 --set train.grad_clip=0 \
+         --set train.max_skipped_steps=3 --set checkpoint.every=1 --set checkpoint.keep_last=20",
+    );
+    diverging.extend(["--out-dir", s(&dir)]);
+    let out = run(&diverging);
     let (stdout, stderr) = output_text(&out);
     assert!(!out.status.success(), "diverged run succeeded\n{stdout}");
     assert!(
@@ -444,34 +430,13 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
 /// the middle of one restores its running sums, so the decisions and losses stay identical.
 #[test]
 fn resume_mid_interval_keeps_the_path_decisions() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let common = [
-        "--config",
-        "configs/tiny.yaml",
-        "--max-steps",
-        "12",
-        "--quiet",
-        "--set",
-        "train.log_every=10",
-        "--set",
-        "checkpoint.every=5",
-        "--set",
-        "sparsity.switch_period=10",
-        "--set",
-        "sparsity.l0_cutoff=254.8",
-    ];
-    let mut first = common.to_vec();
-    first.extend(["--out-dir", a.path().to_str().unwrap()]);
-    assert_success(&run(&first));
-    let ckpt = a.path().join("checkpoints/step_00000005");
-    let mut second = common.to_vec();
-    second.extend([
-        "--out-dir",
-        b.path().to_str().unwrap(),
-        "--resume",
-        ckpt.to_str().unwrap(),
-    ]);
-    assert_success(&run(&second));
+    let (a, b, _) = train_then_resume(
+        &args_line(
+            "--max-steps 12 --quiet --set train.log_every=10 --set checkpoint.every=5 \
+             --set sparsity.switch_period=10 --set sparsity.l0_cutoff=254.8",
+        ),
+        5,
+    );
     let paths = |d: &std::path::Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(d.join("metrics.jsonl"))
             .unwrap()
@@ -543,26 +508,14 @@ fn sigkill_during_checkpoint_writes_never_corrupts_latest() {
 /// and its checkpoint still holds full-size HF weights (removed units as zero rows).
 #[test]
 fn resume_after_a_repack_continues_identically() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let common = [
-        "--config",
-        "configs/tiny.yaml",
-        "--max-steps",
-        "30",
-        "--quiet",
-        "--set",
-        "sparsity.repack_every=10",
-        "--set",
-        "sparsity.tokens_until_dead=1280",
-        "--set",
-        "checkpoint.every=5",
-        "--set",
-        "checkpoint.keep_last=10",
-    ];
-    let mut first = common.to_vec();
-    first.extend(["--out-dir", a.path().to_str().unwrap()]);
-    let out = run(&first);
-    assert_success(&out);
+    let (a, b, out) = train_then_resume(
+        &args_line(
+            "--max-steps 30 --quiet --set sparsity.repack_every=10 \
+             --set sparsity.tokens_until_dead=1280 --set checkpoint.every=5 \
+             --set checkpoint.keep_last=10",
+        ),
+        25,
+    );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("repacked the FFN"),
         "no repack happened"
@@ -576,14 +529,6 @@ fn resume_after_a_repack_continues_identically() {
         layout.iter().any(|l| l.as_array().unwrap().len() < 512),
         "no layer shrank"
     );
-    let mut second = common.to_vec();
-    second.extend([
-        "--out-dir",
-        b.path().to_str().unwrap(),
-        "--resume",
-        ckpt.to_str().unwrap(),
-    ]);
-    assert_success(&run(&second));
     assert_eq!(losses(a.path())[25..], losses(b.path())[..]);
     let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The GPU runs, on the GPU machine from the repository root, with the carry folder made by
+# scripts/gpu/pack.sh (CARRY/bin/sparse-train, CARRY/tests/*, optional CARRY/corpus.tar.xz from
+# corpus/pack_for_device.sh and CARRY/torch_anchor.py). Logs and run folders go to $OUT.
+#
+#   bash scripts/gpu/suite.sh NAME [CARRY]      (CARRY defaults to .carry)
+#
+#   tests         every carried kernel test binary under each kernel image (IMAGES, default
+#                 "auto compute_80 nvrtc"; auto is the sm_90a cubin on Hopper), with
+#                 SPARSE_TRAIN_REQUIRE_GPU=1; exits non-zero if any test fails
+#   benches       FFN and end-to-end benches at 1.5b, the dense trainer's MFU at 1.5b, the
+#                 trainer under `mpirun -n 1` (NCCL)
+#   decode        one FFN layer at prefill and decode sizes, bench generate at 1.5b and 2b,
+#                 PyTorch's eager and CUDA-graph decode (scripts/gpu/torch_decode.py)
+#   study         the sparsity study: 125m-dense and 125m on the real corpus (docs/study)
+#   hybrid-train  125m with the lambda ramp, every FFN dense vs the auto path (STEPS, 300)
+#   generate      125m trained on the real corpus (STEPS, 300), then `generate` from its
+#                 checkpoint, dense vs TwELL, batch 1 and 32
+#   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
+#   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
+# Every case but `tests` prints what it measures and exits non-zero if a command failed.
+set -uo pipefail
+NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|corpus [CARRY]}
+CARRY=${2:-.carry}
+source scripts/gpu/env.sh
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+failed=0
+
+# Runs sparse-train ARGS, shows its last lines without libtorch's autocast warnings, and
+# records a failure of the binary itself (not of the filters).
+run() {
+  echo "+ sparse-train $*"
+  "$BIN" "$@" 2>&1 | grep -v "Warning: at::autocast" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+}
+
+# Runs sparse-train ARGS with its whole output in $OUT/LOG, showing the model and step lines.
+train_logged() {
+  local log=$1
+  shift
+  echo "+ sparse-train $*"
+  "$BIN" "$@" 2>&1 | tee "$OUT/$log" | grep -E "^(model|step)|rror|panick"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+}
+
+gpu_info() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+}
+
+# Unpacks CARRY/corpus.tar.xz and tokenizes it with the carried binary (prose twice, as
+# `corpus build` does) into data/corpus/shards/{train,val}.
+prepare_corpus() {
+  mkdir -p data/corpus && tar -xJf "$CARRY/corpus.tar.xz" -C data/corpus || return 1
+  local train
+  mapfile -t train < <(python3 -c "
+import json; m = json.load(open('data/corpus/manifest.json'))
+print('\n'.join(m['train_files'] + m['prose_files']))")
+  "$BIN" prepare --input "${train[@]/#/data/corpus/}" --out data/corpus/shards/train | tail -1 &&
+    "$BIN" prepare --input data/corpus/val/bbc.jsonl --out data/corpus/shards/val | tail -1
+}
+
+case_tests() {
+  gpu_info
+  local img t failures=()
+  shopt -s nullglob
+  local tests=("$CARRY"/tests/*)
+  [ ${#tests[@]} -gt 0 ] || { echo "no test binaries in $CARRY/tests: run scripts/gpu/pack.sh"; return 1; }
+  for img in ${IMAGES:-auto compute_80 nvrtc}; do
+    echo "=== SPARSE_TRAIN_KERNEL_IMAGE=$img"
+    for t in "${tests[@]}"; do
+      echo "+ $(basename "$t")"
+      # The test binaries link libtorch_cuda only as needed; preloading it makes CUDA visible.
+      SPARSE_TRAIN_KERNEL_IMAGE=$img SPARSE_TRAIN_REQUIRE_GPU=1 LD_PRELOAD="$TL/libtorch_cuda.so" \
+        "$t" --test-threads 1 2>&1 | grep -E "^test |test result|panicked"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || failures+=("$img/$(basename "$t")")
+    done
+  done
+  if [ ${#failures[@]} -gt 0 ]; then
+    echo "FAILED: ${failures[*]}"
+    return 1
+  fi
+  echo "all kernel tests passed under every image"
+}
+
+case_benches() {
+  run bench ffn --shape 1.5b --tokens 16384,4096 --sparsity 0.995 --mode infer
+  run bench ffn --shape 1.5b --tokens 16384,4096 --sparsity 0.995 --mode train
+  run bench ffn --shape 1.5b --tokens 16384 --sparsity 0.99 --mode train
+  run bench infer --config configs/1.5b.yaml --steps 5 --warmup 2
+  run bench train --config configs/1.5b.yaml --steps 8 --warmup 2
+  gpu_info
+  train_logged 1.5b.log --config configs/1.5b.yaml --quiet --synthetic-data --max-steps 16 \
+    --set train.batch_size=16 --set train.log_every=4 --set sparsity.ffn_path=dense \
+    --out-dir "$OUT/run-1.5b"
+  echo "+ mpirun -n 1 sparse-train (NCCL)"
+  mpirun --allow-run-as-root -n 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$BIN" \
+    --config configs/125m.yaml --quiet --synthetic-data --max-steps 20 --set train.log_every=10 \
+    --set checkpoint.every=0 --out-dir "$OUT/run-mpi1" 2>&1 | tee "$OUT/mpi1.log" |
+    grep -E "^(model|step)|rror|rank"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+}
+
+case_decode() {
+  run bench ffn --shape 1.5b --tokens 16384,1 --sparsity 0.995 --mode infer
+  run bench generate --config configs/1.5b.yaml --gen-batch 1,32 --warmup 1
+  run bench generate --config configs/2b.yaml --gen-batch 1,32 --warmup 1
+  local ffn
+  for ffn in dense graph; do
+    echo "+ torch_decode.py --ffn $ffn"
+    python3 scripts/gpu/torch_decode.py --layers 28 --batch 1,32 --ffn $ffn || failed=1
+  done
+}
+
+case_study() {
+  gpu_info
+  prepare_corpus || return 1
+  local cfg
+  for cfg in 125m-dense 125m; do
+    train_logged "$cfg.log" --config "configs/$cfg.yaml" --quiet --set sparsity.ffn_path=dense \
+      --out-dir "$OUT/$cfg"
+    rm -rf "${OUT:?}/$cfg/checkpoints"
+  done
+}
+
+case_hybrid_train() {
+  prepare_corpus || return 1
+  local path
+  for path in dense auto; do
+    train_logged "$path.log" --config configs/125m.yaml --quiet --max-steps "${STEPS:-300}" \
+      --set sparsity.l1_end_step=150 --set train.eval_every=100 --set checkpoint.every=0 \
+      --set sparsity.switch_period=25 --set sparsity.ffn_path=$path --set sparsity.l0_cutoff=200 \
+      --out-dir "$OUT/$path"
+    rm -rf "${OUT:?}/$path/checkpoints"
+  done
+}
+
+case_generate() {
+  prepare_corpus || return 1
+  train_logged train.log --config configs/125m.yaml --quiet --max-steps "${STEPS:-300}" \
+    --set train.eval_every=100 --out-dir "$OUT/125m"
+  local b p
+  for b in 1 32; do
+    for p in dense twell; do
+      run generate --checkpoint "$OUT/125m" --prompt "The history of the city begins" \
+        --max-tokens 200 --ignore-eos --batch $b --ffn-path $p --warmup 1
+    done
+  done
+  rm -rf "${OUT:?}/125m/checkpoints"
+}
+
+case_anchors() {
+  [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; return 1; }
+  local mode
+  for mode in train infer decode; do
+    echo "+ torch_anchor.py $mode --shape 1.5b"
+    python3 "$CARRY/torch_anchor.py" "$mode" --shape 1.5b || failed=1
+  done
+}
+
+case $NAME in
+  tests) case_tests ;;
+  benches) case_benches ;;
+  decode) case_decode ;;
+  study) case_study ;;
+  hybrid-train) case_hybrid_train ;;
+  generate) case_generate ;;
+  anchors) case_anchors ;;
+  corpus) prepare_corpus ;;
+  *)
+    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, corpus" >&2
+    exit 2
+    ;;
+esac
+rc=$?
+[ $rc -eq 0 ] && [ $failed -eq 0 ]

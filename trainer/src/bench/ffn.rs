@@ -23,6 +23,7 @@
 //! hybrid forward keeps for its backward.
 use anyhow::{bail, Context, Result};
 use sparse_kernels::cuda::{twell_ffn, TwellKernels, TwellLaunch};
+use sparse_kernels::testing::{imposed_sparsity_layer, Layer};
 use sparse_kernels::{FfnPath, FfnWeights};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -72,78 +73,6 @@ pub fn parse_shape(s: &str) -> Result<(i64, i64)> {
             }
             (v[0].trim().parse()?, v[1].trim().parse()?)
         }
-    })
-}
-
-/// One layer's inputs: `x [N, D]` and `Wg, Wu, Wd^T [H, D]`, bf16 on the device.
-pub struct Layer {
-    pub x: Tensor,
-    pub wg: Tensor,
-    pub wu: Tensor,
-    pub wd: Tensor,
-}
-
-fn normal_cdf(z: &Tensor) -> Tensor {
-    ((z / std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
-}
-
-/// The anchors.md §3 generator: `g_ij = z_ij + t_i + b_j`, z ~ N(0,1) from unit-norm Wg rows
-/// over D-3 columns, column D-3 carries t_i (x) against 1 (Wg), column D-2 carries 1 (x)
-/// against b_j ~ N(0, 0.5^2) (Wg); `k_i = (1-s) H w_i`, w_i = 10 for a random 1 % of tokens,
-/// lognormal(0, 0.5) otherwise, normalised to mean 1; t_i by bisection.
-pub fn make_layer(n: i64, d: i64, h: i64, sparsity: f64, device: Device) -> Result<Layer> {
-    if d < 8 {
-        bail!("D = {d}: the generator needs D >= 8");
-    }
-    let f32o = (Kind::Float, device);
-    let dz = d - 3;
-    let wz = Tensor::randn([h, dz], f32o);
-    let wz = &wz / wz.norm_scalaropt_dim(2, [1], true);
-    let b = Tensor::randn([h], f32o) * 0.5;
-    // Heavy-tailed targets.
-    let heavy = Tensor::rand([n], f32o).lt(0.01);
-    let logn = (Tensor::randn([n], f32o) * 0.5).exp();
-    let w = logn.where_self(&heavy.logical_not(), &Tensor::full([], 10.0, f32o));
-    let w = &w / w.mean(Kind::Float);
-    let k = (w * ((1.0 - sparsity) * h as f64)).clamp(1e-3, h as f64 - 0.5);
-    // Bisection on t: sum_j Phi(t + b_j) is increasing in t.
-    let mut lo = Tensor::full([n], -20.0, f32o);
-    let mut hi = Tensor::full([n], 20.0, f32o);
-    for _ in 0..60 {
-        let mid = (&lo + &hi) * 0.5;
-        let s =
-            normal_cdf(&(mid.unsqueeze(1) + b.unsqueeze(0))).sum_dim_intlist(1, false, Kind::Float);
-        let below = s.lt_tensor(&k);
-        lo = mid.where_self(&below, &lo);
-        hi = hi.where_self(&below, &mid);
-    }
-    let t = (lo + hi) * 0.5;
-    let x = Tensor::cat(
-        &[
-            Tensor::randn([n, dz], f32o),
-            t.unsqueeze(1),
-            Tensor::ones([n, 1], f32o),
-            Tensor::zeros([n, 1], f32o),
-        ],
-        1,
-    );
-    let wg = Tensor::cat(
-        &[
-            wz,
-            Tensor::ones([h, 1], f32o),
-            b.unsqueeze(1),
-            Tensor::zeros([h, 1], f32o),
-        ],
-        1,
-    );
-    let wu = Tensor::randn([h, d], f32o) / (d as f64).sqrt();
-    let wd = Tensor::randn([h, d], f32o) / (h as f64).sqrt();
-    let bf = |t: Tensor| t.to_kind(Kind::BFloat16).contiguous();
-    Ok(Layer {
-        x: bf(x),
-        wg: bf(wg),
-        wu: bf(wu),
-        wd: bf(wd),
     })
 }
 
@@ -356,8 +285,9 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
         "op ms",
         "op nostat"
     );
-    let counts =
-        FfnBenchSetup::layers_per_count(args, |n| make_layer(n, d, h, args.sparsity, device));
+    let counts = FfnBenchSetup::layers_per_count(args, |n| {
+        Ok(imposed_sparsity_layer(n, d, h, args.sparsity, device)?)
+    });
     for counted in counts {
         let (n, layers) = counted?;
         let launch = TwellLaunch::for_tokens(n);
@@ -587,7 +517,7 @@ fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
         "saved MiB"
     );
     let counts = FfnBenchSetup::layers_per_count(args, |n| {
-        let l = make_layer(n, d, h, args.sparsity, device)?;
+        let l = imposed_sparsity_layer(n, d, h, args.sparsity, device)?;
         Ok(TrainLayer {
             leaves: [l.x, l.wg, l.wu, l.wd].map(|t| t.set_requires_grad(true)),
             dy: Tensor::randn([n, d], (Kind::Float, device)).to_kind(Kind::BFloat16),
@@ -684,20 +614,5 @@ mod tests {
         assert_eq!(parse_shape("1.5b").unwrap(), (2048, 5632));
         assert_eq!(parse_shape("64,300").unwrap(), (64, 300));
         assert!(parse_shape("huge").is_err());
-    }
-
-    /// The generator hits the requested mean actives per token (CPU, small shape).
-    #[test]
-    fn generator_hits_target_sparsity() {
-        tch::manual_seed(3);
-        let (n, d, h) = (2000, 64, 2048);
-        let l = make_layer(n, d, h, 0.99, Device::Cpu).unwrap();
-        let (_, apt) = reference_f32(&l);
-        let mean = apt.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        let target = 0.01 * h as f64;
-        assert!(
-            (mean - target).abs() < 0.15 * target,
-            "mean actives {mean} vs {target}"
-        );
     }
 }

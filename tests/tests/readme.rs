@@ -6,7 +6,11 @@ use std::path::Path;
 use std::process::Command;
 
 /// Commands run as written, with these arguments appended.
-const RUN: [(&str, &str); 4] = [
+const RUN: [(&str, &str); 5] = [
+    (
+        "sparse-train train --config configs/tiny.yaml --max-steps 20",
+        "",
+    ),
     (
         "mpirun -n 2 sparse-train --config configs/tiny.yaml",
         "--max-steps 2",

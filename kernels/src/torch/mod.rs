@@ -1,6 +1,7 @@
 //! libtorch extensions tch does not have, and the helpers their C ABI shares.
 //!
-//! [`hooks`] is the `hooked_identity` autograd node, [`cuda_runtime`] the CUDA runtime facts
+//! [`hooks`] is the `hooked_identity` autograd node, [`profiler`] libtorch's profiler (Chrome
+//! traces), [`cuda_runtime`] the CUDA runtime facts
 //! (peak memory, current stream, autocast, grad mode). The `SparseFfn` autograd function of
 //! [`crate::op`] crosses the same boundary: tensors as `torch::Tensor*` (tch's `C_tensor*`),
 //! errors as a NUL-terminated message in a buffer of [`ERR_LEN`] bytes.
@@ -11,6 +12,7 @@ use torch_sys::C_tensor;
 
 pub mod cuda_runtime;
 pub mod hooks;
+pub mod profiler;
 
 /// Bytes of the error buffers the bridges fill (C++: `sparse_bridge::kErrLen`, bridge/ffi_error.h).
 pub(crate) const ERR_LEN: usize = 1024;

@@ -1,6 +1,7 @@
 //! `sparse-train train` (and bare `sparse-train --config ...`): load the config, join the
 //! job's ranks, train.
 use crate::config::{Config, DataConfig, DeviceChoice};
+use crate::train::profile::ProfileSteps;
 use crate::train::{train, RunOptions};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -30,6 +31,10 @@ pub struct TrainArgs {
     /// Print only the log lines, no progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Write a Chrome trace of steps A..B (the log's step numbers, both included) to
+    /// RUN/trace.json: every libtorch op, CUDA kernel and the trainer's regions.
+    #[arg(long, value_name = "A..B")]
+    pub profile_steps: Option<ProfileSteps>,
 }
 
 /// Trains with `args` on every rank of the job (one process without `mpirun`); a failure on
@@ -50,6 +55,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         resume: args.resume.clone(),
         out_dir: args.out_dir.clone(),
         quiet: args.quiet,
+        profile_steps: args.profile_steps,
     };
     let world =
         sparse_launch::fail_fast(sparse_launch::World::init(&sparse_launch::WorldOptions {

@@ -9,6 +9,7 @@ use super::attention::{attend, rope_tables};
 use super::kv_cache::KvCache;
 use super::parallel::{Split, TensorParallel};
 use crate::config::ModelConfig;
+use sparse_kernels::torch::profiler::range;
 use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use std::rc::Rc;
 use tch::nn::{Init, Path, VarStore};
@@ -221,7 +222,9 @@ impl Llama {
     pub fn forward(&self, tokens: &Tensor, paths: &[FfnPath]) -> ForwardOutput {
         let out = self.blocks_forward(tokens, None, paths, true);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let lm_head = range(c"lm_head");
         let logits = self.linear(&out.hidden, head).to_kind(Kind::Float);
+        drop(lm_head);
         let l1_sum = out.l1_total.expect("at least one layer") / self.blocks.len() as f64;
         ForwardOutput {
             logits,
@@ -288,11 +291,15 @@ impl Llama {
         let mut layers = Vec::with_capacity(if statistics { self.blocks.len() } else { 0 });
         for (l, (blk, &path)) in self.blocks.iter().zip(paths).enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let attention = range(c"attention");
             let ax = self.enter_split(rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps));
             x = &x + self.leave_split(self.attention(blk, &ax, pos, kv));
+            drop(attention);
+            let ffn = range(c"ffn");
             let hx = self.enter_split(rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps));
             let out = self.ffn(blk, &hx, path, statistics);
             x = &x + self.leave_split(out.y.view([b, t, -1]));
+            drop(ffn);
             if !statistics {
                 continue;
             }

@@ -1,6 +1,7 @@
 //! Training: the [`Trainer`] (set-up, one optimizer step, the run), its log (progress
-//! line, `metrics.jsonl`, TensorBoard), and the graceful stop on signals.
+//! line, `metrics.jsonl`, TensorBoard), the graceful stop on signals, and `--profile-steps`.
 pub mod log;
+pub mod profile;
 pub mod stop;
 pub mod trainer;
 

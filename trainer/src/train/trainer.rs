@@ -2,6 +2,7 @@
 //! guard against non-finite values, clip, update, repack; every `log_every` steps summarise
 //! and log the interval; checkpoint periodically, at the end, and on a stop signal.
 use super::log::{peak_rss_bytes, IntervalReport, RunLog, StepValues, Window};
+use super::profile::{ProfileSteps, StepProfiler};
 use super::stop::StopSignal;
 use crate::checkpoint::parallel as tp_checkpoint;
 use crate::checkpoint::saver::Saver;
@@ -16,6 +17,7 @@ use crate::sparsity::dead_units::reinit_dead_gates;
 use crate::sparsity::paths::{l1_coeff, PathScheduler};
 use crate::sparsity::repack;
 use anyhow::{bail, Context, Result};
+use sparse_kernels::torch::profiler::range;
 use sparse_kernels::FfnPath;
 use sparse_launch::{stable_hash, World};
 use std::path::{Path, PathBuf};
@@ -30,6 +32,8 @@ pub struct RunOptions {
     pub resume: Option<Option<PathBuf>>,
     pub out_dir: Option<PathBuf>,
     pub quiet: bool,
+    /// `--profile-steps`: a Chrome trace of these steps (see [`super::profile`]).
+    pub profile_steps: Option<ProfileSteps>,
 }
 
 /// bf16 peak of the GPU for MFU (H100 SXM dense bf16), overridable by SPARSE_TRAIN_PEAK_TFLOPS.
@@ -93,6 +97,7 @@ pub struct Trainer<'w> {
     window: Window,
     log: RunLog,
     saver: Saver,
+    profiler: Option<StepProfiler>,
 }
 
 impl<'w> Trainer<'w> {
@@ -218,6 +223,19 @@ impl<'w> Trainer<'w> {
             log.set_position(state.step);
         }
         let step_tokens = (t.batch_size * t.seq_len) as u64;
+        let profiler = opts
+            .profile_steps
+            .map(|steps| {
+                StepProfiler::new(
+                    steps,
+                    &t.out_dir,
+                    world.rank(),
+                    device,
+                    state.step,
+                    t.max_steps,
+                )
+            })
+            .transpose()?;
         Ok(Trainer {
             world,
             groups,
@@ -241,6 +259,7 @@ impl<'w> Trainer<'w> {
             window: Window::start(),
             log,
             saver: Saver::default(),
+            profiler,
             cfg,
         })
     }
@@ -249,7 +268,12 @@ impl<'w> Trainer<'w> {
     /// checkpoint at the step reached).
     pub fn run(mut self) -> Result<()> {
         for step in self.state.step..self.cfg.train.max_steps {
-            let Some(values) = self.step(step)? else {
+            if let Some(p) = self.profiler.as_mut() {
+                p.before_step(step)?;
+            }
+            let values = self.step(step)?;
+            self.trace_written(step)?;
+            let Some(values) = values else {
                 self.log.advance();
                 continue;
             };
@@ -270,6 +294,7 @@ impl<'w> Trainer<'w> {
                 self.checkpoint()?;
             }
             if stopping {
+                self.trace_written(usize::MAX)?;
                 self.saver.wait()?;
                 self.log.flush()?;
                 self.log.line(&format!(
@@ -279,8 +304,26 @@ impl<'w> Trainer<'w> {
                 return Ok(());
             }
         }
+        self.trace_written(usize::MAX)?;
         self.log.finish();
         self.saver.wait()
+    }
+
+    /// After step `step` (`usize::MAX`: the run ends), writes the profiler's trace when due
+    /// and says where.
+    fn trace_written(&mut self, step: usize) -> Result<()> {
+        let Some(p) = self.profiler.as_mut() else {
+            return Ok(());
+        };
+        let written = match step {
+            usize::MAX => p.finish()?,
+            s => p.after_step(s)?,
+        };
+        if let Some(path) = written {
+            let msg = format!("profile trace written to {}", path.display());
+            self.log.line(&msg);
+        }
+        Ok(())
     }
 
     /// Optimizer step `step` (0-based) over one global batch: forward and backward of this
@@ -306,16 +349,21 @@ impl<'w> Trainer<'w> {
                 .to_device(device);
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
+            let forward = range(c"micro_batch.forward");
             let out = self.model.forward(&inputs, &paths);
             let ce_sum = cross_entropy(&out.logits, &targets, Reduction::Sum);
             // Sums over this micro-batch divided by the global token count: the gradients
             // accumulate to the exact global mean, whatever the accumulation or world size.
             let loss = (&ce_sum + &out.l1_sum * lambda) / self.step_tokens as f64;
+            drop(forward);
+            let backward = range(c"micro_batch.backward");
             loss.backward();
+            drop(backward);
             ce_acc += ce_sum.detach();
             l1_acc += out.l1_sum.detach();
             self.activity.add(&out.layers);
         }
+        let reduce = range(c"grad_reduce");
         let mut norm_sq = match self.zero1.as_mut() {
             Some(z) => z.reduce_scatter_grads(&self.opt, dp)?,
             None => {
@@ -342,6 +390,7 @@ impl<'w> Trainer<'w> {
                 .to_kind(Kind::Double)
                 .to_device(Device::Cpu),
         )?;
+        drop(reduce);
         let ce = host[0] / self.step_tokens as f64;
         let l1 = host[1] / self.step_tokens as f64;
         let grad_norm = host[2];
@@ -364,6 +413,7 @@ impl<'w> Trainer<'w> {
             return Ok(None);
         }
         self.skipped_in_a_row = 0;
+        let update = range(c"optimizer");
         match self.zero1.as_mut() {
             Some(z) => z.step(&mut self.opt, dp, lr, grad_norm, t.grad_clip)?,
             None => {
@@ -372,6 +422,7 @@ impl<'w> Trainer<'w> {
             }
         }
         self.opt.zero_grad();
+        drop(update);
         self.cursor += t.batch_size as u64;
         self.activity.end_step(self.step_tokens);
         let repack_every = self.cfg.sparsity.repack_every;

@@ -17,10 +17,12 @@
 #   generate      125m trained on the real corpus (STEPS, 300), then `generate` from its
 #                 checkpoint, dense vs TwELL, batch 1 and 32
 #   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
+#   profile       a Chrome trace of one dense 1.5b training step and where its time goes
+#                 (scripts/profile_summary.py), then the anchor's 1.5b training step
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|profile|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -149,6 +151,24 @@ case_generate() {
   rm -rf "${OUT:?}/125m/checkpoints"
 }
 
+# A Chrome trace of one 1.5b training step (dense FFN, 16 x 2048 tokens) and where its time
+# goes (scripts/profile_summary.py), beside the PyTorch anchor's step in the same job.
+case_profile() {
+  gpu_info
+  local run=/tmp/run-profile
+  rm -rf "$run"
+  train_logged profile-1.5b.log --config configs/1.5b.yaml --quiet --synthetic-data --max-steps 6 \
+    --set train.batch_size=16 --set train.log_every=1 --set sparsity.ffn_path=dense \
+    --profile-steps 5..5 --out-dir "$run"
+  python3 scripts/profile_summary.py "$run/trace.json" --top 25 | tee "$OUT/profile-1.5b.txt"
+  gzip -c "$run/trace.json" > "$OUT/trace-1.5b.json.gz"
+  rm -rf "$run"
+  if [ -f "$CARRY/torch_anchor.py" ]; then
+    echo "+ torch_anchor.py train --shape 1.5b"
+    python3 "$CARRY/torch_anchor.py" train --shape 1.5b | tee "$OUT/anchor-train-1.5b.jsonl" || failed=1
+  fi
+}
+
 case_anchors() {
   [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; return 1; }
   local mode
@@ -166,9 +186,10 @@ case $NAME in
   hybrid-train) case_hybrid_train ;;
   generate) case_generate ;;
   anchors) case_anchors ;;
+  profile) case_profile ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, corpus" >&2
+    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, profile, corpus" >&2
     exit 2
     ;;
 esac

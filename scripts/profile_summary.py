@@ -26,8 +26,9 @@ REGIONS = ["attention", "ffn", "lm_head", "micro_batch.forward", "micro_batch.ba
 KINDS = [("matmul (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
          ("attention (SDPA)", ("sdpa", "flash", "fmha")),
          ("sparse FFN (ours)", ("twell", "hyb_")),
-         ("copies and casts", ("copy", "Memcpy", "CatArray")),
+         ("copies and casts", ("copy", "Memcpy", "CatArray", "roll_cuda")),
          ("softmax / cross-entropy", ("SoftMax", "nll_loss", "log_softmax")),
+         ("RMSNorm (fused)", ("layer_norm", "GammaBeta")),
          ("reductions", ("reduce_kernel",)),
          ("other elementwise", ("elementwise", "Memset", "Functor"))]
 

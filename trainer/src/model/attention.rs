@@ -4,7 +4,9 @@
 use crate::config::ModelConfig;
 use tch::{Device, Kind, Tensor};
 
-/// cos/sin tables `[max_seq_len, head_dim]` in HF's rotate-half layout.
+/// RoPE tables `[max_seq_len, head_dim]` for HF's rotate-half layout: `cos`, and `sin` with
+/// its first half negated, so that `rotate_half(x) * sin = [-x2, x1] * [sin1, sin2]` is
+/// `roll(x, hd / 2) * [-sin1, sin2]` (see [`apply_rope`]).
 pub(super) fn rope_tables(cfg: &ModelConfig, device: Device) -> (Tensor, Tensor) {
     let hd = cfg.head_dim() as i64;
     let inv_freq = (Tensor::arange_start_step(0, hd, 2, (Kind::Float, device)) / hd as f64)
@@ -14,17 +16,23 @@ pub(super) fn rope_tables(cfg: &ModelConfig, device: Device) -> (Tensor, Tensor)
     let pos = Tensor::arange(cfg.max_seq_len as i64, (Kind::Float, device));
     let freqs = pos.outer(&inv_freq);
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
-    (emb.cos(), emb.sin())
+    let sin = emb.sin();
+    let half = hd / 2;
+    let signed_sin = Tensor::cat(
+        &[sin.narrow(-1, 0, half).neg(), sin.narrow(-1, half, half)],
+        -1,
+    );
+    (emb.cos(), signed_sin)
 }
 
-/// `x: [B, heads, T, hd]` rotated by the table rows of its positions (`cos, sin: [T, hd]`).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// `x: [B, heads, T, hd]` rotated by the table rows of its positions (`cos, signed_sin:
+/// [T, hd]`, from [`rope_tables`]): `x * cos + roll(x, hd / 2) * signed_sin`, three
+/// elementwise kernels forward and three backward (the half-rotation as a concatenation of
+/// negated narrows costs twice that, measured in docs/benchmarks.md).
+fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
     let hd = x.size()[3];
-    let x1 = x.narrow(-1, 0, hd / 2);
-    let x2 = x.narrow(-1, hd / 2, hd / 2);
-    let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
     let kind = x.kind();
-    (x * cos.to_kind(kind)) + rotated * sin.to_kind(kind)
+    (x * cos.to_kind(kind)).addcmul(&x.roll([hd / 2], [-1]), &signed_sin.to_kind(kind))
 }
 
 /// Attention of `q: [B, heads, T, hd]` over `k, v: [B, kv_heads, T, hd]` placed at positions
@@ -71,4 +79,54 @@ pub(super) fn attend(
         None,
         grouped,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    /// HF's formula, `x * cos + rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`, in
+    /// f64: the reference the three-kernel form must equal to f32 rounding, values and
+    /// gradients.
+    #[test]
+    fn rope_equals_hf_rotate_half_values_and_gradients() {
+        let cfg = ModelConfig::tiny(); // head_dim 8, 12 positions
+        let hd = cfg.head_dim() as i64;
+        let (cos, signed_sin) = rope_tables(&cfg, Device::Cpu);
+        tch::manual_seed(7);
+        let x = Tensor::randn([2, 3, 12, hd], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let dy = Tensor::randn([2, 3, 12, hd], (Kind::Float, Device::Cpu));
+        let got = apply_rope(&x, &cos, &signed_sin);
+        let dx_got = Tensor::run_backward(&[(&got * &dy).sum(Kind::Float)], &[&x], false, false);
+
+        let x64 = x.detach().to_kind(Kind::Double).set_requires_grad(true);
+        let half = hd / 2;
+        let sin = signed_sin
+            .narrow(-1, half, half)
+            .repeat([1, 2])
+            .to_kind(Kind::Double);
+        let rotated = Tensor::cat(
+            &[x64.narrow(-1, half, half).neg(), x64.narrow(-1, 0, half)],
+            -1,
+        );
+        let want = &x64 * cos.to_kind(Kind::Double) + rotated * sin;
+        let dx_want = Tensor::run_backward(
+            &[(&want * dy.to_kind(Kind::Double)).sum(Kind::Double)],
+            &[&x64],
+            false,
+            false,
+        );
+        // Each element is a rounded two-term sum with |cos|, |sin| <= 1: within
+        // 3 u (|a| + |b|) <= 6 u max|input| of exact (u = 2^-24); 8 epsilon is 16 u.
+        let max = |t: &Tensor| t.abs().max().double_value(&[]);
+        for (name, g, w, input) in [
+            ("y", &got, &want, max(&x)),
+            ("dx", &dx_got[0], &dx_want[0], max(&dy)),
+        ] {
+            let err = (g.to_kind(Kind::Double) - w).abs().max().double_value(&[]);
+            let bound = 8.0 * f32::EPSILON as f64 * input;
+            assert!(err <= bound, "{name}: max error {err:e} > {bound:e}");
+        }
+    }
 }

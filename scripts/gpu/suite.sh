@@ -17,12 +17,13 @@
 #   generate      125m trained on the real corpus (STEPS, 300), then `generate` from its
 #                 checkpoint, dense vs TwELL, batch 1 and 32
 #   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
+#   ab            CARRY/bin/sparse-train-before against CARRY/bin/sparse-train, dense 1.5b
 #   profile       a Chrome trace of one dense 1.5b training step and where its time goes
 #                 (scripts/profile_summary.py), then the anchor's 1.5b training step
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|profile|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|profile|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -169,6 +170,23 @@ case_profile() {
   fi
 }
 
+# Two binaries in one job, the dense 1.5b step (8 steps each): CARRY/bin/sparse-train-before
+# (an earlier build, copied there by hand) and CARRY/bin/sparse-train.
+case_ab() {
+  gpu_info
+  local b
+  for b in sparse-train-before sparse-train; do
+    [ -x "$CARRY/bin/$b" ] || { echo "no $CARRY/bin/$b"; failed=1; continue; }
+    echo "=== $b"
+    rm -rf "/tmp/run-$b"
+    "$CARRY/bin/$b" --config configs/1.5b.yaml --quiet --synthetic-data --max-steps 8 \
+      --set train.batch_size=16 --set train.log_every=1 --set sparsity.ffn_path=dense \
+      --out-dir "/tmp/run-$b" 2>&1 | grep -v autocast | tee "$OUT/$b.log" | grep -E "^step|rror"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+    rm -rf "/tmp/run-$b"
+  done
+}
+
 case_anchors() {
   [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; return 1; }
   local mode
@@ -187,9 +205,10 @@ case $NAME in
   generate) case_generate ;;
   anchors) case_anchors ;;
   profile) case_profile ;;
+  ab) case_ab ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, profile, corpus" >&2
+    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, profile, ab, corpus" >&2
     exit 2
     ;;
 esac

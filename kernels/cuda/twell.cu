@@ -1,4 +1,6 @@
 // TwELL inference kernels for the sparse gated FFN  h = relu(x Wg^T) * (x Wu^T),  y = h Wd^T.
+// (One file of ~700 lines: the gate GEMM with its TwELL epilogue and the up/down kernels that
+// read its output share one layout, and NVRTC compiles each file whole.)
 //
 // Layout (TwELL, per token row, per 256-column tile of H): TW 32-bit words (TW = 256 / C);
 // word 0 = number of positives in the tile; words 1..count = entries, entry = (bf16 bits of the

@@ -272,7 +272,7 @@ impl<'w> Trainer<'w> {
                 p.before_step(step)?;
             }
             let values = self.step(step)?;
-            self.trace_written(step)?;
+            self.write_due_trace(Some(step))?;
             let Some(values) = values else {
                 self.log.advance();
                 continue;
@@ -294,7 +294,7 @@ impl<'w> Trainer<'w> {
                 self.checkpoint()?;
             }
             if stopping {
-                self.trace_written(usize::MAX)?;
+                self.write_due_trace(None)?;
                 self.saver.wait()?;
                 self.log.flush()?;
                 self.log.line(&format!(
@@ -304,20 +304,20 @@ impl<'w> Trainer<'w> {
                 return Ok(());
             }
         }
-        self.trace_written(usize::MAX)?;
+        self.write_due_trace(None)?;
         self.log.finish();
         self.saver.wait()
     }
 
-    /// After step `step` (`usize::MAX`: the run ends), writes the profiler's trace when due
-    /// and says where.
-    fn trace_written(&mut self, step: usize) -> Result<()> {
+    /// After step `step`, or at the end of the run (`None`), writes the profiler's trace
+    /// when due and says where.
+    fn write_due_trace(&mut self, step: Option<usize>) -> Result<()> {
         let Some(p) = self.profiler.as_mut() else {
             return Ok(());
         };
         let written = match step {
-            usize::MAX => p.finish()?,
-            s => p.after_step(s)?,
+            Some(s) => p.after_step(s)?,
+            None => p.finish()?,
         };
         if let Some(path) = written {
             let msg = format!("profile trace written to {}", path.display());

@@ -39,6 +39,11 @@ run() {
 }
 
 # Runs sparse-train ARGS with its whole output in $OUT/LOG, showing the model and step lines.
+# The dense trainer at the 1.5b shape on random tokens, 16 x 2048 tokens a step (the
+# anchor's batch): the runs of benches, profile and ab.
+DENSE_1P5B=(--config configs/1.5b.yaml --quiet --synthetic-data --set train.batch_size=16
+  --set sparsity.ffn_path=dense)
+
 train_logged() {
   local log=$1
   shift
@@ -93,8 +98,7 @@ case_benches() {
   run bench infer --config configs/1.5b.yaml --steps 5 --warmup 2
   run bench train --config configs/1.5b.yaml --steps 8 --warmup 2
   gpu_info
-  train_logged 1.5b.log --config configs/1.5b.yaml --quiet --synthetic-data --max-steps 16 \
-    --set train.batch_size=16 --set train.log_every=4 --set sparsity.ffn_path=dense \
+  train_logged 1.5b.log "${DENSE_1P5B[@]}" --max-steps 16 --set train.log_every=4 \
     --out-dir "$OUT/run-1.5b"
   echo "+ mpirun -n 1 sparse-train (NCCL)"
   mpirun --allow-run-as-root -n 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$BIN" \
@@ -158,8 +162,7 @@ case_profile() {
   gpu_info
   local run=/tmp/run-profile
   rm -rf "$run"
-  train_logged profile-1.5b.log --config configs/1.5b.yaml --quiet --synthetic-data --max-steps 6 \
-    --set train.batch_size=16 --set train.log_every=1 --set sparsity.ffn_path=dense \
+  train_logged profile-1.5b.log "${DENSE_1P5B[@]}" --max-steps 6 --set train.log_every=1 \
     --profile-steps 5..5 --out-dir "$run"
   python3 scripts/profile_summary.py "$run/trace.json" --top 25 | tee "$OUT/profile-1.5b.txt"
   gzip -c "$run/trace.json" > "$OUT/trace-1.5b.json.gz"
@@ -179,8 +182,7 @@ case_ab() {
     [ -x "$CARRY/bin/$b" ] || { echo "no $CARRY/bin/$b"; failed=1; continue; }
     echo "=== $b"
     rm -rf "/tmp/run-$b"
-    "$CARRY/bin/$b" --config configs/1.5b.yaml --quiet --synthetic-data --max-steps 8 \
-      --set train.batch_size=16 --set train.log_every=1 --set sparsity.ffn_path=dense \
+    "$CARRY/bin/$b" "${DENSE_1P5B[@]}" --max-steps 8 --set train.log_every=1 \
       --out-dir "/tmp/run-$b" 2>&1 | grep -v autocast | tee "$OUT/$b.log" | grep -E "^step|rror"
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
     rm -rf "/tmp/run-$b"

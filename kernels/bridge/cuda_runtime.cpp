@@ -21,6 +21,15 @@ int64_t sparse_cuda_peak_allocated_bytes(int32_t device) {
   }
 }
 
+int64_t sparse_cuda_allocated_bytes(int32_t device) {
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    return stats.allocated_bytes[0].current;
+  } catch (...) {
+    return -1;
+  }
+}
+
 int64_t sparse_cuda_peak_reserved_bytes(int32_t device) {
   try {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);

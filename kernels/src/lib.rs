@@ -11,10 +11,12 @@
 //! Modules: [`types`] the vocabulary; [`op`] the op and its one dispatch (the `SparseFfn`
 //! custom autograd function, C++ side in `bridge/`); [`format`] the CPU packed formats of
 //! the gate activations and the reference computed from them; [`cuda`] the CUDA kernels;
-//! [`torch`] the libtorch extensions ([`hooks`], [`cuda_runtime`]); [`testing`] the input
-//! generator of the GPU tests and benchmarks.
+//! [`torch`] the libtorch extensions ([`hooks`], [`cuda_runtime`]); [`fused`] the fused ops
+//! outside the FFN (master-weight products, chunked linear + cross-entropy, multi-tensor
+//! AdamW); [`testing`] the input generator of the GPU tests and benchmarks.
 pub mod cuda;
 pub mod format;
+pub mod fused;
 pub mod op;
 pub mod testing;
 pub mod torch;

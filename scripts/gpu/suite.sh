@@ -18,12 +18,16 @@
 #                 checkpoint, dense vs TwELL, batch 1 and 32
 #   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
 #   ab            CARRY/bin/sparse-train-before against CARRY/bin/sparse-train, dense 1.5b
+#   train-step    the training step against PyTorch's best, in one job: `bench train` at 1.5b
+#                 (dense and hybrid at 99.5 % imposed sparsity, 4 micro-batches of 4 x 2048,
+#                 the trainer's step) and torch_anchor.py's eager and compile steps
 #   profile       a Chrome trace of one dense 1.5b training step and where its time goes
 #                 (scripts/profile_summary.py), then the anchor's 1.5b training step
+#                 (PROFILE_ANCHOR=0: without it)
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|profile|ab|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|profile|train-step|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -167,7 +171,7 @@ case_profile() {
   python3 scripts/profile_summary.py "$run/trace.json" --top 25 | tee "$OUT/profile-1.5b.txt"
   gzip -c "$run/trace.json" > "$OUT/trace-1.5b.json.gz"
   rm -rf "$run"
-  if [ -f "$CARRY/torch_anchor.py" ]; then
+  if [ -f "$CARRY/torch_anchor.py" ] && [ "${PROFILE_ANCHOR:-1}" = 1 ]; then
     echo "+ torch_anchor.py train --shape 1.5b"
     python3 "$CARRY/torch_anchor.py" train --shape 1.5b | tee "$OUT/anchor-train-1.5b.jsonl" || failed=1
   fi
@@ -189,6 +193,14 @@ case_ab() {
   done
 }
 
+case_train_step() {
+  gpu_info
+  run bench train --config configs/1.5b.yaml --steps "${STEPS:-4}" --warmup 1 --accum 4
+  [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; failed=1; return; }
+  echo "+ torch_anchor.py train --shape 1.5b"
+  python3 "$CARRY/torch_anchor.py" train --shape 1.5b | tee "$OUT/anchor-train-1.5b.jsonl" || failed=1
+}
+
 case_anchors() {
   [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; return 1; }
   local mode
@@ -207,10 +219,11 @@ case $NAME in
   generate) case_generate ;;
   anchors) case_anchors ;;
   profile) case_profile ;;
+  train-step) case_train_step ;;
   ab) case_ab ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, profile, ab, corpus" >&2
+    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, profile, train-step, ab, corpus" >&2
     exit 2
     ;;
 esac

@@ -2,6 +2,8 @@
 //! schedule with linear warm-up, global-norm gradient clipping, and ZeRO-1 sharding of the
 //! moments over the data-parallel ranks.
 use crate::config::TrainConfig;
+use sparse_kernels::fused::adamw::{foreach_norm, fused_adamw, AdamWStep, AdamWTensor};
+use sparse_kernels::fused::FusedError;
 use sparse_launch::{Collective, LaunchError};
 use tch::{Kind, Tensor};
 
@@ -56,39 +58,43 @@ impl AdamW {
         }
     }
 
-    /// One update with learning rate `lr` from the gradients in `.grad()`.
-    pub fn step(&mut self, lr: f64) {
+    /// One update with learning rate `lr` from the gradients in `.grad()`, with the global
+    /// norm clipped to `max_norm` (off when <= 0) given its value `norm`: ATen's multi-tensor
+    /// AdamW, one pass per group (decayed matrices, undecayed norms) that divides each
+    /// gradient by the clipping factor as it reads it. The gradients are left divided.
+    pub fn clip_and_step(&mut self, lr: f64, norm: f64, max_norm: f64) -> Result<(), FusedError> {
         self.step += 1;
-        let h = self.hyper(lr);
-        tch::no_grad(|| {
-            for p in &mut self.params {
-                let g = p.param.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let decay = if p.decay { Decay::All } else { Decay::None };
-                adamw_update(
-                    &mut p.param,
-                    &g,
-                    &mut p.exp_avg,
-                    &mut p.exp_avg_sq,
-                    &h,
-                    decay,
-                );
-            }
+        let Some(first) = self.params.first() else {
+            return Ok(());
+        };
+        let divisor = (max_norm > 0.0 && norm > max_norm).then(|| {
+            Tensor::from_slice(&[((norm + 1e-6) / max_norm) as f32]).to_device(first.param.device())
         });
-    }
-
-    fn hyper(&self, lr: f64) -> Hyper {
-        Hyper {
-            lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            bc1: 1.0 - self.beta1.powi(self.step as i32),
-            bc2: 1.0 - self.beta2.powi(self.step as i32),
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.param.grad()).collect();
+        for decay in [true, false] {
+            let group: Vec<AdamWTensor> = self
+                .params
+                .iter()
+                .zip(&grads)
+                .filter(|(p, g)| p.decay == decay && g.defined())
+                .map(|(p, g)| AdamWTensor {
+                    param: &p.param,
+                    grad: g,
+                    exp_avg: &p.exp_avg,
+                    exp_avg_sq: &p.exp_avg_sq,
+                })
+                .collect();
+            let h = AdamWStep {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: if decay { self.weight_decay } else { 0.0 },
+                step: self.step,
+            };
+            tch::no_grad(|| fused_adamw(&group, &h, divisor.as_ref()))?;
         }
+        Ok(())
     }
 
     pub fn zero_grad(&mut self) {
@@ -111,82 +117,23 @@ impl AdamW {
     }
 
     /// Sum of the squared gradients, each tensor weighted by its `norm_share` (one device
-    /// scalar; summed over a tensor-parallel group it is the squared global norm).
+    /// scalar; summed over a tensor-parallel group it is the squared global norm). The norms
+    /// come from one multi-tensor pass.
     pub fn grad_sq(&self) -> Tensor {
-        let sq: Vec<Tensor> = self
+        let (grads, shares): (Vec<Tensor>, Vec<f32>) = self
             .params
             .iter()
-            .filter_map(|p| {
-                let g = p.param.grad();
-                g.defined()
-                    .then(|| g.to_kind(Kind::Float).square().sum(Kind::Float) * p.norm_share)
-            })
-            .collect();
-        Tensor::stack(&sq, 0).sum(Kind::Float)
+            .map(|p| (p.param.grad(), p.norm_share as f32))
+            .filter(|(g, _)| g.defined())
+            .unzip();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let norms = foreach_norm(&refs).unwrap_or_else(|e| panic!("{e}"));
+        let Some(first) = norms.first() else {
+            return Tensor::zeros([], (Kind::Float, self.params[0].param.device()));
+        };
+        let shares = Tensor::from_slice(&shares).to_device(first.device());
+        (Tensor::stack(&norms, 0).square() * shares).sum(Kind::Float)
     }
-
-    /// Scales gradients so their global norm is at most `max_norm`.
-    pub fn clip(&mut self, norm: f64, max_norm: f64) {
-        if max_norm <= 0.0 || norm <= max_norm {
-            return;
-        }
-        let scale = max_norm / (norm + 1e-6);
-        tch::no_grad(|| {
-            for p in &mut self.params {
-                let mut g = p.param.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(scale);
-                }
-            }
-        });
-    }
-}
-
-/// Hyper-parameters of one AdamW update (bias corrections for the current step).
-struct Hyper {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    bc1: f64,
-    bc2: f64,
-}
-
-/// Which elements of a tensor weight decay applies to.
-enum Decay<'a> {
-    All,
-    None,
-    /// 1 where it applies, 0 where not (a ZeRO-1 shard spans several parameters).
-    Mask(&'a Tensor),
-}
-
-/// The AdamW update of one tensor, in place: decoupled decay, moments, bias-corrected step.
-fn adamw_update(
-    p: &mut Tensor,
-    g: &Tensor,
-    m: &mut Tensor,
-    v: &mut Tensor,
-    h: &Hyper,
-    decay: Decay,
-) {
-    if h.weight_decay > 0.0 {
-        match decay {
-            Decay::All => {
-                let _ = p.g_mul_scalar_(1.0 - h.lr * h.weight_decay);
-            }
-            Decay::Mask(mask) => {
-                let _ = p.g_mul_(&(mask * (-h.lr * h.weight_decay) + 1.0));
-            }
-            Decay::None => {}
-        }
-    }
-    let _ = m.lerp_(g, 1.0 - h.beta1);
-    let _ = v
-        .g_mul_scalar_(h.beta2)
-        .addcmul_(g, &g.g_mul_scalar(1.0 - h.beta2));
-    let denom = v.g_div_scalar(h.bc2).sqrt_().g_add_scalar_(h.eps);
-    let _ = p.addcdiv_(&m.g_mul_scalar(-h.lr / h.bc1), &denom);
 }
 
 /// ZeRO-1: each data-parallel rank keeps the AdamW moments of one contiguous block of the
@@ -301,7 +248,9 @@ impl Zero1 {
         Ok(sq.view([]))
     }
 
-    /// Clips and applies AdamW to this rank's block, then all-gathers the parameters.
+    /// Clips and applies AdamW to this rank's block (the decay masked in one pass, then
+    /// ATen's fused AdamW dividing the gradient by the clipping factor), then all-gathers the
+    /// parameters.
     pub fn step(
         &mut self,
         opt: &mut AdamW,
@@ -309,26 +258,36 @@ impl Zero1 {
         lr: f64,
         norm: f64,
         max_norm: f64,
-    ) -> Result<(), LaunchError> {
+    ) -> anyhow::Result<()> {
         opt.step += 1;
-        let h = opt.hyper(lr);
         let padded = self.shard * dp.size() as i64;
-        tch::no_grad(|| -> Result<(), LaunchError> {
-            if max_norm > 0.0 && norm > max_norm {
-                let _ = self.grad_shard.g_mul_scalar_(max_norm / (norm + 1e-6));
-            }
+        let device = self.grad_shard.device();
+        tch::no_grad(|| -> anyhow::Result<()> {
             let params: Vec<Tensor> = opt.params.iter().map(|p| p.param.shallow_clone()).collect();
             let mut block = flat(&params, padded)
                 .narrow(0, self.offset, self.shard)
                 .copy();
-            adamw_update(
-                &mut block,
-                &self.grad_shard,
-                &mut self.exp_avg,
-                &mut self.exp_avg_sq,
-                &h,
-                Decay::Mask(&self.decay_mask),
-            );
+            if opt.weight_decay > 0.0 {
+                let _ = block.g_mul_(&(&self.decay_mask * (-lr * opt.weight_decay) + 1.0));
+            }
+            let divisor = (max_norm > 0.0 && norm > max_norm).then(|| {
+                Tensor::from_slice(&[((norm + 1e-6) / max_norm) as f32]).to_device(device)
+            });
+            let h = AdamWStep {
+                lr,
+                beta1: opt.beta1,
+                beta2: opt.beta2,
+                eps: opt.eps,
+                weight_decay: 0.0,
+                step: opt.step,
+            };
+            let shard = AdamWTensor {
+                param: &block,
+                grad: &self.grad_shard,
+                exp_avg: &self.exp_avg,
+                exp_avg_sq: &self.exp_avg_sq,
+            };
+            fused_adamw(&[shard], &h, divisor.as_ref())?;
             let mut gathered = block.new_zeros([padded], (Kind::Float, block.device()));
             dp.all_gather(&block, &mut gathered)?;
             scatter_into(
@@ -413,7 +372,7 @@ mod tests {
         (&p * Tensor::from_slice(&[3.0f32, -4.0]))
             .sum(Kind::Float)
             .backward();
-        opt.step(0.1);
+        opt.clip_and_step(0.1, 0.0, 0.0).unwrap();
         // First step of Adam moves each weight by lr * sign(grad) (up to eps).
         let v: Vec<f32> = Vec::try_from(p.detach()).unwrap();
         assert!(

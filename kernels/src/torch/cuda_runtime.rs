@@ -5,6 +5,7 @@ use tch::Device;
 extern "C" {
     fn sparse_cuda_peak_allocated_bytes(device: i32) -> i64;
     fn sparse_cuda_peak_reserved_bytes(device: i32) -> i64;
+    fn sparse_cuda_allocated_bytes(device: i32) -> i64;
     fn sparse_cuda_reset_peak(device: i32) -> i32;
     fn sparse_cuda_current_stream(device: i32) -> *mut std::ffi::c_void;
     fn sparse_cuda_autocast_dtype() -> i32;
@@ -29,6 +30,13 @@ fn cuda_index(device: Device) -> Option<i32> {
 pub fn peak_allocated_bytes(device: Device) -> Option<u64> {
     // SAFETY: the C++ side catches every exception (bad index, allocator not initialised).
     let v = cuda_index(device).map(|d| unsafe { sparse_cuda_peak_allocated_bytes(d) })?;
+    u64::try_from(v).ok()
+}
+
+/// Bytes held by live tensors on `device` now (`None` as for [`peak_allocated_bytes`]).
+pub fn allocated_bytes(device: Device) -> Option<u64> {
+    // SAFETY: as above.
+    let v = cuda_index(device).map(|d| unsafe { sparse_cuda_allocated_bytes(d) })?;
     u64::try_from(v).ok()
 }
 

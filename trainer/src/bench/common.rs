@@ -18,7 +18,7 @@
 //! The tied LM head sees channel c as a constant logit offset (softmax-invariant). Inputs
 //! are uniform random token ids (seed 0). Dense and sparse then run on identical weights
 //! (training restores them from a host copy and starts a fresh AdamW before each path).
-use crate::model::{ForwardOutput, Llama};
+use crate::model::{LayerStats, Llama};
 use sparse_kernels::FfnPath;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -47,6 +47,10 @@ pub struct BenchE2eArgs {
     /// the paper's 64 x 2048).
     #[arg(long)]
     pub batch: Option<usize>,
+    /// train: micro-batches per step, accumulated before the one clip + AdamW update (as the
+    /// trainer does, and as torch_anchor.py's 4 micro-batches of 4 at 1.5b).
+    #[arg(long, default_value_t = 4)]
+    pub accum: usize,
     /// Timed iterations per path.
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
@@ -205,9 +209,8 @@ pub fn impose_sparsity(
 }
 
 /// Mean active units per token of each layer of one forward.
-pub(super) fn layer_means(out: &ForwardOutput) -> Vec<f64> {
-    let means: Vec<Tensor> = out
-        .layers
+pub(super) fn layer_means(layers: &[LayerStats]) -> Vec<f64> {
+    let means: Vec<Tensor> = layers
         .iter()
         .map(|l| l.active_per_token.to_kind(Kind::Float).mean(Kind::Float))
         .collect();
@@ -242,7 +245,7 @@ mod tests {
         let paths = [FfnPath::Dense; 3];
         let target = 0.01 * 2048.0;
         let got = impose_sparsity(&model, target, 24, || {
-            tch::no_grad(|| layer_means(&model.forward(&tokens, &paths)))
+            tch::no_grad(|| layer_means(&model.forward(&tokens, &paths).layers))
         });
         for (l, g) in got.iter().enumerate() {
             assert!(

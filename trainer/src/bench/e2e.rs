@@ -18,7 +18,7 @@ use super::common::{impose_sparsity, layer_means, summary, Energy, GIB};
 pub use super::common::{BenchE2eArgs, Mode};
 use super::generate::run_generate;
 use crate::config::Config;
-use crate::model::{cross_entropy, synchronize, CachedOutput, Llama};
+use crate::model::{synchronize, CachedOutput, Llama};
 use crate::optim::AdamW;
 use anyhow::{bail, Result};
 use sparse_kernels::cuda_runtime;
@@ -26,7 +26,7 @@ use sparse_kernels::FfnPath;
 use std::collections::HashMap;
 use std::time::Instant;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// One path's measured figures.
 struct Row {
@@ -58,7 +58,11 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         Mode::Train => cfg.train.micro_batch_size,
         Mode::Infer | Mode::Generate => 64,
     }) as i64;
-    let tokens_per_iter = (batch * seq) as f64;
+    let accum = match mode {
+        Mode::Train => args.accum.max(1) as i64,
+        Mode::Infer | Mode::Generate => 1,
+    };
+    let tokens_per_iter = (accum * batch * seq) as f64;
     let paths: Vec<FfnPath> = if args.paths.is_empty() {
         vec![
             FfnPath::Dense,
@@ -75,7 +79,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     let h = m.intermediate_size as f64;
     let target = (1.0 - args.sparsity) * h;
     println!(
-        "bench {}: GPU {gpu}, config {} (L {}, D {}, H {}, heads {}/{}, vocab {}, {:.2}B params), {} x {} = {} tokens/iter, {}",
+        "bench {}: GPU {gpu}, config {} (L {}, D {}, H {}, heads {}/{}, vocab {}, {:.2}B params), {} x {} x {} = {} tokens/iter, {}",
         match mode { Mode::Train => "train", Mode::Infer => "infer", Mode::Generate => "generate" },
         args.config.display(),
         m.num_layers,
@@ -85,11 +89,12 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         m.kv_heads(),
         m.vocab_size,
         m.num_params() as f64 / 1e9,
+        accum,
         batch,
         seq,
         tokens_per_iter,
         match mode {
-            Mode::Train => "bf16 matrix products over f32 weights, fwd+bwd+AdamW",
+            Mode::Train => "micro-batches x sequences x tokens, bf16 matrix products over f32 weights, the trainer's fwd+bwd, clip, AdamW",
             Mode::Infer => "bf16 weights, no grad, decoder body (LM head excluded)",
             Mode::Generate => "bf16 weights, KV cache, greedy decoding (timed rows below; the tokens/iter figure is calibration only)",
         }
@@ -105,14 +110,14 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     tch::manual_seed(0);
     let data = Tensor::randint(m.vocab_size as i64, [batch, seq + 1], (Kind::Int64, device));
     let inputs = data.narrow(1, 0, seq);
-    let targets = data.narrow(1, 1, seq);
+    let targets = data.narrow(1, 1, seq).contiguous();
     let calib = inputs.narrow(0, 0, batch.min(2));
     let dense_paths = vec![FfnPath::Dense; m.num_layers];
     let t0 = Instant::now();
     let nnz = impose_sparsity(&model, target, 24, || {
         tch::no_grad(|| {
             let out = model.forward(&calib, &dense_paths);
-            layer_means(&out)
+            layer_means(&out.layers)
         })
     });
     println!(
@@ -157,20 +162,24 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                 let lambda = cfg.sparsity.l1_coeff;
                 let mut last = None;
                 let mut row = measure(path, device, &energy, args, tokens_per_iter, |i, keep| {
-                    let out = model.forward(&inputs, &layer_paths);
-                    let ce = cross_entropy(&out.logits, &targets, Reduction::Sum);
-                    let loss = (&ce + &out.l1_sum * lambda) / tokens_per_iter;
-                    loss.backward();
+                    // The trainer's step: one set of compute weights, `accum` micro-batches
+                    // (the same tokens each time), the global-mean loss, clip, fused AdamW.
+                    let weights = model.compute_weights();
+                    for micro in 0..accum {
+                        let out = model.training_forward(&weights, &inputs, &targets, &layer_paths);
+                        let loss = (&out.ce_sum + &out.l1_sum * lambda) / tokens_per_iter;
+                        loss.backward();
+                        if keep && micro + 1 == accum {
+                            last = Some(layer_means(&out.layers));
+                        }
+                    }
+                    drop(weights);
                     let gn = opt.grad_norm().double_value(&[]);
                     if !gn.is_finite() {
                         bail!("{}: non-finite gradient norm at step {i}", path.name());
                     }
-                    opt.clip(gn, cfg.train.grad_clip);
-                    opt.step(args.lr);
+                    opt.clip_and_step(args.lr, gn, cfg.train.grad_clip)?;
                     opt.zero_grad();
-                    if keep {
-                        last = Some(layer_means(&out));
-                    }
                     Ok(())
                 })?;
                 row.nnz = last;

@@ -128,7 +128,7 @@ pub(super) fn run_generate(
                 for i in 0..60 {
                     synchronize(device);
                     let t0 = Instant::now();
-                    let _ = model.ffn(blk, &x, path, false);
+                    let _ = model.ffn(blk, &x, path, false, None);
                     synchronize(device);
                     if i >= 10 {
                         times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -145,7 +145,7 @@ pub(super) fn run_generate(
                     synchronize(device);
                     let t0 = Instant::now();
                     for blk in &model.blocks {
-                        let _ = model.ffn(blk, &x, path, false);
+                        let _ = model.ffn(blk, &x, path, false, None);
                     }
                     let issued = t0.elapsed().as_secs_f64() * 1e3;
                     synchronize(device);

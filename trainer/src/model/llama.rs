@@ -9,6 +9,8 @@ use super::attention::{attend, rope_tables};
 use super::kv_cache::KvCache;
 use super::parallel::{Split, TensorParallel};
 use crate::config::ModelConfig;
+use sparse_kernels::fused::linear_cross_entropy::{linear_cross_entropy, DEFAULT_CHUNK};
+use sparse_kernels::fused::master_weights::{cached_weight, master_linear};
 use sparse_kernels::torch::profiler::range;
 use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use std::rc::Rc;
@@ -46,6 +48,35 @@ pub struct ForwardOutput {
     /// Mean over layers of `sum_t sum_j |h|` (differentiable; divide by global tokens).
     pub l1_sum: Tensor,
     pub layers: Vec<LayerStats>,
+}
+
+/// What [`Llama::training_forward`] returns: the loss sums of one micro-batch.
+pub struct TrainingForward {
+    /// Cross-entropy summed over the micro-batch's positions (differentiable).
+    pub ce_sum: Tensor,
+    /// Mean over layers of `sum_t sum_j |h|` (differentiable; divide by global tokens).
+    pub l1_sum: Tensor,
+    pub layers: Vec<LayerStats>,
+}
+
+/// Compute-dtype copies of every matrix, made once per optimizer step by
+/// [`Llama::compute_weights`] (not once per micro-batch): the training forward multiplies by
+/// them, and their gradients accumulate straight into the fp32 masters' `.grad` (see
+/// `sparse_kernels::fused::master_weights`). In f32 they are the masters themselves, except
+/// the stacked q/k/v.
+pub struct ComputeWeights {
+    blocks: Vec<BlockCompute>,
+    /// The LM head's (the embedding's when tied).
+    head: Tensor,
+}
+
+pub(crate) struct BlockCompute {
+    /// q, k and v stacked `[(heads + 2 kv_heads) hd, D]`: one GEMM for the three.
+    qkv: Tensor,
+    o: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down_t: Tensor,
 }
 
 pub struct Llama {
@@ -197,8 +228,21 @@ impl Llama {
         hx: &Tensor,
         path: FfnPath,
         statistics: bool,
+        compute: Option<&BlockCompute>,
     ) -> sparse_kernels::FfnOutput {
-        let (gate, up, down_t) = (self.c(&blk.gate), self.c(&blk.up), self.c(&blk.down_t));
+        let (gate, up, down_t) = match compute {
+            Some(w) => {
+                let stand_in = |master: &Tensor, copy: &Tensor| {
+                    cached_weight(master, copy).unwrap_or_else(|e| panic!("{e}"))
+                };
+                (
+                    stand_in(&blk.gate, &w.gate),
+                    stand_in(&blk.up, &w.up),
+                    stand_in(&blk.down_t, &w.down_t),
+                )
+            }
+            None => (self.c(&blk.gate), self.c(&blk.up), self.c(&blk.down_t)),
+        };
         let w = FfnWeights {
             gate: &gate,
             up: &up,
@@ -220,10 +264,9 @@ impl Llama {
     /// `tokens: [B, T]` int64 -> logits `[B, T, V]` and the L1 term; `paths[l]` picks each
     /// layer's FFN implementation.
     pub fn forward(&self, tokens: &Tensor, paths: &[FfnPath]) -> ForwardOutput {
-        let out = self.blocks_forward(tokens, None, paths, true);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let out = self.blocks_forward(tokens, None, paths, true, None);
         let lm_head = range(c"lm_head");
-        let logits = self.linear(&out.hidden, head).to_kind(Kind::Float);
+        let logits = self.linear(&out.hidden, self.head()).to_kind(Kind::Float);
         drop(lm_head);
         let l1_sum = out.l1_total.expect("at least one layer") / self.blocks.len() as f64;
         ForwardOutput {
@@ -231,6 +274,57 @@ impl Llama {
             l1_sum,
             layers: out.layers,
         }
+    }
+
+    /// Compute-dtype copies of the weights for [`Llama::training_forward`]; make them after
+    /// each optimizer update (they are stale once the masters change).
+    pub fn compute_weights(&self) -> ComputeWeights {
+        tch::no_grad(|| {
+            let c = |t: &Tensor| t.to_kind(self.compute);
+            ComputeWeights {
+                blocks: self
+                    .blocks
+                    .iter()
+                    .map(|b| BlockCompute {
+                        qkv: Tensor::cat(&[&b.q, &b.k, &b.v], 0).to_kind(self.compute),
+                        o: c(&b.o),
+                        gate: c(&b.gate),
+                        up: c(&b.up),
+                        down_t: c(&b.down_t),
+                    })
+                    .collect(),
+                head: c(self.head()),
+            }
+        })
+    }
+
+    /// The training forward of one micro-batch, `tokens, targets: [B, T]` (int64), over the
+    /// copies `w` (from [`Llama::compute_weights`]): one GEMM for q, k and v, no weight cast,
+    /// and the LM head fused with the cross-entropy in row chunks (the `[B T, V]` logits
+    /// never exist). The same function as [`Llama::forward`] followed by [`cross_entropy`]
+    /// (summed), to rounding: a test holds them together.
+    pub fn training_forward(
+        &self,
+        w: &ComputeWeights,
+        tokens: &Tensor,
+        targets: &Tensor,
+        paths: &[FfnPath],
+    ) -> TrainingForward {
+        let out = self.blocks_forward(tokens, None, paths, true, Some(w));
+        let lm_head = range(c"lm_head");
+        let ce = linear_cross_entropy(&out.hidden, &w.head, self.head(), targets, DEFAULT_CHUNK)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(lm_head);
+        TrainingForward {
+            ce_sum: ce.loss_sum,
+            l1_sum: out.l1_total.expect("at least one layer") / self.blocks.len() as f64,
+            layers: out.layers,
+        }
+    }
+
+    /// The LM head's master weight (the embedding's when tied).
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// Inference forward of `tokens: [B, T]` placed at positions `cache.len()..+T`: RoPE at
@@ -249,7 +343,9 @@ impl Llama {
             "forward_cached runs the whole model in one process (no tensor parallelism)"
         );
         let t = tokens.size2().expect("tokens must be [B, T]").1;
-        let x = self.blocks_forward(tokens, cache, paths, false).hidden;
+        let x = self
+            .blocks_forward(tokens, cache, paths, false, None)
+            .hidden;
         let x = match output {
             CachedOutput::Hidden => return x,
             CachedOutput::LastLogits => x.narrow(1, t - 1, 1),
@@ -262,13 +358,15 @@ impl Llama {
     /// The decoder blocks and the final norm over `tokens: [B, T]`, the one loop behind
     /// [`Llama::forward`] and [`Llama::forward_cached`]: at positions `cache.len()..+T` when
     /// a cache is given (which it extends), from 0 otherwise; with `statistics`, the FFN's
-    /// L1 term and activity counts per layer (training).
+    /// L1 term and activity counts per layer (training); over the compute copies `weights`
+    /// when given (the training forward), casting the masters at use otherwise.
     fn blocks_forward(
         &self,
         tokens: &Tensor,
         mut cache: Option<&mut KvCache>,
         paths: &[FfnPath],
         statistics: bool,
+        weights: Option<&ComputeWeights>,
     ) -> BlocksOutput {
         let (b, t) = tokens.size2().expect("tokens must be [B, T]");
         let pos = cache.as_ref().map_or(0, |c| c.len);
@@ -291,13 +389,14 @@ impl Llama {
         let mut layers = Vec::with_capacity(if statistics { self.blocks.len() } else { 0 });
         for (l, (blk, &path)) in self.blocks.iter().zip(paths).enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let compute = weights.map(|w| &w.blocks[l]);
             let attention = range(c"attention");
             let ax = self.enter_split(rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps));
-            x = &x + self.leave_split(self.attention(blk, &ax, pos, kv));
+            x = &x + self.leave_split(self.attention(blk, &ax, pos, kv, compute));
             drop(attention);
             let ffn = range(c"ffn");
             let hx = self.enter_split(rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps));
-            let out = self.ffn(blk, &hx, path, statistics);
+            let out = self.ffn(blk, &hx, path, statistics, compute);
             x = &x + self.leave_split(out.y.view([b, t, -1]));
             drop(ffn);
             if !statistics {
@@ -334,25 +433,44 @@ impl Llama {
 
     /// Attention over this rank's heads of `x: [B, T, D]` at positions `pos..pos + T`
     /// (extending `kv` when given); with tensor parallelism the output is partial (the
-    /// caller sums it over the group).
+    /// caller sums it over the group). Over the compute copies when given: q, k and v from
+    /// one GEMM.
     fn attention(
         &self,
         blk: &Block,
         x: &Tensor,
         pos: i64,
         kv: Option<&mut (Tensor, Tensor)>,
+        compute: Option<&BlockCompute>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let hd = self.cfg.head_dim() as i64;
         let (nh, nkv) = self.local_heads();
-        let q = self.linear(x, &blk.q).view([b, t, nh, hd]).transpose(1, 2);
-        let k = self.linear(x, &blk.k).view([b, t, nkv, hd]).transpose(1, 2);
-        let v = self.linear(x, &blk.v).view([b, t, nkv, hd]).transpose(1, 2);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2);
+        let fused = |x: &Tensor, w: &Tensor, masters: &[&Tensor]| {
+            master_linear(x, w, masters).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (q, k, v) = match compute {
+            Some(w) => {
+                let qkv = fused(x, &w.qkv, &[&blk.q, &blk.k, &blk.v]);
+                (
+                    heads(qkv.narrow(-1, 0, nh * hd), nh),
+                    heads(qkv.narrow(-1, nh * hd, nkv * hd), nkv),
+                    heads(qkv.narrow(-1, (nh + nkv) * hd, nkv * hd), nkv),
+                )
+            }
+            None => (
+                heads(self.linear(x, &blk.q), nh),
+                heads(self.linear(x, &blk.k), nkv),
+                heads(self.linear(x, &blk.v), nkv),
+            ),
+        };
         let y = attend(&q, &k, &v, (&self.cos, &self.sin), pos, kv);
-        self.linear(
-            &y.transpose(1, 2).contiguous().view([b, t, nh * hd]),
-            &blk.o,
-        )
+        let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
+        match compute {
+            Some(w) => fused(&y, &w.o, &[&blk.o]),
+            None => self.linear(&y, &blk.o),
+        }
     }
 }
 
@@ -459,6 +577,54 @@ mod tests {
                 err <= 1e-5 * scale,
                 "{name}: max error {err:e} of {scale:e}"
             );
+        }
+    }
+
+    /// The training forward (stacked q/k/v GEMM, gradients written into the masters, chunked
+    /// LM head + cross-entropy) equals `forward` + `cross_entropy` through plain autograd:
+    /// loss, L1 term and every parameter's gradient after two accumulated micro-batches, with
+    /// tied and untied embeddings.
+    #[test]
+    fn training_forward_equals_the_unfused_forward_and_loss() {
+        for tie in [false, true] {
+            let cfg = ModelConfig {
+                tie_embeddings: tie,
+                ..ModelConfig::tiny()
+            };
+            let (vs_a, a) = seeded_model(4, &cfg);
+            let (vs_b, b) = seeded_model(4, &cfg);
+            let paths = [FfnPath::Dense; 2];
+            let w = a.compute_weights();
+            for micro in 0..2 {
+                let data = Tensor::randint(50, [3, 8], (Kind::Int64, Device::Cpu));
+                let (inputs, targets) = (data.narrow(1, 0, 7), data.narrow(1, 1, 7));
+                let fused = a.training_forward(&w, &inputs, &targets, &paths);
+                let plain = b.forward(&inputs, &paths);
+                let ce = cross_entropy(&plain.logits, &targets, tch::Reduction::Sum);
+                let (la, lb) = (
+                    &fused.ce_sum + &fused.l1_sum * 0.3,
+                    &ce + &plain.l1_sum * 0.3,
+                );
+                assert!(
+                    fused.ce_sum.allclose(&ce, 1e-5, 1e-5, false),
+                    "tie {tie} micro {micro}: ce {} vs {}",
+                    fused.ce_sum.double_value(&[]),
+                    ce.double_value(&[])
+                );
+                assert!(fused.l1_sum.allclose(&plain.l1_sum, 1e-5, 1e-5, false));
+                la.backward();
+                lb.backward();
+            }
+            let (va, vb) = (vs_a.variables(), vs_b.variables());
+            for (name, pa) in &va {
+                let (ga, gb) = (pa.grad(), vb[name].grad());
+                let err = (&ga - &gb).abs().max().double_value(&[]);
+                let scale = gb.abs().max().double_value(&[]);
+                assert!(
+                    err <= 1e-5 * scale.max(1e-3),
+                    "tie {tie}: {name} gradient off by {err:e} of {scale:e}"
+                );
+            }
         }
     }
 

@@ -10,5 +10,6 @@ pub mod parallel;
 pub use generate::{generate_tokens, synchronize, GenStats, Sampler};
 pub use kv_cache::KvCache;
 pub use llama::{
-    cross_entropy, rms_norm, to_bf16, Block, CachedOutput, ForwardOutput, LayerStats, Llama,
+    cross_entropy, rms_norm, to_bf16, Block, CachedOutput, ComputeWeights, ForwardOutput,
+    LayerStats, Llama, TrainingForward,
 };

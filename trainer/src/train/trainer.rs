@@ -339,6 +339,8 @@ impl<'w> Trainer<'w> {
         let paths = self.sched.paths().to_vec();
         let mut ce_acc = Tensor::zeros([], (Kind::Float, device));
         let mut l1_acc = Tensor::zeros([], (Kind::Float, device));
+        // The step's compute-dtype weights: one cast per optimizer update, not per micro-batch.
+        let weights = self.model.compute_weights();
         for micro in 0..self.accum {
             // Rank r's micro-batches are its own contiguous block of the global batch.
             let first =
@@ -350,8 +352,10 @@ impl<'w> Trainer<'w> {
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
             let forward = range(c"micro_batch.forward");
-            let out = self.model.forward(&inputs, &paths);
-            let ce_sum = cross_entropy(&out.logits, &targets, Reduction::Sum);
+            let out = self
+                .model
+                .training_forward(&weights, &inputs, &targets, &paths);
+            let ce_sum = out.ce_sum;
             // Sums over this micro-batch divided by the global token count: the gradients
             // accumulate to the exact global mean, whatever the accumulation or world size.
             let loss = (&ce_sum + &out.l1_sum * lambda) / self.step_tokens as f64;
@@ -363,6 +367,7 @@ impl<'w> Trainer<'w> {
             l1_acc += out.l1_sum.detach();
             self.activity.add(&out.layers);
         }
+        drop(weights);
         let reduce = range(c"grad_reduce");
         let mut norm_sq = match self.zero1.as_mut() {
             Some(z) => z.reduce_scatter_grads(&self.opt, dp)?,
@@ -416,10 +421,7 @@ impl<'w> Trainer<'w> {
         let update = range(c"optimizer");
         match self.zero1.as_mut() {
             Some(z) => z.step(&mut self.opt, dp, lr, grad_norm, t.grad_clip)?,
-            None => {
-                self.opt.clip(grad_norm, t.grad_clip);
-                self.opt.step(lr);
-            }
+            None => self.opt.clip_and_step(lr, grad_norm, t.grad_clip)?,
         }
         self.opt.zero_grad();
         drop(update);

@@ -1,0 +1,317 @@
+//! The fused ops outside the FFN (`sparse_kernels::fused`) on CUDA against references in
+//! f64 computed from the same values, every element. GPU only: without CUDA the tests skip
+//! with a printed reason, or fail under `SPARSE_TRAIN_REQUIRE_GPU=1`.
+//!
+//! Inputs are bf16-representable (as the bf16 weight copies and activations are), so the
+//! references see exactly what the kernels see. Error bounds, as max |err| / max |ref|:
+//! - bf16 outputs of fp32-accumulated GEMMs (y, dx): one bf16 rounding, 2^-8 = 3.9e-3, and
+//!   fp32 accumulation far below it: bound 8e-3.
+//! - fp32 weight gradients accumulated by cuBLAS into `.grad` (beta = 1): bf16 inputs exact,
+//!   fp32 sums over N terms: bound 1e-4 (sqrt(N) eps_f32 is ~1e-5 at N = 8192).
+//! - the cross-entropy sum in fp32 from fp32 logits: relative 1e-5; its input and weight
+//!   gradients go through `softmax - onehot` rounded to bf16 once: bound 1e-2.
+//! - AdamW in fp32 against f64: 1e-5 absolute on O(1) weights after three steps; per-tensor
+//!   norms relative 1e-5.
+//!
+//! Output buffers the ops accumulate into are poisoned first with known random values, and
+//! the check is against those values plus the reference (an overwrite fails).
+mod common;
+
+use common::gpu_or_skip;
+use sparse_kernels::cuda_runtime;
+use sparse_kernels::fused::adamw::{foreach_norm, fused_adamw, AdamWStep, AdamWTensor};
+use sparse_kernels::fused::linear_cross_entropy::linear_cross_entropy;
+use sparse_kernels::fused::master_weights::{cached_weight, master_linear};
+use sparse_kernels::testing::relative_error;
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// Random values exactly representable in bf16, as f32 on `dev`.
+fn bf16_values(shape: &[i64], scale: f64, dev: Device) -> Tensor {
+    (Tensor::randn(shape, (Kind::Float, dev)) * scale)
+        .to_kind(Kind::BFloat16)
+        .to_kind(Kind::Float)
+}
+
+fn f64_of(t: &Tensor) -> Tensor {
+    t.to_kind(Kind::Double)
+}
+
+fn check(label: &str, got: &Tensor, want: &Tensor, bound: f64) {
+    let e = relative_error(&got.to_kind(Kind::Double), want);
+    println!("  {label}: max|err|/max|ref| = {e:.3e} (bound {bound:.0e})");
+    assert!(e <= bound, "{label}: {e:e} > {bound:e}");
+}
+
+/// One stacked master_linear over `masters_rows` at N tokens of width `d`, two micro-batches.
+fn master_linear_case(name: &str, n: i64, d: i64, rows: &[i64]) {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
+        return;
+    };
+    println!("{name}: N {n}, D {d}, rows {rows:?}");
+    tch::manual_seed(n + d);
+    let masters: Vec<Tensor> = rows
+        .iter()
+        .map(|&r| bf16_values(&[r, d], 0.05, dev).set_requires_grad(true))
+        .collect();
+    // Poisoned gradient buffers: the op must add into them.
+    let poison: Vec<Tensor> = masters
+        .iter()
+        .map(|m| Tensor::randn(m.size(), (Kind::Float, dev)))
+        .collect();
+    for (m, p) in masters.iter().zip(&poison) {
+        let mut g = m.grad();
+        if !g.defined() {
+            // A first backward makes the buffer; then it is overwritten with the poison.
+            (m * 0.0).sum(Kind::Float).backward();
+            g = m.grad();
+        }
+        tch::no_grad(|| g.copy_(p));
+    }
+    let stacked = tch::no_grad(|| Tensor::cat(&masters, 0).to_kind(Kind::BFloat16));
+    let refs: Vec<&Tensor> = masters.iter().collect();
+    let out: i64 = rows.iter().sum();
+    let mut dw_want: Vec<Tensor> = poison.iter().map(f64_of).collect();
+    for micro in 0..2 {
+        let x = bf16_values(&[n, d], 1.0, dev).set_requires_grad(true);
+        let dy = bf16_values(&[n, out], 1.0, dev);
+        let y = master_linear(&x, &stacked, &refs).unwrap();
+        assert_eq!(y.kind(), Kind::BFloat16);
+        (y.to_kind(Kind::Float) * &dy).sum(Kind::Float).backward();
+        let w64 = f64_of(&stacked);
+        check(
+            &format!("micro {micro} y"),
+            &y,
+            &f64_of(&x).matmul(&w64.tr()),
+            8e-3,
+        );
+        check(
+            &format!("micro {micro} dx"),
+            &x.grad(),
+            &f64_of(&dy).matmul(&w64),
+            8e-3,
+        );
+        assert_eq!(x.grad().kind(), Kind::Float);
+        let mut row = 0;
+        for (want, &r) in dw_want.iter_mut().zip(rows) {
+            *want = &*want + f64_of(&dy.narrow(1, row, r)).tr().matmul(&f64_of(&x));
+            row += r;
+        }
+    }
+    for (i, (m, want)) in masters.iter().zip(&dw_want).enumerate() {
+        // The poison is O(1) and the products O(sqrt N): measured against the products' scale.
+        let prod = want - f64_of(&poison[i]);
+        let e = (f64_of(&m.grad()) - want).abs().max().double_value(&[])
+            / prod.abs().max().double_value(&[]);
+        println!("  master {i} dW: max|err|/max|ref| = {e:.3e} (bound 1e-4)");
+        assert!(e <= 1e-4, "master {i}: {e:e}");
+    }
+}
+
+#[test]
+fn master_linear_qkv_at_the_trainer_shape() {
+    master_linear_case(
+        "master_linear_qkv_at_the_trainer_shape",
+        8192,
+        2048,
+        &[2048, 2048, 2048],
+    );
+}
+
+#[test]
+fn master_linear_odd_shapes() {
+    master_linear_case("master_linear_odd_shapes", 1000, 80, &[96, 32, 8]);
+    master_linear_case("master_linear_one_token", 1, 48, &[24]);
+}
+
+#[test]
+fn cached_weight_adds_a_bf16_gradient_into_the_fp32_master() {
+    let Some((dev, _gpu)) = gpu_or_skip("cached_weight_adds_a_bf16_gradient_into_the_fp32_master")
+    else {
+        return;
+    };
+    tch::manual_seed(1);
+    let master = bf16_values(&[300, 72], 1.0, dev).set_requires_grad(true);
+    let copy = tch::no_grad(|| master.to_kind(Kind::BFloat16));
+    let x = bf16_values(&[72, 5], 1.0, dev).to_kind(Kind::BFloat16);
+    let mut want = Tensor::zeros([300, 72], (Kind::Double, dev));
+    for _ in 0..2 {
+        let w = cached_weight(&master, &copy).unwrap();
+        let r = bf16_values(&[300, 5], 1.0, dev);
+        (w.matmul(&x).to_kind(Kind::Float) * &r)
+            .sum(Kind::Float)
+            .backward();
+        // The gradient the matmul returns for w is bf16 (rounded once): r x^T.
+        want += f64_of(
+            &r.matmul(&x.to_kind(Kind::Float).tr())
+                .to_kind(Kind::BFloat16),
+        );
+    }
+    assert_eq!(master.grad().kind(), Kind::Float);
+    check("dW", &master.grad(), &want, 1e-6);
+}
+
+/// One linear_cross_entropy case against the f64 head: loss, kept count, dx and dW, with
+/// ignored targets; `scale` sets the logits' spread (large: a sharp softmax).
+fn cross_entropy_case(name: &str, n: i64, d: i64, v: i64, chunk: i64, scale: f64) {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
+        return;
+    };
+    println!("{name}: N {n}, D {d}, V {v}, chunk {chunk}, logit scale {scale}");
+    tch::manual_seed(n + v);
+    let x = bf16_values(&[n, d], 1.0, dev).set_requires_grad(true);
+    let master = bf16_values(&[v, d], scale / (d as f64).sqrt(), dev).set_requires_grad(true);
+    let copy = tch::no_grad(|| master.to_kind(Kind::BFloat16));
+    let targets = Tensor::randint(v, [n], (Kind::Int64, dev));
+    let ignored = (n / 7).min(5);
+    if ignored > 0 {
+        let _ = targets.narrow(0, 0, ignored).fill_(-100);
+    }
+    let got = linear_cross_entropy(&x, &copy, &master, &targets, chunk).unwrap();
+    assert_eq!(got.kept.int64_value(&[]), n - ignored);
+    (&got.loss_sum * 0.5).backward();
+
+    let x64 = f64_of(&x).set_requires_grad(true);
+    let w64 = f64_of(&master).set_requires_grad(true);
+    let want = x64.matmul(&w64.tr()).cross_entropy_loss::<Tensor>(
+        &targets,
+        None,
+        Reduction::Sum,
+        -100,
+        0.0,
+    );
+    (&want * 0.5).backward();
+    let rel = (got.loss_sum.double_value(&[]) - want.double_value(&[])).abs()
+        / want.double_value(&[]).abs();
+    println!("  loss: relative error {rel:.3e} (bound 1e-5)");
+    assert!(rel <= 1e-5, "loss: {rel:e}");
+    check("dx", &x.grad(), &x64.grad(), 1e-2);
+    check("dW", &master.grad(), &w64.grad(), 1e-2);
+    assert_eq!(master.grad().kind(), Kind::Float);
+    if ignored > 0 {
+        assert_eq!(
+            x.grad().narrow(0, 0, ignored).abs().max().double_value(&[]),
+            0.0
+        );
+    }
+}
+
+#[test]
+fn linear_cross_entropy_at_the_trainer_shape() {
+    cross_entropy_case(
+        "linear_cross_entropy_at_the_trainer_shape",
+        8192,
+        2048,
+        49152,
+        1024,
+        1.0,
+    );
+}
+
+#[test]
+fn linear_cross_entropy_hard_cases() {
+    // N not a multiple of the chunk, a vocabulary not a multiple of anything, sharp logits.
+    cross_entropy_case("linear_cross_entropy_ragged", 2500, 72, 1000, 1024, 1.0);
+    cross_entropy_case("linear_cross_entropy_sharp", 777, 64, 50304, 256, 30.0);
+    cross_entropy_case("linear_cross_entropy_one_token", 1, 48, 130, 1024, 1.0);
+}
+
+/// The fused head never holds the batch's logits: at N 8192 x V 49152 its peak extra memory,
+/// forward and backward (the [V, D] fp32 weight gradient, one chunk's logits and its bf16
+/// `softmax - onehot`, ~0.75 GiB), stays below the size of the fp32 logits `[N, V]` alone
+/// (1.5 GiB; the unfused head holds those several times over).
+#[test]
+fn linear_cross_entropy_never_holds_the_batch_logits() {
+    let Some((dev, _gpu)) = gpu_or_skip("linear_cross_entropy_never_holds_the_batch_logits") else {
+        return;
+    };
+    let (n, d, v) = (8192i64, 2048i64, 49152i64);
+    let x = bf16_values(&[n, d], 1.0, dev).set_requires_grad(true);
+    let master = bf16_values(&[v, d], 0.02, dev).set_requires_grad(true);
+    let copy = tch::no_grad(|| master.to_kind(Kind::BFloat16));
+    let targets = Tensor::randint(v, [n], (Kind::Int64, dev));
+    tch::Cuda::synchronize(0);
+    assert!(cuda_runtime::reset_peak(dev));
+    let base = cuda_runtime::allocated_bytes(dev).unwrap() as i64;
+    let out = linear_cross_entropy(&x, &copy, &master, &targets, 1024).unwrap();
+    out.loss_sum.backward();
+    tch::Cuda::synchronize(0);
+    let peak = cuda_runtime::peak_allocated_bytes(dev).unwrap() as i64 - base;
+    let logits = n * v * 4;
+    println!(
+        "  peak extra {:.3} GiB; fp32 logits would be {:.3} GiB",
+        peak as f64 / (1u64 << 30) as f64,
+        logits as f64 / (1u64 << 30) as f64
+    );
+    assert!(peak < logits, "peak extra {peak} bytes vs logits {logits}");
+}
+
+#[test]
+fn fused_adamw_and_norms_on_cuda_equal_the_formula_in_f64() {
+    let Some((dev, _gpu)) = gpu_or_skip("fused_adamw_and_norms_on_cuda_equal_the_formula_in_f64")
+    else {
+        return;
+    };
+    tch::manual_seed(3);
+    let opts = (Kind::Float, dev);
+    // A large tensor (many multi-tensor chunks), an odd one and a scalar-like one.
+    let shapes: [&[i64]; 3] = [&[2048, 1031], &[7, 3], &[1]];
+    let params: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, opts)).collect();
+    let moments: Vec<[Tensor; 2]> = params
+        .iter()
+        .map(|p| [p.zeros_like(), p.zeros_like()])
+        .collect();
+    let mut want: Vec<[Tensor; 3]> = params
+        .iter()
+        .map(|p| [f64_of(p), f64_of(&p.zeros_like()), f64_of(&p.zeros_like())])
+        .collect();
+    let (b1, b2, eps, wd, lr) = (0.9, 0.95, 1e-8, 0.1, 3e-3);
+    for step in 1..=3u64 {
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| Tensor::randn(p.size(), opts))
+            .collect();
+        let norms = foreach_norm(&grads.iter().collect::<Vec<_>>()).unwrap();
+        for (g, nrm) in grads.iter().zip(&norms) {
+            let w = f64_of(g)
+                .square()
+                .sum(Kind::Double)
+                .sqrt()
+                .double_value(&[]);
+            let e = (nrm.double_value(&[]) - w).abs() / w;
+            assert!(e <= 1e-5, "norm off by {e:e}");
+        }
+        let divisor = if step == 2 { 2.5 } else { 1.0 };
+        let g64: Vec<Tensor> = grads.iter().map(|g| f64_of(g) / divisor).collect();
+        let list: Vec<AdamWTensor> = (0..params.len())
+            .map(|i| AdamWTensor {
+                param: &params[i],
+                grad: &grads[i],
+                exp_avg: &moments[i][0],
+                exp_avg_sq: &moments[i][1],
+            })
+            .collect();
+        let h = AdamWStep {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay: wd,
+            step,
+        };
+        let s = Tensor::from_slice(&[divisor as f32]).to_device(dev);
+        fused_adamw(&list, &h, Some(&s)).unwrap();
+        for (i, [p, m, v]) in want.iter_mut().enumerate() {
+            let g = &g64[i];
+            *p = &*p * (1.0 - lr * wd);
+            *m = &*m * b1 + g * (1.0 - b1);
+            *v = &*v * b2 + g * g * (1.0 - b2);
+            let denom = (&*v / (1.0 - b2.powi(step as i32))).sqrt() + eps;
+            *p = &*p - (&*m / &denom) * (lr / (1.0 - b1.powi(step as i32)));
+        }
+    }
+    for (i, (p, [w, _, _])) in params.iter().zip(&want).enumerate() {
+        let err = (f64_of(p) - w).abs().max().double_value(&[]);
+        println!("  tensor {i}: max |err| {err:.3e} (bound 1e-5)");
+        assert!(err <= 1e-5, "tensor {i}: {err:e}");
+    }
+}

@@ -81,6 +81,8 @@ typedef unsigned long long uint64_t;
 // thus take D <= threads * 8 * granules.
 #define ROW_GRANULES 1
 #define ROW_GRANULES_WIDE 4
+// Threads per token row of the RoPE kernels (rope.cu).
+#define ROPE_THREADS 256
 // END SHARED CONSTANTS
 
 // A tile's spill-slot word when the spill buffer was full.

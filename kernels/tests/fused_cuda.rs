@@ -315,3 +315,121 @@ fn fused_adamw_and_norms_on_cuda_equal_the_formula_in_f64() {
         assert!(err <= 1e-5, "tensor {i}: {err:e}");
     }
 }
+
+/// RoPE tables as the model builds them: cos over both halves, sin with its first half
+/// negated (`[positions, hd]` f32), and HF's positive sine for the reference.
+fn rope_tables(positions: i64, hd: i64, dev: Device) -> (Tensor, Tensor, Tensor) {
+    let inv = (Tensor::arange_start_step(0, hd, 2, (Kind::Double, dev)) / hd as f64)
+        .multiply_scalar(1e5f64.ln())
+        .exp()
+        .reciprocal();
+    let ang = Tensor::arange(positions, (Kind::Double, dev)).outer(&inv);
+    let emb = Tensor::cat(&[&ang, &ang], -1);
+    let half = hd / 2;
+    let sin = emb.sin();
+    let signed = Tensor::cat(
+        &[sin.narrow(-1, 0, half).neg(), sin.narrow(-1, half, half)],
+        -1,
+    );
+    (
+        emb.cos().to_kind(Kind::Float),
+        signed.to_kind(Kind::Float),
+        sin,
+    )
+}
+
+/// HF's rotation in f64 of `x: [B, T, n, hd]` at rows `cos, sin_hf: [T, hd]`, head-major out.
+fn hf_rotate(x: &Tensor, cos: &Tensor, sin_hf: &Tensor) -> Tensor {
+    let hd = x.size()[3];
+    let (x1, x2) = (x.narrow(-1, 0, hd / 2), x.narrow(-1, hd / 2, hd / 2));
+    let rot = Tensor::cat(&[x2.neg(), x1], -1);
+    let c = cos.to_kind(Kind::Double).unsqueeze(1);
+    let s = sin_hf.unsqueeze(1);
+    (x * c + rot * s).transpose(1, 2)
+}
+
+/// The RoPE kernels into NaN-poisoned outputs, every element against HF's formula in f64:
+/// the forward (q and k rotated, v copied, head-major) and the backward (inverse rotation into
+/// the qkv rows), then the autograd op against its unfused ATen form. bf16 outputs of fp32
+/// arithmetic on bf16 inputs: one rounding, bound 8e-3 of max |ref|.
+fn rope_case(name: &str, b: i64, t: i64, nh: i64, nkv: i64, hd: i64, pos0: i64) {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
+        return;
+    };
+    use sparse_kernels::cuda::rope::{rope_qkv_backward_into, rope_qkv_forward_into, RopeShape};
+    use sparse_kernels::fused::rope::rope_qkv;
+    println!("{name}: B {b}, T {t}, heads {nh}/{nkv}, hd {hd}, pos0 {pos0}");
+    tch::manual_seed(b * 1000 + t + hd);
+    let (cos, sin, sin_hf) = rope_tables(pos0 + t + 3, hd, dev);
+    let w = (nh + 2 * nkv) * hd;
+    let qkv = bf16_values(&[b, t, w], 1.0, dev).to_kind(Kind::BFloat16);
+    let s = RopeShape {
+        batch: b,
+        t_len: t,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+        pos0,
+    };
+    let nan = |shape: &[i64]| Tensor::full(shape, f64::NAN, (Kind::BFloat16, dev));
+    let (q, k, v) = (
+        nan(&[b, nh, t, hd]),
+        nan(&[b, nkv, t, hd]),
+        nan(&[b, nkv, t, hd]),
+    );
+    rope_qkv_forward_into(&qkv, (&cos, &sin), &s, [&q, &k, &v]).unwrap();
+    let x = f64_of(&qkv).view([b, t, nh + 2 * nkv, hd]);
+    let (c, sh) = (cos.narrow(0, pos0, t), sin_hf.narrow(0, pos0, t));
+    let want_q = hf_rotate(&x.narrow(2, 0, nh), &c, &sh);
+    let want_k = hf_rotate(&x.narrow(2, nh, nkv), &c, &sh);
+    let want_v = x.narrow(2, nh + nkv, nkv).transpose(1, 2);
+    for (label, got, want) in [("q", &q, &want_q), ("k", &k, &want_k), ("v", &v, &want_v)] {
+        assert_eq!(
+            got.isnan().sum(Kind::Int64).int64_value(&[]),
+            0,
+            "{label}: unwritten elements"
+        );
+        check(label, got, want, 8e-3);
+    }
+    // Backward: the inverse rotation, against autograd through the f64 formula.
+    let dq = bf16_values(&[b, nh, t, hd], 1.0, dev).to_kind(Kind::BFloat16);
+    let dk = bf16_values(&[b, nkv, t, hd], 1.0, dev).to_kind(Kind::BFloat16);
+    let dv = bf16_values(&[b, nkv, t, hd], 1.0, dev).to_kind(Kind::BFloat16);
+    let dqkv = nan(&[b, t, w]);
+    rope_qkv_backward_into([&dq, &dk, &dv], (&cos, &sin), &s, &dqkv).unwrap();
+    let x64 = f64_of(&qkv).set_requires_grad(true);
+    let xv = x64.view([b, t, nh + 2 * nkv, hd]);
+    let loss = (hf_rotate(&xv.narrow(2, 0, nh), &c, &sh) * f64_of(&dq)).sum(Kind::Double)
+        + (hf_rotate(&xv.narrow(2, nh, nkv), &c, &sh) * f64_of(&dk)).sum(Kind::Double)
+        + (xv.narrow(2, nh + nkv, nkv).transpose(1, 2) * f64_of(&dv)).sum(Kind::Double);
+    loss.backward();
+    assert_eq!(
+        dqkv.isnan().sum(Kind::Int64).int64_value(&[]),
+        0,
+        "dqkv: unwritten elements"
+    );
+    check("dqkv", &dqkv, &x64.grad(), 8e-3);
+    // The autograd op (kernels) against its ATen form on the same bf16 values in f32.
+    let leaf = qkv.detach().set_requires_grad(true);
+    let [fq, fk, fv] = rope_qkv(&leaf, (&cos, &sin), nh, nkv, pos0).unwrap();
+    ((fq.to_kind(Kind::Float) * dq.to_kind(Kind::Float)).sum(Kind::Float)
+        + (fk.to_kind(Kind::Float) * dk.to_kind(Kind::Float)).sum(Kind::Float)
+        + (fv.to_kind(Kind::Float) * dv.to_kind(Kind::Float)).sum(Kind::Float))
+    .backward();
+    check("op q", &fq, &want_q, 8e-3);
+    check("op dqkv", &leaf.grad(), &x64.grad(), 8e-3);
+}
+
+#[test]
+fn rope_at_the_trainer_shape() {
+    rope_case("rope_at_the_trainer_shape", 4, 2048, 32, 32, 64, 0);
+}
+
+#[test]
+fn rope_hard_cases() {
+    // Grouped heads and an offset; one token; a wide head; an odd token count.
+    rope_case("rope_grouped_offset", 3, 37, 8, 2, 64, 5);
+    rope_case("rope_one_token", 1, 1, 4, 4, 32, 11);
+    rope_case("rope_wide_head", 2, 129, 6, 3, 128, 0);
+    rope_case("rope_odd_tokens", 5, 7, 2, 1, 8, 2);
+}

@@ -230,6 +230,14 @@ kernels! {
     hyb_bwd_w ["hyb_bwd_w"]
         (x: DevPtr, dy: DevPtr, unit_ptr: DevPtr, uorder: DevPtr, csc: DevPtr, rec: DevPtr,
          dwg: DevPtr, dwu: DevPtr, dwdt: DevPtr, hctrl: DevPtr, d: i32, h: i32);
+    /// rope.cu: q and k rotated and v, head-major, from the stacked qkv rows.
+    rope_qkv_fwd ["rope_qkv_fwd"]
+        (qkv: DevPtr, cos: DevPtr, sin: DevPtr, q: DevPtr, k: DevPtr, v: DevPtr, t_len: i32,
+         nh: i32, nkv: i32, hd: i32, pos0: i32);
+    /// rope.cu: the inverse rotation, the gradient of the stacked qkv rows.
+    rope_qkv_bwd ["rope_qkv_bwd"]
+        (dq: DevPtr, dk: DevPtr, dv: DevPtr, cos: DevPtr, sin: DevPtr, dqkv: DevPtr,
+         t_len: i32, nh: i32, nkv: i32, hd: i32, pos0: i32);
 }
 
 /// A 2-D TMA descriptor (CUtensorMap), passed to the wgmma gate kernel by value.

@@ -5,6 +5,7 @@
 //!   (inside the GEMM on CUDA), with one GEMM for several weights that read the same input.
 //! - [`linear_cross_entropy`]: the LM head and its cross-entropy in row chunks, never holding
 //!   the logits of the whole batch.
+//! - [`rope`]: rotary embeddings fused with the head split of the stacked q/k/v GEMM.
 //! - [`adamw`]: ATen's multi-tensor AdamW and gradient norms.
 use std::ffi::c_char;
 
@@ -13,6 +14,7 @@ use crate::torch::{read_err, ERR_LEN};
 pub mod adamw;
 pub mod linear_cross_entropy;
 pub mod master_weights;
+pub mod rope;
 
 /// A fused op refused its inputs or failed inside libtorch; the message says which and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

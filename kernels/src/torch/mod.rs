@@ -1,6 +1,7 @@
 //! libtorch extensions tch does not have, and the helpers their C ABI shares.
 //!
-//! [`hooks`] is the `hooked_identity` autograd node, [`profiler`] libtorch's profiler (Chrome
+//! [`hooks`] is the `hooked_identity` autograd node, [`function`] autograd nodes made of Rust
+//! closures, [`profiler`] libtorch's profiler (Chrome
 //! traces), [`cuda_runtime`] the CUDA runtime facts
 //! (peak memory, current stream, autocast, grad mode). The `SparseFfn` autograd function of
 //! [`crate::op`] crosses the same boundary: tensors as `torch::Tensor*` (tch's `C_tensor*`),
@@ -11,6 +12,7 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 pub mod cuda_runtime;
+pub mod function;
 pub mod hooks;
 pub mod profiler;
 

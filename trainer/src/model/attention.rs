@@ -2,6 +2,7 @@
 //! append, the causal mask and scaled dot-product attention. The projections around it live
 //! with the model's weights in [`super::llama`].
 use crate::config::ModelConfig;
+use sparse_kernels::fused::rope::rotate;
 use tch::{Device, Kind, Tensor};
 
 /// RoPE tables `[max_seq_len, head_dim]` for HF's rotate-half layout: `cos`, and `sin` with
@@ -28,18 +29,14 @@ pub(super) fn rope_tables(cfg: &ModelConfig, device: Device) -> (Tensor, Tensor)
 /// `x: [B, heads, T, hd]` rotated by the table rows of its positions (`cos, signed_sin:
 /// [T, hd]`, from [`rope_tables`]): `x * cos + roll(x, hd / 2) * signed_sin`, three
 /// elementwise kernels forward and three backward (the half-rotation as a concatenation of
-/// negated narrows costs twice that, measured in docs/benchmarks.md).
+/// negated narrows costs twice that, measured in docs/benchmarks.md). The training forward
+/// fuses it with the head split instead (`sparse_kernels::fused::rope`).
 fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
-    let hd = x.size()[3];
-    let kind = x.kind();
-    (x * cos.to_kind(kind)).addcmul(&x.roll([hd / 2], [-1]), &signed_sin.to_kind(kind))
+    rotate(x, cos, signed_sin)
 }
 
 /// Attention of `q: [B, heads, T, hd]` over `k, v: [B, kv_heads, T, hd]` placed at positions
-/// `pos..pos + T` (RoPE applied here). With `kv`, the new keys and values are written into the
-/// cache tensors at those positions and the queries attend to positions `0..pos + T`.
-/// Causal SDPA from position 0, no mask for one new token, an explicit mask otherwise.
-/// Returns `[B, heads, T, hd]`.
+/// `pos..pos + T` (RoPE applied here; see [`attend_rotated`]).
 pub(super) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -53,10 +50,26 @@ pub(super) fn attend(
     let sin = sin.narrow(0, pos, t);
     let q = apply_rope(q, &cos, &sin);
     let k = apply_rope(k, &cos, &sin);
+    attend_rotated(&q, &k, v, pos, kv)
+}
+
+/// Attention of already rotated `q: [B, heads, T, hd]` over `k, v: [B, kv_heads, T, hd]` at
+/// positions `pos..pos + T`. With `kv`, the new keys and values are written into the cache
+/// tensors at those positions and the queries attend to positions `0..pos + T`. Causal SDPA
+/// from position 0, no mask for one new token, an explicit mask otherwise. Returns
+/// `[B, heads, T, hd]`.
+pub(super) fn attend_rotated(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: i64,
+    kv: Option<&mut (Tensor, Tensor)>,
+) -> Tensor {
+    let t = q.size()[2];
     let (k, v) = match kv {
-        None => (k, v.shallow_clone()),
+        None => (k.shallow_clone(), v.shallow_clone()),
         Some((kc, vc)) => {
-            kc.narrow(2, pos, t).copy_(&k);
+            kc.narrow(2, pos, t).copy_(k);
             vc.narrow(2, pos, t).copy_(v);
             (kc.narrow(2, 0, pos + t), vc.narrow(2, 0, pos + t))
         }
@@ -70,7 +83,7 @@ pub(super) fn attend(
     });
     let grouped = q.size()[1] != k.size()[1];
     Tensor::scaled_dot_product_attention(
-        &q,
+        q,
         &k,
         &v,
         mask.as_ref(),

@@ -5,12 +5,13 @@
 //! except the down projection, kept transposed as `mlp.down_proj.weight_t: [H, D]` so the
 //! sparse kernels read contiguous rows of live units; checkpoints export it as HF's
 //! `mlp.down_proj.weight: [D, H]`.
-use super::attention::{attend, rope_tables};
+use super::attention::{attend, attend_rotated, rope_tables};
 use super::kv_cache::KvCache;
 use super::parallel::{Split, TensorParallel};
 use crate::config::ModelConfig;
 use sparse_kernels::fused::linear_cross_entropy::{linear_cross_entropy, DEFAULT_CHUNK};
 use sparse_kernels::fused::master_weights::{cached_weight, master_linear};
+use sparse_kernels::fused::rope::rope_qkv;
 use sparse_kernels::torch::profiler::range;
 use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use std::rc::Rc;
@@ -434,7 +435,7 @@ impl Llama {
     /// Attention over this rank's heads of `x: [B, T, D]` at positions `pos..pos + T`
     /// (extending `kv` when given); with tensor parallelism the output is partial (the
     /// caller sums it over the group). Over the compute copies when given: q, k and v from
-    /// one GEMM.
+    /// one GEMM, rotated and split into heads in one pass.
     fn attention(
         &self,
         blk: &Block,
@@ -450,22 +451,21 @@ impl Llama {
         let fused = |x: &Tensor, w: &Tensor, masters: &[&Tensor]| {
             master_linear(x, w, masters).unwrap_or_else(|e| panic!("{e}"))
         };
-        let (q, k, v) = match compute {
+        let y = match compute {
             Some(w) => {
+                // One GEMM for q, k and v, then RoPE and the head split in one pass.
                 let qkv = fused(x, &w.qkv, &[&blk.q, &blk.k, &blk.v]);
-                (
-                    heads(qkv.narrow(-1, 0, nh * hd), nh),
-                    heads(qkv.narrow(-1, nh * hd, nkv * hd), nkv),
-                    heads(qkv.narrow(-1, (nh + nkv) * hd, nkv * hd), nkv),
-                )
+                let [q, k, v] = rope_qkv(&qkv, (&self.cos, &self.sin), nh, nkv, pos)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                attend_rotated(&q, &k, &v, pos, kv)
             }
-            None => (
-                heads(self.linear(x, &blk.q), nh),
-                heads(self.linear(x, &blk.k), nkv),
-                heads(self.linear(x, &blk.v), nkv),
-            ),
+            None => {
+                let q = heads(self.linear(x, &blk.q), nh);
+                let k = heads(self.linear(x, &blk.k), nkv);
+                let v = heads(self.linear(x, &blk.v), nkv);
+                attend(&q, &k, &v, (&self.cos, &self.sin), pos, kv)
+            }
         };
-        let y = attend(&q, &k, &v, (&self.cos, &self.sin), pos, kv);
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]);
         match compute {
             Some(w) => fused(&y, &w.o, &[&blk.o]),

@@ -1,0 +1,207 @@
+//! Launches `kernels/cuda/rope.cu` on tch CUDA tensors, on tch's current stream: RoPE on q
+//! and k fused with the head split of the stacked qkv projection, forward and backward (one
+//! pass each). The autograd op around them is `crate::fused::rope`.
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaFunction, CudaModule};
+use tch::{Device, Kind, Tensor};
+
+use super::consts::ROPE_THREADS;
+use super::image::load_image;
+use super::launch::{load_once, ptr, rope_qkv_bwd, rope_qkv_fwd, LaunchShape, PerDevice};
+use super::twell::TwellKernels;
+use super::{CudaKernelError, Result};
+
+/// The rope module of one device (in the TwELL module's context).
+pub struct RopeKernels {
+    tw: Arc<TwellKernels>,
+    _module: Arc<CudaModule>,
+    fwd: CudaFunction,
+    bwd: CudaFunction,
+}
+
+impl RopeKernels {
+    fn load(ordinal: usize) -> Result<Self> {
+        let tw = TwellKernels::for_device(Device::Cuda(ordinal))?;
+        let (module, _) = load_image(&tw.ctx, "rope")?;
+        Ok(Self {
+            fwd: module.load_function("rope_qkv_fwd")?,
+            bwd: module.load_function("rope_qkv_bwd")?,
+            _module: module,
+            tw,
+        })
+    }
+
+    /// The loaded module of `device`, loaded once per process.
+    pub fn for_device(device: Device) -> Result<Arc<RopeKernels>> {
+        static LOADED: PerDevice<RopeKernels> = OnceLock::new();
+        load_once(&LOADED, device, RopeKernels::load)
+    }
+}
+
+/// The head layout of one call: `heads` query heads and `kv_heads` key/value heads of width
+/// `head_dim`, over `t_len` positions starting at `pos0`.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    pub batch: i64,
+    pub t_len: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub pos0: i64,
+}
+
+impl RopeShape {
+    fn width(&self) -> i64 {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Checks the tables cover the positions and every tensor is as the kernels read it.
+    fn check(
+        &self,
+        tables: (&Tensor, &Tensor),
+        tensors: &[(&str, &Tensor, Vec<i64>)],
+    ) -> Result<()> {
+        let bad = |m: String| Err(CudaKernelError::Shape(format!("rope: {m}")));
+        if self.head_dim % 2 != 0 || self.head_dim < 2 {
+            return bad(format!("head_dim {} must be even", self.head_dim));
+        }
+        for (name, t) in [("cos", tables.0), ("sin", tables.1)] {
+            let s = t.size();
+            if t.kind() != Kind::Float
+                || !t.is_contiguous()
+                || s.len() != 2
+                || s[1] != self.head_dim
+            {
+                return bad(format!(
+                    "{name} must be f32 contiguous [positions, {}], got {:?} {s:?}",
+                    self.head_dim,
+                    t.kind()
+                ));
+            }
+            if s[0] < self.pos0 + self.t_len {
+                return bad(format!(
+                    "{name} has {} positions, {} + {} needed",
+                    s[0], self.pos0, self.t_len
+                ));
+            }
+        }
+        let device = tables.0.device();
+        for (name, t, want) in tensors {
+            if t.kind() != Kind::BFloat16
+                || !t.is_contiguous()
+                || &t.size() != want
+                || t.device() != device
+            {
+                return bad(format!(
+                    "{name} must be bf16 contiguous {want:?} on {device:?}, got {:?} {:?} on {:?}",
+                    t.kind(),
+                    t.size(),
+                    t.device()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn launch_shape(&self, k: &RopeKernels, device: Device) -> Result<LaunchShape> {
+        let stream = k.tw.bind(device)?;
+        Ok(LaunchShape::on(stream)(
+            ((self.batch * self.t_len) as u32, 1),
+            ROPE_THREADS,
+            0,
+        ))
+    }
+
+    fn args(&self) -> (i32, i32, i32, i32, i32) {
+        (
+            self.t_len as i32,
+            self.heads as i32,
+            self.kv_heads as i32,
+            self.head_dim as i32,
+            self.pos0 as i32,
+        )
+    }
+}
+
+/// `q, k, v` (head-major `[B, heads, T, hd]`, q and k rotated) from `qkv: [B, T, width]`,
+/// written into the given outputs.
+pub fn rope_qkv_forward_into(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    s: &RopeShape,
+    [q, k, v]: [&Tensor; 3],
+) -> Result<()> {
+    let (b, t, hd) = (s.batch, s.t_len, s.head_dim);
+    s.check(
+        (cos, sin),
+        &[
+            ("qkv", qkv, vec![b, t, s.width()]),
+            ("q", q, vec![b, s.heads, t, hd]),
+            ("k", k, vec![b, s.kv_heads, t, hd]),
+            ("v", v, vec![b, s.kv_heads, t, hd]),
+        ],
+    )?;
+    let kern = RopeKernels::for_device(qkv.device())?;
+    let shape = s.launch_shape(&kern, qkv.device())?;
+    let (tl, nh, nkv, hdi, p0) = s.args();
+    // SAFETY: every tensor was checked above: bf16 contiguous of the shapes the kernel
+    // indexes, the tables f32 covering the positions, all on one device.
+    unsafe {
+        rope_qkv_fwd(
+            &kern.fwd,
+            shape,
+            ptr(qkv),
+            ptr(cos),
+            ptr(sin),
+            ptr(q),
+            ptr(k),
+            ptr(v),
+            tl,
+            nh,
+            nkv,
+            hdi,
+            p0,
+        )
+    }
+}
+
+/// The gradient of `qkv` from those of `q, k, v`, written into `dqkv: [B, T, width]`.
+pub fn rope_qkv_backward_into(
+    [dq, dk, dv]: [&Tensor; 3],
+    (cos, sin): (&Tensor, &Tensor),
+    s: &RopeShape,
+    dqkv: &Tensor,
+) -> Result<()> {
+    let (b, t, hd) = (s.batch, s.t_len, s.head_dim);
+    s.check(
+        (cos, sin),
+        &[
+            ("dq", dq, vec![b, s.heads, t, hd]),
+            ("dk", dk, vec![b, s.kv_heads, t, hd]),
+            ("dv", dv, vec![b, s.kv_heads, t, hd]),
+            ("dqkv", dqkv, vec![b, t, s.width()]),
+        ],
+    )?;
+    let kern = RopeKernels::for_device(dqkv.device())?;
+    let shape = s.launch_shape(&kern, dqkv.device())?;
+    let (tl, nh, nkv, hdi, p0) = s.args();
+    // SAFETY: as in `rope_qkv_forward_into`.
+    unsafe {
+        rope_qkv_bwd(
+            &kern.bwd,
+            shape,
+            ptr(dq),
+            ptr(dk),
+            ptr(dv),
+            ptr(cos),
+            ptr(sin),
+            ptr(dqkv),
+            tl,
+            nh,
+            nkv,
+            hdi,
+            p0,
+        )
+    }
+}

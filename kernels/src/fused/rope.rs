@@ -1,0 +1,170 @@
+//! Rotary embeddings (HF's rotate-half layout) fused with the head split of the stacked q/k/v
+//! projection: [`rope_qkv`] turns the one GEMM's `qkv: [B, T, (heads + 2 kv_heads) hd]` into
+//! head-major `q, k, v: [B, heads, T, hd]` with q and k rotated, in one kernel pass forward
+//! and one backward on CUDA bf16 (`kernels/cuda/rope.cu`; the unfused form, head views and
+//! [`rotate`], costs six strided elementwise passes, the views' backward a zero fill and a
+//! strided copy each). Elsewhere (CPU, f32) the same function from ATen ops.
+//!
+//! Tables (see `sparse_train::model::attention::rope_tables`): `cos, sin: [positions, hd]`
+//! f32, cos over both halves, sin with its first half negated, so that
+//! `rotate_half(x) * sin_hf = roll(x, hd / 2) * sin`.
+use tch::{Device, Kind, Tensor};
+
+use super::FusedError;
+use crate::cuda::rope::{rope_qkv_backward_into, rope_qkv_forward_into, RopeShape};
+use crate::torch::function::{apply_function, BackwardFn};
+
+/// `x: [..., T, hd]` rotated by the table rows `cos, sin: [T, hd]` of its positions:
+/// `x * cos + roll(x, hd / 2) * sin`, in x's dtype (the unfused form).
+pub fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let hd = *x.size().last().expect("x has a head dimension");
+    let kind = x.kind();
+    (x * cos.to_kind(kind)).addcmul(&x.roll([hd / 2], [-1]), &sin.to_kind(kind))
+}
+
+/// `[q, k, v]`, head-major `[B, heads, T, hd]` (k and v with `kv_heads`), q and k rotated at
+/// positions `pos0..pos0 + T`, from `qkv: [B, T, (heads + 2 kv_heads) hd]`. Differentiable.
+pub fn rope_qkv(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: i64,
+    kv_heads: i64,
+    pos0: i64,
+) -> Result<[Tensor; 3], FusedError> {
+    let size = qkv.size();
+    let hd = *cos.size().last().unwrap_or(&0);
+    if size.len() != 3 || hd == 0 || size[2] != (heads + 2 * kv_heads) * hd {
+        return Err(FusedError(format!(
+            "rope_qkv: qkv {size:?} must be [B, T, ({heads} + 2 x {kv_heads}) x {hd}]"
+        )));
+    }
+    let shape = RopeShape {
+        batch: size[0],
+        t_len: size[1],
+        heads,
+        kv_heads,
+        head_dim: hd,
+        pos0,
+    };
+    if matches!(qkv.device(), Device::Cuda(_)) && qkv.kind() == Kind::BFloat16 && hd % 2 == 0 {
+        return fused(qkv, (cos, sin), shape);
+    }
+    Ok(unfused(qkv, (cos, sin), &shape))
+}
+
+/// The ATen form: head views of the stacked rows, then [`rotate`].
+fn unfused(qkv: &Tensor, (cos, sin): (&Tensor, &Tensor), s: &RopeShape) -> [Tensor; 3] {
+    let (b, t, hd) = (s.batch, s.t_len, s.head_dim);
+    let parts = qkv.split_with_sizes([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], -1);
+    let heads = |y: &Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2);
+    let (c, sn) = (cos.narrow(0, s.pos0, t), sin.narrow(0, s.pos0, t));
+    [
+        rotate(&heads(&parts[0], s.heads), &c, &sn),
+        rotate(&heads(&parts[1], s.kv_heads), &c, &sn),
+        heads(&parts[2], s.kv_heads),
+    ]
+}
+
+fn fused(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    s: RopeShape,
+) -> Result<[Tensor; 3], FusedError> {
+    let (cos, sin) = (cos.contiguous(), sin.contiguous());
+    let forward = |inputs: &[Tensor]| -> Result<(Vec<Tensor>, BackwardFn), String> {
+        let qkv = inputs[0].contiguous();
+        let opts = (Kind::BFloat16, qkv.device());
+        let (b, t, hd) = (s.batch, s.t_len, s.head_dim);
+        let q = Tensor::empty([b, s.heads, t, hd], opts);
+        let k = Tensor::empty([b, s.kv_heads, t, hd], opts);
+        let v = Tensor::empty([b, s.kv_heads, t, hd], opts);
+        rope_qkv_forward_into(&qkv, (&cos, &sin), &s, [&q, &k, &v]).map_err(|e| e.to_string())?;
+        let (cos, sin) = (cos.shallow_clone(), sin.shallow_clone());
+        let backward: BackwardFn = Box::new(move |grads: &[Option<Tensor>]| {
+            let g: Vec<Tensor> = grads
+                .iter()
+                .zip([s.heads, s.kv_heads, s.kv_heads])
+                .map(|(g, n)| match g {
+                    Some(g) => g.to_kind(Kind::BFloat16).contiguous(),
+                    None => Tensor::zeros([b, n, t, hd], opts),
+                })
+                .collect();
+            let dqkv = Tensor::empty([b, t, (s.heads + 2 * s.kv_heads) * hd], opts);
+            rope_qkv_backward_into([&g[0], &g[1], &g[2]], (&cos, &sin), &s, &dqkv)
+                .map_err(|e| e.to_string())?;
+            Ok(vec![Some(dqkv)])
+        });
+        Ok((vec![q, k, v], backward))
+    };
+    let out =
+        apply_function(&[qkv], 3, &forward).map_err(|e| FusedError(format!("rope_qkv: {e}")))?;
+    let mut it = out.into_iter();
+    Ok(std::array::from_fn(|_| it.next().expect("three outputs")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU form equals HF's `x * cos + rotate_half(x) * sin` per head in f64, values and
+    /// the gradient of qkv, with grouped heads and an offset position.
+    #[test]
+    fn unfused_equals_hf_rotate_half_per_head() {
+        tch::manual_seed(8);
+        let (b, t, nh, nkv, hd, pos0) = (2i64, 5i64, 4i64, 2i64, 6i64, 3i64);
+        let opts = (Kind::Float, Device::Cpu);
+        let inv: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / 1e4f64.powf(2.0 * i as f64 / hd as f64))
+            .collect();
+        let ang = |p: i64, j: i64| (p as f64) * inv[(j % (hd / 2)) as usize];
+        let tab = |f: &dyn Fn(i64, i64) -> f64| {
+            let v: Vec<f32> = (0..12)
+                .flat_map(|p| (0..hd).map(move |j| (p, j)))
+                .map(|(p, j)| f(p, j) as f32)
+                .collect();
+            Tensor::from_slice(&v).view([12, hd])
+        };
+        let cos = tab(&|p, j| ang(p, j).cos());
+        let sin = tab(&|p, j| {
+            if j < hd / 2 {
+                -ang(p, j).sin()
+            } else {
+                ang(p, j).sin()
+            }
+        });
+        let sin_hf = tab(&|p, j| ang(p, j).sin());
+        let qkv = Tensor::randn([b, t, (nh + 2 * nkv) * hd], opts).set_requires_grad(true);
+        let [q, k, v] = rope_qkv(&qkv, (&cos, &sin), nh, nkv, pos0).unwrap();
+        assert_eq!(q.size(), [b, nh, t, hd]);
+        assert_eq!(v.size(), [b, nkv, t, hd]);
+        let dq = Tensor::randn(q.size(), opts);
+        let dk = Tensor::randn(k.size(), opts);
+        let dv = Tensor::randn(v.size(), opts);
+        ((&q * &dq).sum(Kind::Float) + (&k * &dk).sum(Kind::Float) + (&v * &dv).sum(Kind::Float))
+            .backward();
+
+        let x = qkv.detach().to_kind(Kind::Double).set_requires_grad(true);
+        let head = |h: i64| x.narrow(-1, h * hd, hd); // [B, T, hd]
+        let hf = |xh: &Tensor| {
+            let (x1, x2) = (xh.narrow(-1, 0, hd / 2), xh.narrow(-1, hd / 2, hd / 2));
+            let rot = Tensor::cat(&[x2.neg(), x1], -1);
+            let c = cos.narrow(0, pos0, t).to_kind(Kind::Double);
+            xh * c + rot * sin_hf.narrow(0, pos0, t).to_kind(Kind::Double)
+        };
+        let want_q = Tensor::stack(&(0..nh).map(|h| hf(&head(h))).collect::<Vec<_>>(), 1);
+        let want_k = Tensor::stack(&(nh..nh + nkv).map(|h| hf(&head(h))).collect::<Vec<_>>(), 1);
+        let want_v = Tensor::stack(&(nh + nkv..nh + 2 * nkv).map(&head).collect::<Vec<_>>(), 1);
+        let f64d = |t: &Tensor| t.to_kind(Kind::Double);
+        ((&want_q * f64d(&dq)).sum(Kind::Double)
+            + (&want_k * f64d(&dk)).sum(Kind::Double)
+            + (&want_v * f64d(&dv)).sum(Kind::Double))
+        .backward();
+        for (name, got, want) in [("q", &q, &want_q), ("k", &k, &want_k), ("v", &v, &want_v)] {
+            let err = (f64d(got) - want).abs().max().double_value(&[]);
+            assert!(err < 1e-5, "{name}: {err:e}");
+        }
+        let err = (f64d(&qkv.grad()) - x.grad()).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "dqkv: {err:e}");
+        assert!(rope_qkv(&qkv, (&cos, &sin), nh, nkv + 1, 0).is_err());
+    }
+}

@@ -83,6 +83,11 @@ typedef unsigned long long uint64_t;
 #define ROW_GRANULES_WIDE 4
 // Threads per token row of the RoPE kernels (rope.cu).
 #define ROPE_THREADS 256
+// The fused residual add + RMSNorm (norm.cu): threads per block, token rows per block, and
+// 4-column granules per thread (so D <= NORM_THREADS * 4 * NORM_MAX_GRANULES).
+#define NORM_THREADS 256
+#define NORM_ROWS 16
+#define NORM_MAX_GRANULES 8
 // END SHARED CONSTANTS
 
 // A tile's spill-slot word when the spill buffer was full.

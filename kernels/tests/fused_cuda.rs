@@ -433,3 +433,115 @@ fn rope_hard_cases() {
     rope_case("rope_wide_head", 2, 129, 6, 3, 128, 0);
     rope_case("rope_odd_tokens", 5, 7, 2, 1, 8, 2);
 }
+
+/// The residual add + RMSNorm kernels into NaN-poisoned outputs, every element against the
+/// formula in f64 on the same values: the residual (fp32 add of a bf16 delta: exact to f32
+/// rounding, bound 1e-6), the bf16 normed rows (one rounding, 8e-3), and the backward's fp32
+/// gradients of x (and delta, its bf16) and w (1e-4: fp32 sums over D and N terms; delta's
+/// 8e-3), then the autograd op with and without the residual branch.
+fn norm_case(name: &str, n: i64, d: i64, with_delta: bool, with_residual_grad: bool) {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
+        return;
+    };
+    use sparse_kernels::cuda::norm::{
+        add_rms_norm_backward_into, add_rms_norm_forward_into, norm_blocks,
+    };
+    use sparse_kernels::fused::norm::add_rms_norm;
+    println!("{name}: N {n}, D {d}, delta {with_delta}, residual gradient {with_residual_grad}");
+    tch::manual_seed(n + d);
+    let x = Tensor::randn([n, d], (Kind::Float, dev)) * 3.0;
+    let delta = with_delta.then(|| bf16_values(&[n, d], 1.0, dev).to_kind(Kind::BFloat16));
+    let w = Tensor::randn([d], (Kind::Float, dev)) * 0.2 + 1.0;
+    let nan = |shape: &[i64], kind| Tensor::full(shape, f64::NAN, (kind, dev));
+    let (x_new, y, rstd) = (
+        nan(&[n, d], Kind::Float),
+        nan(&[n, d], Kind::BFloat16),
+        nan(&[n], Kind::Float),
+    );
+    add_rms_norm_forward_into(&x, delta.as_ref(), &w, 1e-5, [&x_new, &y, &rstd]).unwrap();
+    let x64 = f64_of(&x).set_requires_grad(true);
+    let d64 = delta.as_ref().map(|t| f64_of(t).set_requires_grad(true));
+    let w64 = f64_of(&w).set_requires_grad(true);
+    let r = match &d64 {
+        Some(t) => &x64 + t,
+        None => &x64 * 1.0,
+    };
+    let want_y = &w64 * &r * (r.square().mean_dim(-1, true, Kind::Double) + 1e-5).rsqrt();
+    for (label, t) in [("x_new", &x_new), ("y", &y), ("rstd", &rstd)] {
+        assert_eq!(
+            t.isnan().sum(Kind::Int64).int64_value(&[]),
+            0,
+            "{label}: unwritten elements"
+        );
+    }
+    check("residual", &x_new, &r.detach(), 1e-6);
+    check("normed", &y, &want_y.detach(), 8e-3);
+    // Backward into poisoned buffers.
+    let g_y = bf16_values(&[n, d], 1.0, dev).to_kind(Kind::BFloat16);
+    let g_res = with_residual_grad.then(|| Tensor::randn([n, d], (Kind::Float, dev)));
+    let g_x = nan(&[n, d], Kind::Float);
+    let g_delta = with_delta.then(|| nan(&[n, d], Kind::BFloat16));
+    let dw_part = nan(&[norm_blocks(n), d], Kind::Float);
+    add_rms_norm_backward_into(
+        g_res.as_ref(),
+        &g_y,
+        &x_new,
+        &w,
+        &rstd,
+        &g_x,
+        g_delta.as_ref(),
+        &dw_part,
+    )
+    .unwrap();
+    let mut loss = (&want_y * f64_of(&g_y)).sum(Kind::Double);
+    if let Some(g) = &g_res {
+        loss += (&r * f64_of(g)).sum(Kind::Double);
+    }
+    loss.backward();
+    assert_eq!(
+        g_x.isnan().sum(Kind::Int64).int64_value(&[]),
+        0,
+        "g_x: unwritten elements"
+    );
+    check("dx", &g_x, &x64.grad(), 1e-4);
+    if let (Some(gd), Some(d6)) = (&g_delta, &d64) {
+        check("ddelta", gd, &d6.grad(), 8e-3);
+    }
+    check(
+        "dw",
+        &dw_part.sum_dim_intlist(0, false, Kind::Float),
+        &w64.grad(),
+        1e-4,
+    );
+    // The autograd op: residual and normed, their gradients into x, delta and w.
+    let xl = x.detach().set_requires_grad(true);
+    let dl = delta.as_ref().map(|t| t.detach().set_requires_grad(true));
+    let wl = w.detach().set_requires_grad(true);
+    let out = add_rms_norm(&xl, dl.as_ref(), &wl, 1e-5, Kind::BFloat16).unwrap();
+    let mut l = (out.normed.to_kind(Kind::Float) * g_y.to_kind(Kind::Float)).sum(Kind::Float);
+    if let Some(g) = &g_res {
+        l += (&out.residual * g).sum(Kind::Float);
+    }
+    l.backward();
+    check("op dx", &xl.grad(), &x64.grad(), 1e-4);
+    check("op dw", &wl.grad(), &w64.grad(), 1e-4);
+    if let (Some(dl), Some(d6)) = (&dl, &d64) {
+        check("op ddelta", &dl.grad(), &d6.grad(), 8e-3);
+    }
+}
+
+#[test]
+fn add_rms_norm_at_the_trainer_shape() {
+    norm_case("add_rms_norm_at_the_trainer_shape", 8192, 2048, true, true);
+}
+
+#[test]
+fn add_rms_norm_hard_cases() {
+    // No residual branch (the first layer), no gradient reaching the residual (the final
+    // norm), one row, rows not a multiple of a block's, the widest D, the narrowest.
+    norm_case("add_rms_norm_no_delta", 300, 768, false, true);
+    norm_case("add_rms_norm_no_residual_gradient", 333, 2048, true, false);
+    norm_case("add_rms_norm_one_row", 1, 1024, true, true);
+    norm_case("add_rms_norm_widest", 37, 8192, true, true);
+    norm_case("add_rms_norm_narrowest", 17, 4, true, true);
+}

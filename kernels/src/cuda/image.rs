@@ -64,10 +64,11 @@ pub fn has_embedded_cubins() -> bool {
 }
 
 /// The kernel files, for run-time compilation with NVRTC.
-pub const KERNEL_FILES: [(&str, &str); 3] = [
+pub const KERNEL_FILES: [(&str, &str); 4] = [
     ("twell", include_str!("../../cuda/twell.cu")),
     ("hybrid", include_str!("../../cuda/hybrid.cu")),
     ("rope", include_str!("../../cuda/rope.cu")),
+    ("norm", include_str!("../../cuda/norm.cu")),
 ];
 
 /// Kernel file `stem` as NVRTC compiles it: `common.cuh` in place of its `#include` line
@@ -181,7 +182,7 @@ pub(super) fn load_image(
     Ok((ctx.load_module(ptx)?, loaded))
 }
 
-/// Compiles kernel file `stem` (`twell`, `hybrid` or `rope`) from its embedded source ([`nvrtc_source`]) with NVRTC for
+/// Compiles kernel file `stem` (`twell`, `hybrid`, `rope` or `norm`) from its embedded source ([`nvrtc_source`]) with NVRTC for
 /// `arch` (e.g. `compute_90a`), finding the CUDA headers as [`cuda_include_dirs`] does.
 /// Needs libnvrtc, not a GPU.
 pub fn nvrtc_compile(stem: &str, arch: &str) -> Result<cudarc::nvrtc::Ptx> {

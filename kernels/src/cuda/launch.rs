@@ -238,6 +238,14 @@ kernels! {
     rope_qkv_bwd ["rope_qkv_bwd"]
         (dq: DevPtr, dk: DevPtr, dv: DevPtr, cos: DevPtr, sin: DevPtr, dqkv: DevPtr,
          t_len: i32, nh: i32, nkv: i32, hd: i32, pos0: i32);
+    /// norm.cu: the residual add and RMSNorm, bf16 out.
+    add_rms_norm_fwd ["add_rms_norm_fwd"]
+        (x: DevPtr, delta: DevPtr, w: DevPtr, x_new: DevPtr, y: DevPtr, rstd: DevPtr, n: i32,
+         d: i32, eps: f32);
+    /// norm.cu: its backward, with per-block partial weight gradients.
+    add_rms_norm_bwd ["add_rms_norm_bwd"]
+        (g_x_new: DevPtr, g_y: DevPtr, x_new: DevPtr, w: DevPtr, rstd: DevPtr, g_x: DevPtr,
+         g_delta: DevPtr, dw_part: DevPtr, n: i32, d: i32);
 }
 
 /// A 2-D TMA descriptor (CUtensorMap), passed to the wgmma gate kernel by value.

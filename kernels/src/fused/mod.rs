@@ -6,6 +6,7 @@
 //! - [`linear_cross_entropy`]: the LM head and its cross-entropy in row chunks, never holding
 //!   the logits of the whole batch.
 //! - [`rope`]: rotary embeddings fused with the head split of the stacked q/k/v GEMM.
+//! - [`norm`]: the residual add fused with RMSNorm.
 //! - [`adamw`]: ATen's multi-tensor AdamW and gradient norms.
 use std::ffi::c_char;
 
@@ -14,6 +15,7 @@ use crate::torch::{read_err, ERR_LEN};
 pub mod adamw;
 pub mod linear_cross_entropy;
 pub mod master_weights;
+pub mod norm;
 pub mod rope;
 
 /// A fused op refused its inputs or failed inside libtorch; the message says which and why.

@@ -11,6 +11,7 @@ use super::parallel::{Split, TensorParallel};
 use crate::config::ModelConfig;
 use sparse_kernels::fused::linear_cross_entropy::{linear_cross_entropy, DEFAULT_CHUNK};
 use sparse_kernels::fused::master_weights::{cached_weight, master_linear};
+use sparse_kernels::fused::norm::add_rms_norm;
 use sparse_kernels::fused::rope::rope_qkv;
 use sparse_kernels::torch::profiler::range;
 use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
@@ -386,19 +387,34 @@ impl Llama {
             self.cfg.max_seq_len
         );
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
+        // A sublayer's output is added to the residual stream by the next norm, which the
+        // training forward fuses with that add (`sparse_kernels::fused::norm`).
+        let mut pending: Option<Tensor> = None;
+        let eps = self.cfg.rms_norm_eps;
+        let norm = |x: &Tensor, delta: Option<&Tensor>, w: &Tensor| -> (Tensor, Tensor) {
+            if weights.is_some() {
+                let n =
+                    add_rms_norm(x, delta, w, eps, self.compute).unwrap_or_else(|e| panic!("{e}"));
+                return (n.residual, n.normed);
+            }
+            let residual = delta.map_or_else(|| x.shallow_clone(), |d| x + d);
+            let normed = rms_norm(&residual, w, eps);
+            (residual, normed)
+        };
         let mut l1_total: Option<Tensor> = None;
         let mut layers = Vec::with_capacity(if statistics { self.blocks.len() } else { 0 });
         for (l, (blk, &path)) in self.blocks.iter().zip(paths).enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let compute = weights.map(|w| &w.blocks[l]);
             let attention = range(c"attention");
-            let ax = self.enter_split(rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps));
-            x = &x + self.leave_split(self.attention(blk, &ax, pos, kv, compute));
+            let (residual, ax) = norm(&x, pending.as_ref(), &blk.input_norm);
+            let a = self.leave_split(self.attention(blk, &self.enter_split(ax), pos, kv, compute));
             drop(attention);
             let ffn = range(c"ffn");
-            let hx = self.enter_split(rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps));
-            let out = self.ffn(blk, &hx, path, statistics, compute);
-            x = &x + self.leave_split(out.y.view([b, t, -1]));
+            let (residual, hx) = norm(&residual, Some(&a), &blk.post_norm);
+            x = residual;
+            let out = self.ffn(blk, &self.enter_split(hx), path, statistics, compute);
+            pending = Some(self.leave_split(out.y.view([b, t, -1])));
             drop(ffn);
             if !statistics {
                 continue;
@@ -426,7 +442,7 @@ impl Llama {
             c.len += t;
         }
         BlocksOutput {
-            hidden: rms_norm(&x, &self.norm, self.cfg.rms_norm_eps),
+            hidden: norm(&x, pending.as_ref(), &self.norm).1,
             l1_total,
             layers,
         }

@@ -18,9 +18,10 @@
 #                 checkpoint, dense vs TwELL, batch 1 and 32
 #   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
 #   ab            CARRY/bin/sparse-train-before against CARRY/bin/sparse-train, dense 1.5b
-#   train-step    the training step against PyTorch's best, in one job: `bench train` at 1.5b
-#                 (dense and hybrid at 99.5 % imposed sparsity, 4 micro-batches of 4 x 2048,
-#                 the trainer's step) and torch_anchor.py's eager and compile steps
+#   train-step    the training step against PyTorch's best, in one job, per shape of SHAPES
+#                 (default 1.5b): `bench train` (dense and hybrid at 99.5 % imposed sparsity,
+#                 the anchor's micro-batches, the trainer's step) and torch_anchor.py's eager
+#                 and compile steps
 #   profile       a Chrome trace of one dense 1.5b training step and where its time goes
 #                 (scripts/profile_summary.py), then the anchor's 1.5b training step
 #                 (PROFILE_ANCHOR=0: without it)
@@ -195,10 +196,17 @@ case_ab() {
 
 case_train_step() {
   gpu_info
-  run bench train --config configs/1.5b.yaml --steps "${STEPS:-4}" --warmup 1 --accum 4
   [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; failed=1; return; }
-  echo "+ torch_anchor.py train --shape 1.5b"
-  python3 "$CARRY/torch_anchor.py" train --shape 1.5b | tee "$OUT/anchor-train-1.5b.jsonl" || failed=1
+  local shape micro accum
+  for shape in ${SHAPES:-1.5b}; do
+    # The anchor's step: 4 micro-batches of 4 sequences (2 of 32 at 125m).
+    micro=4 accum=4
+    [ "$shape" = 125m ] && micro=32 accum=2
+    run bench train --config "configs/$shape.yaml" --steps "${STEPS:-4}" --warmup 1 \
+      --batch "$micro" --accum "$accum"
+    echo "+ torch_anchor.py train --shape $shape"
+    python3 "$CARRY/torch_anchor.py" train --shape "$shape" | tee "$OUT/anchor-train-$shape.jsonl" || failed=1
+  done
 }
 
 case_anchors() {

@@ -13,13 +13,7 @@ pub fn dense_ffn(x: &Tensor, w: &FfnWeights) -> FfnOutput {
     let h = g.relu() * u;
     let y = h.matmul(w.down_t);
     let l1_sum = h.abs().sum(Kind::Float);
-    let (active_per_token, active_per_unit) = tch::no_grad(|| {
-        let active = h.ne(0.0);
-        (
-            active.sum_dim_intlist(-1, false, Kind::Int64),
-            active.sum_dim_intlist(0, false, Kind::Int64),
-        )
-    });
+    let (active_per_token, active_per_unit) = tch::no_grad(|| active_counts(&h));
     let overflow_rows = Tensor::zeros([2], (Kind::Int64, x.device()));
     FfnOutput {
         y,
@@ -28,6 +22,27 @@ pub fn dense_ffn(x: &Tensor, w: &FfnWeights) -> FfnOutput {
         active_per_unit,
         overflow_rows,
     }
+}
+
+/// Active units per token and tokens per unit of `h: [N, H]` (int64). In a half-precision
+/// dtype the indicator stays in that dtype (`|sign(h)|`, exact 0 and 1) and is summed in f32
+/// inside the reduction (exact below 2^24), instead of counting a bool tensor, which ATen
+/// first widens to an int64 copy of `[N, H]` for each sum.
+fn active_counts(h: &Tensor) -> (Tensor, Tensor) {
+    if matches!(h.kind(), Kind::BFloat16 | Kind::Half) {
+        let active = h.sign().abs_();
+        let count = |dim: i64| {
+            active
+                .sum_dim_intlist(dim, false, Kind::Float)
+                .to_kind(Kind::Int64)
+        };
+        return (count(-1), count(0));
+    }
+    let active = h.ne(0.0);
+    (
+        active.sum_dim_intlist(-1, false, Kind::Int64),
+        active.sum_dim_intlist(0, false, Kind::Int64),
+    )
 }
 
 /// The dense FFN without statistics or L1 (inference; see
@@ -108,6 +123,22 @@ pub(super) fn backward(t: &Inputs, dy: &Tensor, dl1: &Tensor) -> [Tensor; 4] {
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// The half-precision count path equals counting `h != 0`, with exact zeros, negatives
+    /// and a row with every unit active.
+    #[test]
+    fn half_precision_counts_equal_the_bool_counts() {
+        let _rng = crate::testing::lock_tch_rng();
+        tch::manual_seed(4);
+        let h = Tensor::randn([300, 70], (Kind::Float, Device::Cpu)).relu()
+            * Tensor::randn([300, 70], (Kind::Float, Device::Cpu));
+        let _ = h.narrow(0, 7, 1).fill_(-2.5);
+        let (pt, pu) = active_counts(&h.to_kind(Kind::BFloat16));
+        let (wt, wu) = active_counts(&h);
+        assert!(pt.equal(&wt) && pu.equal(&wu));
+        assert_eq!(pt.kind(), Kind::Int64);
+        assert_eq!(pt.int64_value(&[7]), 70);
+    }
 
     /// The fallback's explicit forward and backward match tch autograd through the oracle.
     #[test]

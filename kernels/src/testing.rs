@@ -148,6 +148,23 @@ pub fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
     err / want.abs().max().double_value(&[]).max(1e-30)
 }
 
+/// One AdamW update (decoupled weight decay, bias-corrected) written out in f64 on
+/// `[param, exp_avg, exp_avg_sq]`, in place: the reference of the fused optimizer's tests.
+/// `g` is the gradient as the update reads it (already divided by any clipping factor).
+pub fn adamw_reference_step(
+    state: &mut [Tensor; 3],
+    g: &Tensor,
+    h: &crate::fused::adamw::AdamWStep,
+) {
+    let [p, m, v] = state;
+    let step = h.step as i32;
+    *p = &*p * (1.0 - h.lr * h.weight_decay);
+    *m = &*m * h.beta1 + g * (1.0 - h.beta1);
+    *v = &*v * h.beta2 + g * g * (1.0 - h.beta2);
+    let denom = (&*v / (1.0 - h.beta2.powi(step))).sqrt() + h.eps;
+    *p = &*p - (&*m / &denom) * (h.lr / (1.0 - h.beta1.powi(step)));
+}
+
 /// Held by the unit tests that seed tch's global generator and then draw from it, so that
 /// tests running in parallel threads do not interleave their draws.
 #[cfg(test)]

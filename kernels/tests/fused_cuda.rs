@@ -22,7 +22,7 @@ use sparse_kernels::cuda_runtime;
 use sparse_kernels::fused::adamw::{foreach_norm, fused_adamw, AdamWStep, AdamWTensor};
 use sparse_kernels::fused::linear_cross_entropy::linear_cross_entropy;
 use sparse_kernels::fused::master_weights::{cached_weight, master_linear};
-use sparse_kernels::testing::relative_error;
+use sparse_kernels::testing::{adamw_reference_step, relative_error};
 use tch::{Device, Kind, Reduction, Tensor};
 
 /// Random values exactly representable in bf16, as f32 on `dev`.
@@ -300,13 +300,8 @@ fn fused_adamw_and_norms_on_cuda_equal_the_formula_in_f64() {
         };
         let s = Tensor::from_slice(&[divisor as f32]).to_device(dev);
         fused_adamw(&list, &h, Some(&s)).unwrap();
-        for (i, [p, m, v]) in want.iter_mut().enumerate() {
-            let g = &g64[i];
-            *p = &*p * (1.0 - lr * wd);
-            *m = &*m * b1 + g * (1.0 - b1);
-            *v = &*v * b2 + g * g * (1.0 - b2);
-            let denom = (&*v / (1.0 - b2.powi(step as i32))).sqrt() + eps;
-            *p = &*p - (&*m / &denom) * (lr / (1.0 - b1.powi(step as i32)));
+        for (state, g) in want.iter_mut().zip(&g64) {
+            adamw_reference_step(state, g, &h);
         }
     }
     for (i, (p, [w, _, _])) in params.iter().zip(&want).enumerate() {

@@ -67,9 +67,7 @@ impl AdamW {
         let Some(first) = self.params.first() else {
             return Ok(());
         };
-        let divisor = (max_norm > 0.0 && norm > max_norm).then(|| {
-            Tensor::from_slice(&[((norm + 1e-6) / max_norm) as f32]).to_device(first.param.device())
-        });
+        let divisor = clip_divisor(norm, max_norm, first.param.device());
         let grads: Vec<Tensor> = self.params.iter().map(|p| p.param.grad()).collect();
         for decay in [true, false] {
             let group: Vec<AdamWTensor> = self
@@ -134,6 +132,13 @@ impl AdamW {
         let shares = Tensor::from_slice(&shares).to_device(first.device());
         (Tensor::stack(&norms, 0).square() * shares).sum(Kind::Float)
     }
+}
+
+/// What fused AdamW divides the gradients by to clip their global norm `norm` to `max_norm`
+/// (`None`: no clipping, off when `max_norm <= 0`), as a one-element tensor on `device`.
+fn clip_divisor(norm: f64, max_norm: f64, device: tch::Device) -> Option<Tensor> {
+    (max_norm > 0.0 && norm > max_norm)
+        .then(|| Tensor::from_slice(&[((norm + 1e-6) / max_norm) as f32]).to_device(device))
 }
 
 /// ZeRO-1: each data-parallel rank keeps the AdamW moments of one contiguous block of the
@@ -270,9 +275,7 @@ impl Zero1 {
             if opt.weight_decay > 0.0 {
                 let _ = block.g_mul_(&(&self.decay_mask * (-lr * opt.weight_decay) + 1.0));
             }
-            let divisor = (max_norm > 0.0 && norm > max_norm).then(|| {
-                Tensor::from_slice(&[((norm + 1e-6) / max_norm) as f32]).to_device(device)
-            });
+            let divisor = clip_divisor(norm, max_norm, device);
             let h = AdamWStep {
                 lr,
                 beta1: opt.beta1,

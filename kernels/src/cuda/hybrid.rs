@@ -31,9 +31,9 @@ use super::consts::{
 };
 use super::image::load_image;
 use super::launch::{
-    cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill, hyb_fwd, hyb_l1, hyb_scan,
-    hyb_segscan, hyb_unitscan, load_functions, load_once, ptr, row_kernel_max_d, LaunchShape,
-    PerDevice,
+    check_tensor, cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill, hyb_fwd, hyb_l1,
+    hyb_scan, hyb_segscan, hyb_unitscan, load_functions, load_once, ptr, row_kernel_max_d,
+    LaunchShape, PerDevice,
 };
 use super::twell::{TwellKernels, TwellWorkspace};
 use super::{CudaKernelError, Result};
@@ -178,20 +178,6 @@ fn size_hints() -> &'static Mutex<HashMap<SizeKey, (i64, i64)>> {
     HINTS.get_or_init(Default::default)
 }
 
-fn check_bf16(name: &str, t: &Tensor, shape: [i64; 2], device: Device) -> Result<()> {
-    if t.size() == shape && t.kind() == Kind::BFloat16 && t.is_contiguous() && t.device() == device
-    {
-        Ok(())
-    } else {
-        Err(CudaKernelError::Shape(format!(
-            "{name}: {:?} {:?} on {:?}, want {shape:?} bf16 contiguous on {device:?}",
-            t.size(),
-            t.kind(),
-            t.device()
-        )))
-    }
-}
-
 /// Hybrid forward of `y = (relu(x Wg^T) * (x Wu^T)) Wd^T` and `l1_sum = sum |h|` on tch's
 /// current stream. Inputs bf16 contiguous on one CUDA device. Exact: grows and reruns until
 /// the status word is clean (one host sync per round).
@@ -200,9 +186,9 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     let k = HybridKernels::for_device(device)?;
     let (n, d) = x.size2()?;
     let h = wg.size().first().copied().unwrap_or(0);
-    check_bf16("x", x, [n, d], device)?;
+    check_tensor("x", x, Kind::BFloat16, &[n, d], device)?;
     for (name, w) in [("Wg", wg), ("Wu", wu), ("Wd^T", wdt)] {
-        check_bf16(name, w, [h, d], device)?;
+        check_tensor(name, w, Kind::BFloat16, &[h, d], device)?;
     }
     if !k.supports(n, d, h) {
         return Err(CudaKernelError::Shape(format!(
@@ -425,10 +411,10 @@ pub fn hybrid_backward(
     let device = x.device();
     let k = HybridKernels::for_device(device)?;
     let (n, d, h) = (s.n, s.d, s.h);
-    check_bf16("x", x, [n, d], device)?;
-    check_bf16("dy", dy, [n, d], device)?;
+    check_tensor("x", x, Kind::BFloat16, &[n, d], device)?;
+    check_tensor("dy", dy, Kind::BFloat16, &[n, d], device)?;
     for (name, w) in [("Wg", wg), ("Wu", wu), ("Wd^T", wdt)] {
-        check_bf16(name, w, [h, d], device)?;
+        check_tensor(name, w, Kind::BFloat16, &[h, d], device)?;
     }
     if dl1.numel() != 1
         || dl1.kind() != Kind::Float

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaModule};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::consts::WGMMA_K_TILE;
 use super::{CudaKernelError, Result};
@@ -22,6 +22,26 @@ pub(super) type DevPtr = u64;
 /// The device address of a tensor's data.
 pub(super) fn ptr(t: &Tensor) -> DevPtr {
     t.data_ptr() as DevPtr
+}
+
+/// That `t` is a contiguous `kind` tensor of `shape` on `device`, as a kernel indexes it;
+/// otherwise a shape error naming it (`name`) and what it is.
+pub(super) fn check_tensor(
+    name: &str,
+    t: &Tensor,
+    kind: Kind,
+    shape: &[i64],
+    device: Device,
+) -> Result<()> {
+    if t.size() == shape && t.kind() == kind && t.is_contiguous() && t.device() == device {
+        return Ok(());
+    }
+    Err(CudaKernelError::Shape(format!(
+        "{name}: {:?} {:?} on {:?}, want {shape:?} {kind:?} contiguous on {device:?}",
+        t.size(),
+        t.kind(),
+        t.device()
+    )))
 }
 
 /// Kernels loaded once per process and device.

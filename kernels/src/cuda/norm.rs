@@ -8,7 +8,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::consts::{NORM_MAX_GRANULES, NORM_ROWS, NORM_THREADS};
 use super::image::load_image;
-use super::launch::{add_rms_norm_bwd, add_rms_norm_fwd, load_once, ptr, LaunchShape, PerDevice};
+use super::launch::{
+    add_rms_norm_bwd, add_rms_norm_fwd, check_tensor, load_once, ptr, LaunchShape, PerDevice,
+};
 use super::twell::TwellKernels;
 use super::{CudaKernelError, Result};
 
@@ -51,14 +53,8 @@ pub fn norm_blocks(n: i64) -> i64 {
 
 fn check(tensors: &[(&str, Option<&Tensor>, Kind, Vec<i64>)], device: Device) -> Result<()> {
     for (name, t, kind, want) in tensors {
-        let Some(t) = t else { continue };
-        if t.kind() != *kind || !t.is_contiguous() || &t.size() != want || t.device() != device {
-            return Err(CudaKernelError::Shape(format!(
-                "add_rms_norm: {name} must be {kind:?} contiguous {want:?} on {device:?}, got {:?} {:?} on {:?}",
-                t.kind(),
-                t.size(),
-                t.device()
-            )));
+        if let Some(t) = t {
+            check_tensor(&format!("add_rms_norm {name}"), t, *kind, want, device)?;
         }
     }
     Ok(())

@@ -8,7 +8,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::consts::ROPE_THREADS;
 use super::image::load_image;
-use super::launch::{load_once, ptr, rope_qkv_bwd, rope_qkv_fwd, LaunchShape, PerDevice};
+use super::launch::{
+    check_tensor, load_once, ptr, rope_qkv_bwd, rope_qkv_fwd, LaunchShape, PerDevice,
+};
 use super::twell::TwellKernels;
 use super::{CudaKernelError, Result};
 
@@ -88,18 +90,7 @@ impl RopeShape {
         }
         let device = tables.0.device();
         for (name, t, want) in tensors {
-            if t.kind() != Kind::BFloat16
-                || !t.is_contiguous()
-                || &t.size() != want
-                || t.device() != device
-            {
-                return bad(format!(
-                    "{name} must be bf16 contiguous {want:?} on {device:?}, got {:?} {:?} on {:?}",
-                    t.kind(),
-                    t.size(),
-                    t.device()
-                ));
-            }
+            check_tensor(&format!("rope {name}"), t, Kind::BFloat16, want, device)?;
         }
         Ok(())
     }

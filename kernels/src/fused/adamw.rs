@@ -118,6 +118,7 @@ pub fn foreach_norm(tensors: &[&Tensor]) -> Result<Vec<Tensor>, FusedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::adamw_reference_step;
     use tch::{Device, Kind};
 
     /// Three updates of two tensors against AdamW written out in f64, one of them with a
@@ -171,15 +172,8 @@ mod tests {
             };
             let s = Tensor::from_slice(&[scale as f32]);
             fused_adamw(&list, &h, Some(&s)).unwrap();
-            for (i, [p, m, v]) in want.iter_mut().enumerate() {
-                let g = &g64[i];
-                *p = &*p * (1.0 - lr * wd);
-                *m = &*m * b1 + g * (1.0 - b1);
-                *v = &*v * b2 + g * g * (1.0 - b2);
-                let bc1 = 1.0 - b1.powi(step as i32);
-                let bc2 = 1.0 - b2.powi(step as i32);
-                let denom = (&*v / bc2).sqrt() + eps;
-                *p = &*p - (&*m / &denom) * (lr / bc1);
+            for (state, g) in want.iter_mut().zip(&g64) {
+                adamw_reference_step(state, g, &h);
             }
         }
         for (p, [w, _, _]) in params.iter().zip(&want) {

@@ -19,7 +19,6 @@ pub type ForwardFn<'a> = &'a dyn Fn(&[Tensor]) -> Result<(Vec<Tensor>, BackwardF
 
 struct Op<'a> {
     forward: ForwardFn<'a>,
-    n_out: usize,
 }
 
 /// Mirrors `RustFunctionCallbacks` in `bridge/rust_function.cpp`.
@@ -68,7 +67,7 @@ pub fn apply_function(
     n_out: usize,
     forward: ForwardFn,
 ) -> Result<Vec<Tensor>, String> {
-    let op = Op { forward, n_out };
+    let op = Op { forward };
     let cb = Callbacks {
         op: &op as *const Op as *const c_void,
         n_in: inputs.len(),
@@ -120,15 +119,17 @@ unsafe extern "C" fn forward_cb(
     err_len: usize,
 ) -> c_int {
     // SAFETY: `op` is the `Op` of the running `apply_function`; the bridge passes n_in owned
-    // handles (inputs are defined tensors) and room for n_out.
+    // handles (null for an undefined tensor) and room for n_out.
     let op = &*(op as *const Op);
-    let tensors: Vec<Tensor> = (0..n_in)
-        .map(|i| take(*inputs.add(i)).unwrap_or_else(|| Tensor::from(0.0f32)))
-        .collect();
-    let result = catch_unwind(AssertUnwindSafe(|| (op.forward)(&tensors)))
-        .unwrap_or_else(|p| Err(format!("forward panicked: {}", panic_message(p))));
+    // Every handle is taken (and so freed) before any is checked.
+    let taken: Vec<Option<Tensor>> = (0..n_in).map(|i| take(*inputs.add(i))).collect();
+    let result = match taken.into_iter().collect::<Option<Vec<Tensor>>>() {
+        None => Err("an input is an undefined tensor".to_string()),
+        Some(tensors) => catch_unwind(AssertUnwindSafe(|| (op.forward)(&tensors)))
+            .unwrap_or_else(|p| Err(format!("forward panicked: {}", panic_message(p)))),
+    };
     match result {
-        Ok((outs, backward)) if outs.len() == op.n_out && n_out == op.n_out => {
+        Ok((outs, backward)) if outs.len() == n_out => {
             for (i, t) in outs.into_iter().enumerate() {
                 *outputs.add(i) = into_raw(t);
             }
@@ -136,11 +137,7 @@ unsafe extern "C" fn forward_cb(
             0
         }
         Ok((outs, _)) => {
-            let msg = format!(
-                "forward returned {} outputs, {} declared",
-                outs.len(),
-                op.n_out
-            );
+            let msg = format!("forward returned {} outputs, {n_out} declared", outs.len());
             write_err(err, err_len, &msg);
             1
         }

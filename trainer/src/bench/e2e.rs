@@ -48,6 +48,9 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be >= 1");
     }
+    if args.accum == 0 {
+        bail!("--accum must be >= 1 (micro-batches per training step)");
+    }
     if !tch::Cuda::is_available() {
         bail!("bench train/infer needs a CUDA device (tch sees none)");
     }
@@ -59,7 +62,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         Mode::Infer | Mode::Generate => 64,
     }) as i64;
     let accum = match mode {
-        Mode::Train => args.accum.max(1) as i64,
+        Mode::Train => args.accum as i64,
         Mode::Infer | Mode::Generate => 1,
     };
     let tokens_per_iter = (accum * batch * seq) as f64;

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 /// RoPE tables `[max_seq_len, head_dim]` for HF's rotate-half layout: `cos`, and `sin` with
 /// its first half negated, so that `rotate_half(x) * sin = [-x2, x1] * [sin1, sin2]` is
-/// `roll(x, hd / 2) * [-sin1, sin2]` (see [`apply_rope`]).
+/// `roll(x, hd / 2) * [-sin1, sin2]` (see `sparse_kernels::fused::rope::rotate`).
 pub(super) fn rope_tables(cfg: &ModelConfig, device: Device) -> (Tensor, Tensor) {
     let hd = cfg.head_dim() as i64;
     let inv_freq = (Tensor::arange_start_step(0, hd, 2, (Kind::Float, device)) / hd as f64)
@@ -26,17 +26,10 @@ pub(super) fn rope_tables(cfg: &ModelConfig, device: Device) -> (Tensor, Tensor)
     (emb.cos(), signed_sin)
 }
 
-/// `x: [B, heads, T, hd]` rotated by the table rows of its positions (`cos, signed_sin:
-/// [T, hd]`, from [`rope_tables`]): `x * cos + roll(x, hd / 2) * signed_sin`, three
-/// elementwise kernels forward and three backward (the half-rotation as a concatenation of
-/// negated narrows costs twice that, measured in docs/benchmarks.md). The training forward
-/// fuses it with the head split instead (`sparse_kernels::fused::rope`).
-fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
-    rotate(x, cos, signed_sin)
-}
-
 /// Attention of `q: [B, heads, T, hd]` over `k, v: [B, kv_heads, T, hd]` placed at positions
-/// `pos..pos + T` (RoPE applied here; see [`attend_rotated`]).
+/// `pos..pos + T`, RoPE applied here by `rotate` with the table rows of those positions (three
+/// elementwise kernels each way; the training forward fuses it with the head split instead,
+/// `sparse_kernels::fused::rope`). See [`attend_rotated`].
 pub(super) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -48,8 +41,8 @@ pub(super) fn attend(
     let t = q.size()[2];
     let cos = cos.narrow(0, pos, t);
     let sin = sin.narrow(0, pos, t);
-    let q = apply_rope(q, &cos, &sin);
-    let k = apply_rope(k, &cos, &sin);
+    let q = rotate(q, &cos, &sin);
+    let k = rotate(k, &cos, &sin);
     attend_rotated(&q, &k, v, pos, kv)
 }
 
@@ -110,7 +103,7 @@ mod tests {
         tch::manual_seed(7);
         let x = Tensor::randn([2, 3, 12, hd], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let dy = Tensor::randn([2, 3, 12, hd], (Kind::Float, Device::Cpu));
-        let got = apply_rope(&x, &cos, &signed_sin);
+        let got = rotate(&x, &cos, &signed_sin);
         let dx_got = Tensor::run_backward(&[(&got * &dy).sum(Kind::Float)], &[&x], false, false);
 
         let x64 = x.detach().to_kind(Kind::Double).set_requires_grad(true);

@@ -353,8 +353,7 @@ impl Llama {
             CachedOutput::LastLogits => x.narrow(1, t - 1, 1),
             CachedOutput::AllLogits => x,
         };
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        self.linear(&x, head).to_kind(Kind::Float)
+        self.linear(&x, self.head()).to_kind(Kind::Float)
     }
 
     /// The decoder blocks and the final norm over `tokens: [B, T]`, the one loop behind

@@ -73,6 +73,8 @@ fn build_bridge() {
         torch.join("lib").display()
     );
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    // at::cuda::CUDAGraph (bridge/cuda_graph.cpp).
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
 }
 
 fn build_cubins() {

@@ -8,8 +8,9 @@
 // delta and g_x_new may be null (no residual branch / no gradient reaching x_new).
 // x, x_new, g_x_new, g_x: [N, D] f32; delta, y, g_y, g_delta: [N, D] bf16; w: [D] f32;
 // rstd: [N] f32; dw_part: [gridDim.x, D] f32. D % 4 == 0, D <= NORM_THREADS * 4 *
-// NORM_MAX_GRANULES. One block per NORM_ROWS token rows; thread t owns the 4-column granules
-// t + j * NORM_THREADS.
+// NORM_MAX_GRANULES. The forward takes `rows` token rows per block (NORM_ROWS at training
+// sizes, fewer for a few rows, so that decode-sized launches spread over the SMs); the
+// backward NORM_ROWS. Thread t owns the 4-column granules t + j * NORM_THREADS.
 #include "common.cuh"
 
 // Sum of v over the block (every thread gets it); `red` holds NORM_THREADS / 32 floats.
@@ -45,11 +46,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 add_rms_norm_fwd(const float* __restrict__ x, const __nv_bfloat16* __restrict__ delta,
                  const float* __restrict__ w, float* __restrict__ x_new,
                  __nv_bfloat16* __restrict__ y, float* __restrict__ rstd, int n, int d,
-                 float eps) {
+                 float eps, int rows) {
   __shared__ float red[NORM_THREADS / 32];
   const int ng = d >> 2;
-  const int r_end = min(n, (int)(blockIdx.x + 1) * NORM_ROWS);
-  for (int r = blockIdx.x * NORM_ROWS; r < r_end; ++r) {
+  const int r_end = min(n, (int)(blockIdx.x + 1) * rows);
+  for (int r = blockIdx.x * rows; r < r_end; ++r) {
     const size_t base = (size_t)r * d;
     float v[NORM_MAX_GRANULES][4];
     float ss = 0.f;

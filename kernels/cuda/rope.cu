@@ -91,3 +91,48 @@ rope_qkv_bwd(const __nv_bfloat16* __restrict__ dq, const __nv_bfloat16* __restri
     }
   }
 }
+
+// The inference form: q rotated into q [B, nh, T, hd]; k rotated and v copied straight into
+// the KV cache k_cache, v_cache [B, nkv, capacity, hd] at positions pos..pos + T, where pos is
+// read on the device (*pos_dev), so one captured decode step serves every position. Rows
+// whose position is past the tables or the cache write nothing (the caller bounds the length).
+// Grid (B * T, chunks): block y takes pairs y * ROPE_THREADS + i, striding by the grid's
+// width, so a decode step's single row is spread over several SMs.
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+rope_qkv_cache(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+               const float* __restrict__ sin, __nv_bfloat16* __restrict__ q,
+               __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
+               const long long* __restrict__ pos_dev, int t_len, int nh, int nkv, int hd,
+               int capacity, int positions) {
+  const int row = blockIdx.x;
+  const int b = row / t_len, t = row - b * t_len;
+  const long long pos = *pos_dev + t;
+  if (pos < 0 || pos >= capacity || pos >= positions) return;
+  const int half = hd / 2;
+  const int heads = nh + 2 * nkv;
+  const float* c_row = cos + (size_t)pos * hd;
+  const float* s_row = sin + (size_t)pos * hd + half;
+  const __nv_bfloat16* in = qkv + (size_t)row * heads * hd;
+  for (int p = blockIdx.y * ROPE_THREADS + threadIdx.x; p < heads * half;
+       p += ROPE_THREADS * gridDim.y) {
+    const int head = p / half, i = p - head * half;
+    const __nv_bfloat16* x = in + head * hd;
+    __nv_bfloat16* out;
+    if (head < nh) {
+      out = q + (((size_t)b * nh + head) * t_len + t) * hd;
+    } else if (head < nh + nkv) {
+      out = k_cache + (((size_t)b * nkv + (head - nh)) * capacity + pos) * hd;
+    } else {
+      out = v_cache + (((size_t)b * nkv + (head - nh - nkv)) * capacity + pos) * hd;
+    }
+    if (head < nh + nkv) {
+      const float x1 = __bfloat162float(x[i]), x2 = __bfloat162float(x[i + half]);
+      const float c = c_row[i], s = s_row[i];
+      out[i] = __float2bfloat16(x1 * c - x2 * s);
+      out[i + half] = __float2bfloat16(x2 * c + x1 * s);
+    } else {
+      out[i] = x[i];
+      out[i + half] = x[i + half];
+    }
+  }
+}

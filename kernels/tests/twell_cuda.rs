@@ -65,6 +65,12 @@ fn twell_kernels_match_dense_on_gpu() {
     for (n, d, h, shift, heavy) in [
         (1, 2048, 5632, -2.5, 0),
         (8, 512, 1000, -2.0, 0),
+        // The skinny decode gate up to its 64 tokens: a decode batch, an odd count with
+        // heavy rows, every row heavy (full tiles), and an H that is not a tile multiple.
+        (32, 2048, 5632, -2.5, 2),
+        (17, 2048, 5632, -2.5, 5),
+        (64, 1024, 5632, -2.5, 64),
+        (33, 512, 1000, 0.0, 33),
         (777, 1024, 5632, -2.5, 3),
         (256, 2048, 5632, 0.0, 256),
         (4096, 2048, 5632, -2.5, 40),

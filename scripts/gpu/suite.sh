@@ -10,8 +10,9 @@
 #                 SPARSE_TRAIN_REQUIRE_GPU=1; exits non-zero if any test fails
 #   benches       FFN and end-to-end benches at 1.5b, the dense trainer's MFU at 1.5b, the
 #                 trainer under `mpirun -n 1` (NCCL)
-#   decode        one FFN layer at prefill and decode sizes, bench generate at 1.5b and 2b,
-#                 PyTorch's eager and CUDA-graph decode (scripts/gpu/torch_decode.py)
+#   decode        bench generate (the captured decoder, dense and TwELL, GEN_BATCH, default
+#                 1,32) and torch_anchor.py's eager and CUDA-graph decode, in one job, per
+#                 shape of SHAPES (default 1.5b)
 #   study         the sparsity study: 125m-dense and 125m on the real corpus (docs/study)
 #   hybrid-train  125m with the lambda ramp, every FFN dense vs the auto path (STEPS, 300)
 #   generate      125m trained on the real corpus (STEPS, 300), then `generate` from its
@@ -114,13 +115,15 @@ case_benches() {
 }
 
 case_decode() {
-  run bench ffn --shape 1.5b --tokens 16384,1 --sparsity 0.995 --mode infer
-  run bench generate --config configs/1.5b.yaml --gen-batch 1,32 --warmup 1
-  run bench generate --config configs/2b.yaml --gen-batch 1,32 --warmup 1
-  local ffn
-  for ffn in dense graph; do
-    echo "+ torch_decode.py --ffn $ffn"
-    python3 scripts/gpu/torch_decode.py --layers 28 --batch 1,32 --ffn $ffn || failed=1
+  gpu_info
+  [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; failed=1; return; }
+  local shape
+  for shape in ${SHAPES:-1.5b}; do
+    run bench generate --config "configs/$shape.yaml" --gen-batch "${GEN_BATCH:-1,32}" \
+      --warmup 1 --steps "${STEPS:-5}"
+    echo "+ torch_anchor.py decode --shape $shape --batch ${GEN_BATCH:-1,32}"
+    python3 "$CARRY/torch_anchor.py" decode --shape "$shape" --batch "${GEN_BATCH:-1,32}" |
+      tee "$OUT/anchor-decode-$shape.jsonl" || failed=1
   done
 }
 

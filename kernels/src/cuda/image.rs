@@ -64,11 +64,12 @@ pub fn has_embedded_cubins() -> bool {
 }
 
 /// The kernel files, for run-time compilation with NVRTC.
-pub const KERNEL_FILES: [(&str, &str); 4] = [
+pub const KERNEL_FILES: [(&str, &str); 5] = [
     ("twell", include_str!("../../cuda/twell.cu")),
     ("hybrid", include_str!("../../cuda/hybrid.cu")),
     ("rope", include_str!("../../cuda/rope.cu")),
     ("norm", include_str!("../../cuda/norm.cu")),
+    ("attention", include_str!("../../cuda/attention.cu")),
 ];
 
 /// Kernel file `stem` as NVRTC compiles it: `common.cuh` in place of its `#include` line

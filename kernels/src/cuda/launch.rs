@@ -258,10 +258,18 @@ kernels! {
     rope_qkv_bwd ["rope_qkv_bwd"]
         (dq: DevPtr, dk: DevPtr, dv: DevPtr, cos: DevPtr, sin: DevPtr, dqkv: DevPtr,
          t_len: i32, nh: i32, nkv: i32, hd: i32, pos0: i32);
+    /// rope.cu: the inference form, k and v written into the KV cache at a device position.
+    rope_qkv_cache ["rope_qkv_cache"]
+        (qkv: DevPtr, cos: DevPtr, sin: DevPtr, q: DevPtr, k_cache: DevPtr, v_cache: DevPtr,
+         pos: DevPtr, t_len: i32, nh: i32, nkv: i32, hd: i32, capacity: i32, positions: i32);
+    /// attention.cu: one query per sequence over the KV cache up to a device position.
+    decode_attention ["decode_attention"]
+        (q: DevPtr, k_cache: DevPtr, v_cache: DevPtr, pos: DevPtr, out: DevPtr, nh: i32,
+         nkv: i32, hd: i32, capacity: i32, scale: f32);
     /// norm.cu: the residual add and RMSNorm, bf16 out.
     add_rms_norm_fwd ["add_rms_norm_fwd"]
         (x: DevPtr, delta: DevPtr, w: DevPtr, x_new: DevPtr, y: DevPtr, rstd: DevPtr, n: i32,
-         d: i32, eps: f32);
+         d: i32, eps: f32, rows: i32);
     /// norm.cu: its backward, with per-block partial weight gradients.
     add_rms_norm_bwd ["add_rms_norm_bwd"]
         (g_x_new: DevPtr, g_y: DevPtr, x_new: DevPtr, w: DevPtr, rstd: DevPtr, g_x: DevPtr,

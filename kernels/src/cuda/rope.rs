@@ -9,7 +9,8 @@ use tch::{Device, Kind, Tensor};
 use super::consts::ROPE_THREADS;
 use super::image::load_image;
 use super::launch::{
-    check_tensor, load_once, ptr, rope_qkv_bwd, rope_qkv_fwd, LaunchShape, PerDevice,
+    check_tensor, load_once, ptr, rope_qkv_bwd, rope_qkv_cache, rope_qkv_fwd, LaunchShape,
+    PerDevice,
 };
 use super::twell::TwellKernels;
 use super::{CudaKernelError, Result};
@@ -20,6 +21,7 @@ pub struct RopeKernels {
     _module: Arc<CudaModule>,
     fwd: CudaFunction,
     bwd: CudaFunction,
+    cache: CudaFunction,
 }
 
 impl RopeKernels {
@@ -29,6 +31,7 @@ impl RopeKernels {
         Ok(Self {
             fwd: module.load_function("rope_qkv_fwd")?,
             bwd: module.load_function("rope_qkv_bwd")?,
+            cache: module.load_function("rope_qkv_cache")?,
             _module: module,
             tw,
         })
@@ -193,6 +196,62 @@ pub fn rope_qkv_backward_into(
             nkv,
             hdi,
             p0,
+        )
+    }
+}
+
+/// The inference form: `q: [B, heads, T, hd]` rotated, and k rotated and v written into
+/// `k_cache, v_cache: [B, kv_heads, capacity, hd]` at positions `pos..pos + T`, with `pos`
+/// the int64 scalar tensor `pos` read on the device (a captured decode step replays at every
+/// position). `s.pos0` is ignored: the position is `pos`'s value. Positions past the cache
+/// or the tables are not written.
+pub fn rope_qkv_cache_into(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    s: &RopeShape,
+    pos: &Tensor,
+    q: &Tensor,
+    [k_cache, v_cache]: [&Tensor; 2],
+) -> Result<()> {
+    let (b, t, hd) = (s.batch, s.t_len, s.head_dim);
+    let capacity = k_cache.size().get(2).copied().unwrap_or(0);
+    let at0 = RopeShape { pos0: 0, ..*s };
+    at0.check(
+        (cos, sin),
+        &[
+            ("qkv", qkv, vec![b, t, s.width()]),
+            ("q", q, vec![b, s.heads, t, hd]),
+            ("k_cache", k_cache, vec![b, s.kv_heads, capacity, hd]),
+            ("v_cache", v_cache, vec![b, s.kv_heads, capacity, hd]),
+        ],
+    )?;
+    check_tensor("rope pos", pos, Kind::Int64, &[], qkv.device())?;
+    let kern = RopeKernels::for_device(qkv.device())?;
+    let stream = kern.tw.bind(qkv.device())?;
+    let pairs = (s.heads + 2 * s.kv_heads) * hd / 2;
+    let chunks = (pairs + ROPE_THREADS - 1) / ROPE_THREADS;
+    let shape = LaunchShape::on(stream)(((b * t) as u32, chunks as u32), ROPE_THREADS, 0);
+    let (tl, nh, nkv, hdi, _) = s.args();
+    // SAFETY: every tensor was checked above: bf16 contiguous of the shapes the kernel
+    // indexes, `pos` one int64 on the device, the tables f32; the kernel bounds each row's
+    // position by the cache's capacity and the tables' rows before writing.
+    unsafe {
+        rope_qkv_cache(
+            &kern.cache,
+            shape,
+            ptr(qkv),
+            ptr(cos),
+            ptr(sin),
+            ptr(q),
+            ptr(k_cache),
+            ptr(v_cache),
+            ptr(pos),
+            tl,
+            nh,
+            nkv,
+            hdi,
+            capacity as i32,
+            cos.size()[0] as i32,
         )
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The forward of one gated FFN layer is three or four launches on **tch's current stream**
 //! (`cuda_runtime::current_stream`, passed to `cuLaunchKernel` directly): gate (wgmma/TMA on
-//! sm_90a, mma.sync elsewhere, or the skinny decode gate + pack for N <= 16) -> `twell_plan`
+//! sm_90a, mma.sync elsewhere, or the skinny decode gate + pack for N <= 64) -> `twell_plan`
 //! -> `twell_updown_gated`. All buffers live in a [`TwellWorkspace`] sized for one (N, D, H);
 //! the control words reset themselves between forwards, so the sequence can be captured in a
 //! CUDA graph. Every driver call is checked and comes back as a [`CudaKernelError`].
@@ -32,8 +32,10 @@ use super::{CudaKernelError, Result};
 
 /// Spare bins that empty TwELL slots are counted into (then dropped) by [`TwellWorkspace::stats`].
 const DUMP_BINS: i64 = 4096;
-/// Largest N handled by the skinny decode gate; larger N use the tiled GEMM.
-pub const SKINNY_MAX_TOKENS: i64 = 16;
+/// Largest N handled by the skinny decode gate (one pass over the gate weights per 64
+/// tokens); larger N use the tiled GEMM, whose 128-row tiles are mostly padding below it
+/// (measured at N = 32, H200: 27 us a layer, against 13 us for N = 1 through the skinny gate).
+pub const SKINNY_MAX_TOKENS: i64 = 64;
 
 /// The loaded TwELL module of one device.
 pub struct TwellKernels {
@@ -568,6 +570,32 @@ const WS_CACHE_LEN: usize = 8;
 /// regrows to the worst case and reruns on overflow.
 const WORST_CASE_SPILL_MAX: i64 = 1 << 19;
 const BOUNDED_SPILL_FRACTION: i64 = 16;
+
+/// The TwELL forward of one fixed (N, D, H) with a workspace of its own, for captured steps
+/// (a CUDA graph records the workspace's addresses, so it must not be shared, evicted or
+/// regrown while the graph lives, as [`twell_ffn`]'s cache may). Its spill buffer holds the
+/// worst case, so every forward is exact with no status read: nothing waits on the host.
+pub struct TwellStaticFfn {
+    kernels: Arc<TwellKernels>,
+    ws: TwellWorkspace,
+}
+
+impl TwellStaticFfn {
+    /// For `n` tokens of width `d` through `h` units on `device`, launched as
+    /// [`TwellLaunch::for_tokens`] picks.
+    pub fn new(n: i64, d: i64, h: i64, device: Device) -> Result<Self> {
+        let launch = TwellLaunch::for_tokens(n);
+        Ok(TwellStaticFfn {
+            kernels: TwellKernels::for_device(device)?,
+            ws: TwellWorkspace::new(n, d, h, launch.tw, launch.chunk, None, SLOT_CAP, device)?,
+        })
+    }
+
+    /// `y: [N, D]` bf16 for `x: [N, D]` and `Wg, Wu, WdT: [H, D]`, all bf16 contiguous.
+    pub fn forward(&self, x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Result<Tensor> {
+        self.kernels.ffn_forward(&self.ws, x, wg, wu, wdt)
+    }
+}
 
 /// `y = (relu(x Wg^T) * (x Wu^T)) WdT` through the TwELL kernels on tch's current stream:
 /// inputs cast to contiguous bf16 if needed, workspace reused across calls with the same

@@ -1,11 +1,14 @@
-//! Fused ops outside the FFN, reached through the C++ bridge (ATen kernels tch does not bind,
-//! and autograd functions built from them):
+//! Fused ops outside the FFN, for the training step and the decode step (our kernels, or
+//! ATen kernels tch does not bind reached through the C++ bridge, and autograd functions
+//! built from them):
 //! - [`master_weights`]: matrix products and ops over compute-dtype weight copies made once
 //!   per optimizer step, whose gradients accumulate straight into the fp32 master weights
 //!   (inside the GEMM on CUDA), with one GEMM for several weights that read the same input.
 //! - [`linear_cross_entropy`]: the LM head and its cross-entropy in row chunks, never holding
 //!   the logits of the whole batch.
-//! - [`rope`]: rotary embeddings fused with the head split of the stacked q/k/v GEMM.
+//! - [`rope`]: rotary embeddings fused with the head split of the stacked q/k/v GEMM (and,
+//!   decoding, with the KV-cache write).
+//! - [`attention`]: decode attention over the KV cache up to a position held on the device.
 //! - [`norm`]: the residual add fused with RMSNorm.
 //! - [`adamw`]: ATen's multi-tensor AdamW and gradient norms.
 use std::ffi::c_char;
@@ -13,6 +16,7 @@ use std::ffi::c_char;
 use crate::torch::{read_err, ERR_LEN};
 
 pub mod adamw;
+pub mod attention;
 pub mod linear_cross_entropy;
 pub mod master_weights;
 pub mod norm;

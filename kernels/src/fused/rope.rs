@@ -11,7 +11,9 @@
 use tch::{Device, Kind, Tensor};
 
 use super::FusedError;
-use crate::cuda::rope::{rope_qkv_backward_into, rope_qkv_forward_into, RopeShape};
+use crate::cuda::rope::{
+    rope_qkv_backward_into, rope_qkv_cache_into, rope_qkv_forward_into, RopeShape,
+};
 use crate::torch::function::{apply_function, BackwardFn};
 
 /// `x: [..., T, hd]` rotated by the table rows `cos, sin: [T, hd]` of its positions:
@@ -50,6 +52,64 @@ pub fn rope_qkv(
         return fused(qkv, (cos, sin), shape);
     }
     Ok(unfused(qkv, (cos, sin), &shape))
+}
+
+/// The inference form of [`rope_qkv`] (no gradient): returns q `[B, heads, T, hd]` rotated,
+/// and writes k rotated and v into the KV cache `k_cache, v_cache: [B, kv_heads, capacity,
+/// hd]` at positions `pos..pos + T`, where `pos` is an int64 scalar tensor on the model's
+/// device: the position is read on the device, so a captured decode step serves every
+/// position. One kernel on CUDA bf16; ATen ops elsewhere. The caller keeps `pos + T` within
+/// the cache and the tables (on CUDA, rows past them are not written).
+pub fn rope_qkv_into_cache(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: i64,
+    kv_heads: i64,
+    pos: &Tensor,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+) -> Result<Tensor, FusedError> {
+    let size = qkv.size();
+    let hd = *cos.size().last().unwrap_or(&0);
+    if size.len() != 3 || hd == 0 || size[2] != (heads + 2 * kv_heads) * hd {
+        return Err(FusedError(format!(
+            "rope_qkv_into_cache: qkv {size:?} must be [B, T, ({heads} + 2 x {kv_heads}) x {hd}]"
+        )));
+    }
+    let (b, t) = (size[0], size[1]);
+    let _no_grad = tch::no_grad_guard();
+    let shape = RopeShape {
+        batch: b,
+        t_len: t,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        pos0: 0,
+    };
+    let on_cuda_bf16 =
+        |x: &Tensor| matches!(x.device(), Device::Cuda(_)) && x.kind() == Kind::BFloat16;
+    if on_cuda_bf16(qkv) && on_cuda_bf16(k_cache) && hd % 2 == 0 {
+        let q = Tensor::empty([b, heads, t, hd], (Kind::BFloat16, qkv.device()));
+        rope_qkv_cache_into(
+            &qkv.contiguous(),
+            (&cos.contiguous(), &sin.contiguous()),
+            &shape,
+            pos,
+            &q,
+            [k_cache, v_cache],
+        )
+        .map_err(|e| FusedError(format!("rope_qkv_into_cache: {e}")))?;
+        return Ok(q);
+    }
+    let at = Tensor::arange(t, (Kind::Int64, qkv.device())) + pos;
+    let (c, sn) = (cos.index_select(0, &at), sin.index_select(0, &at));
+    let parts = qkv.split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], -1);
+    let split = |y: &Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2);
+    let k = rotate(&split(&parts[1], kv_heads), &c, &sn);
+    let mut kc = k_cache.shallow_clone();
+    let mut vc = v_cache.shallow_clone();
+    let _ = kc.index_copy_(2, &at, &k.to_kind(kc.kind()));
+    let _ = vc.index_copy_(2, &at, &split(&parts[2], kv_heads).to_kind(vc.kind()));
+    Ok(rotate(&split(&parts[0], heads), &c, &sn))
 }
 
 /// The ATen form: head views of the stacked rows, then [`rotate`].

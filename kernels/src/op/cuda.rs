@@ -14,8 +14,8 @@ pub(super) fn twell_words_per_tile(cfg: &TwellConfig) -> Option<i64> {
         .then(|| TILE_COLS / cfg.compression as i64)
 }
 
-/// The TwELL inference kernels, no gradient: `y` in x's dtype, `l1_sum` NaN (the kernels
-/// never form |h|), the counts from the packed format (`relu(g) > 0`), `overflow_rows` the
+/// The TwELL inference kernels, no gradient: `y` in x's dtype, `l1_sum` NaN on the CPU (the
+/// kernels never form |h|), the counts from the packed format (`relu(g) > 0`), `overflow_rows` the
 /// rows with a spilled tile; empty counts with `statistics` off.
 pub(super) fn twell_forward(
     words_per_tile: i64,
@@ -42,7 +42,8 @@ pub(super) fn twell_forward(
     } else {
         y.f_to_kind(x.kind())?
     };
-    let l1 = Tensor::f_full([], f64::NAN, (Kind::Float, x.device()))?;
+    // A CPU scalar: no device work (a decode step runs this once per layer).
+    let l1 = Tensor::from(f32::NAN);
     Ok([y, l1, apt, apu, overflow])
 }
 

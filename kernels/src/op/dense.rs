@@ -47,13 +47,13 @@ fn active_counts(h: &Tensor) -> (Tensor, Tensor) {
 
 /// The dense FFN without statistics or L1 (inference; see
 /// [`crate::SparseFfnConfig::statistics`]): three matrix products and the gating,
-/// `l1_sum` NaN, empty counts.
+/// `l1_sum` NaN (a CPU scalar: no device work for a value nobody reads), empty counts.
 pub fn dense_ffn_inference(x: &Tensor, w: &FfnWeights) -> FfnOutput {
     let h = x.matmul(&w.gate.tr()).relu_() * x.matmul(&w.up.tr());
     let empty = || Tensor::zeros([0], (Kind::Int64, x.device()));
     FfnOutput {
         y: h.matmul(w.down_t),
-        l1_sum: Tensor::full([], f64::NAN, (Kind::Float, x.device())),
+        l1_sum: Tensor::from(f32::NAN),
         active_per_token: empty(),
         active_per_unit: empty(),
         overflow_rows: empty(),

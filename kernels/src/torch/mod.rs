@@ -11,6 +11,7 @@ use std::ffi::{c_char, CStr};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
+pub mod cuda_graph;
 pub mod cuda_runtime;
 pub mod function;
 pub mod hooks;

@@ -79,6 +79,10 @@ pub struct BenchE2eArgs {
     /// generate: new tokens per sequence (greedy, no early stop).
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
+    /// generate: write a Chrome trace of one more generation per path and batch into this
+    /// folder (`generate-<path>-b<batch>.json`; the kernels of the graph replays included).
+    #[arg(long)]
+    pub profile_dir: Option<PathBuf>,
 }
 
 /// Bytes per GiB, for the reports.

@@ -1,16 +1,19 @@
-//! `sparse-train generate`: text generation from a checkpoint with a KV cache.
+//! `sparse-train generate`: text generation from a checkpoint.
 //!
-//! The prompt is encoded with the GPT-2 tokenizer, replicated `--batch` times, run once
-//! through the model (prefill, causal SDPA, keys/values stored in a
-//! [`KvCache`](crate::model::KvCache)), then one token per step attends to the cache
-//! (decode): [`generate_tokens`]. The FFN runs on `--ffn-path` (TwELL kernels on CUDA by
-//! default, dense on CPU); on CUDA the weights are cast to bf16. Sampling: greedy at
-//! temperature 0 (the default), else softmax(logits / T), optionally restricted to the top k.
+//! The prompt is encoded with the GPT-2 tokenizer, replicated `--batch` times and prefilled
+//! into a static KV cache; each decode step is then one replay of a captured CUDA graph on
+//! CUDA (the [`Decoder`]: no host work or synchronisation per token; `--eager` runs the
+//! same step op by op), and the text is printed as the tokens reach the host, every
+//! `--stream-every` steps. The FFN runs on `--ffn-path` (TwELL kernels on CUDA by default,
+//! dense on CPU); on CUDA the weights are cast to bf16. Sampling on the device: greedy at
+//! temperature 0 (the default), else softmax(logits / T) within the top k and the top-p
+//! nucleus, seeded by `--seed`.
 use crate::checkpoint::load;
 use crate::data::prepare::{gpt2, GPT2_EOT};
-use crate::model::{generate_tokens, to_bf16, Sampler};
+use crate::model::{to_bf16, Decoder, Sampler};
 use anyhow::{bail, Result};
 use sparse_kernels::FfnPath;
+use std::io::Write;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
 
@@ -35,6 +38,15 @@ pub struct GenerateArgs {
     /// Sample only among the k most likely tokens (0 = all).
     #[arg(long, default_value_t = 0)]
     pub top_k: i64,
+    /// Sample only among the most likely tokens whose probability reaches p (1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Print the text every this many decode steps (one device-to-host copy each).
+    #[arg(long, default_value_t = 8)]
+    pub stream_every: usize,
+    /// Run each decode step op by op instead of replaying the captured CUDA graph.
+    #[arg(long)]
+    pub eager: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// FFN implementation: `dense` or `twell` (default: twell on CUDA, dense on CPU).
@@ -50,7 +62,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Untimed generations of the same length before the timed one (a process's first
-    /// seconds of eager decoding on a GPU are measured to run several times slower).
+    /// seconds of decoding on a GPU are measured to run several times slower).
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
 }
@@ -60,9 +72,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.batch < 1 {
         bail!("--batch must be >= 1");
     }
-    if args.temperature < 0.0 || !args.temperature.is_finite() {
-        bail!("--temperature must be >= 0");
-    }
+    let sampler = Sampler {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+    };
+    sampler
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--temperature/--top-k/--top-p: {e}"))?;
     let device = if !args.cpu && tch::Cuda::is_available() {
         Device::Cuda(0)
     } else {
@@ -110,66 +127,97 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         .repeat([args.batch, 1])
         .to_device(device);
     let paths = vec![path; cfg.num_layers];
-    let sampler = Sampler {
-        temperature: args.temperature,
-        top_k: args.top_k,
-    };
     let stop = (!args.ignore_eos).then_some(EOT);
-    let generate = || {
-        generate_tokens(
-            &loaded.model,
-            &prompt,
-            args.max_tokens,
-            sampler,
-            &paths,
-            true,
-            stop,
-        )
-    };
+    let mut decoder = Decoder::new(
+        &loaded.model,
+        args.batch,
+        total as i64,
+        &paths,
+        sampler,
+        stop,
+    )?;
+    let capture = !args.eager;
     for _ in 0..args.warmup {
-        let _ = generate();
+        decoder.generate(&prompt, args.max_tokens, args.stream_every, capture, |_| {})?;
     }
-    // Seeded after the warm-up: the timed run samples as it would without one (nothing
-    // before it draws random numbers).
+    // Seeded after the warm-up: the timed run samples as it would without one.
     tch::manual_seed(args.seed as i64);
     if device.is_cuda() {
         tch::Cuda::manual_seed_all(args.seed);
     }
-    let (tokens, stats) = generate();
-    let tokens = tokens.to_device(Device::Cpu);
-    for row in 0..args.batch.min(if args.temperature > 0.0 { 4 } else { 1 }) {
-        let mut ids: Vec<u32> = Vec::<i64>::try_from(tokens.get(row))?
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        if let Some(i) = ids.iter().position(|&t| t as i64 == EOT) {
-            ids.truncate(i + 1);
+    // Sequence 0 is printed as it comes (the longest prefix that decodes to whole UTF-8
+    // characters); with a batch, the first few sequences are printed whole at the end.
+    let streamed = args.batch == 1;
+    let mut so_far: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut out = std::io::stdout().lock();
+    if streamed {
+        write!(out, "{}", args.prompt)?;
+        out.flush()?;
+    }
+    let run = decoder.generate(
+        &prompt,
+        args.max_tokens,
+        args.stream_every,
+        capture,
+        |new| {
+            if !streamed {
+                return;
+            }
+            so_far.extend(new[0].iter().map(|&t| t as u32));
+            if let Ok(bytes) = bpe.decode_bytes(&so_far) {
+                let text = String::from_utf8_lossy(&bytes[printed.min(bytes.len())..]).into_owned();
+                let whole = match std::str::from_utf8(&bytes[printed.min(bytes.len())..]) {
+                    Ok(t) => t.len(),
+                    Err(e) => e.valid_up_to(),
+                };
+                let _ = write!(out, "{}", &text[..whole.min(text.len())]);
+                let _ = out.flush();
+                printed += whole;
+            }
+        },
+    )?;
+    if streamed {
+        // Whatever did not decode to whole characters, replaced.
+        if let Ok(bytes) = bpe.decode_bytes(&so_far) {
+            write!(
+                out,
+                "{}",
+                String::from_utf8_lossy(&bytes[printed.min(bytes.len())..])
+            )?;
         }
-        let text = bpe
-            .decode(&ids)
-            .unwrap_or_else(|e| format!("<undecodable: {e}>"));
-        if args.batch > 1 {
-            println!("--- sequence {row}");
+        writeln!(out)?;
+    } else {
+        let shown = args.batch.min(if args.temperature > 0.0 { 4 } else { 1 });
+        for (row, ids) in run.tokens.iter().take(shown as usize).enumerate() {
+            let ids: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+            let text = bpe
+                .decode(&ids)
+                .unwrap_or_else(|e| format!("<undecodable: {e}>"));
+            writeln!(out, "--- sequence {row}")?;
+            writeln!(out, "{}{}", args.prompt, text)?;
         }
-        println!("{}{}", args.prompt, text);
     }
     let b = args.batch as f64;
     let prefill_tokens = b * ids.len() as f64;
-    let decode_tokens = b * stats.decode_steps as f64;
-    println!(
-        "prefill: {} x {} tokens in {:.1} ms = {:.0} tokens/s | decode: {} steps x {} in {:.1} ms = {:.1} tokens/s ({:.2} ms/step) | {} {} ffn {}",
+    let decode_tokens = b * run.decode_steps as f64;
+    let steps = run.decode_steps.max(1) as f64;
+    writeln!(
+        out,
+        "prefill: {} x {} tokens in {:.1} ms = {:.0} tokens/s | decode: {} steps x {} in {:.1} ms = {:.1} tokens/s ({:.2} ms/step, {}) | {} {} ffn {}",
         args.batch,
         ids.len(),
-        stats.prefill_s * 1e3,
-        prefill_tokens / stats.prefill_s,
-        stats.decode_steps,
+        run.prefill_s * 1e3,
+        prefill_tokens / run.prefill_s,
+        run.decode_steps,
         args.batch,
-        stats.decode_s * 1e3,
-        if stats.decode_steps > 0 { decode_tokens / stats.decode_s } else { 0.0 },
-        if stats.decode_steps > 0 { stats.decode_s * 1e3 / stats.decode_steps as f64 } else { 0.0 },
+        run.decode_s * 1e3,
+        if run.decode_steps > 0 { decode_tokens / run.decode_s } else { 0.0 },
+        run.decode_s * 1e3 / steps,
+        if run.captured { "CUDA graph" } else { "eager" },
         if device.is_cuda() { "cuda" } else { "cpu" },
         if device.is_cuda() { "bf16" } else { "f32" },
         path.name()
-    );
+    )?;
     Ok(())
 }

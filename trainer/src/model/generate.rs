@@ -1,41 +1,13 @@
 //! The generation loop: prefill a prompt once, then decode one token per step against the
 //! KV cache (or, as the reference the cache is checked against, recompute the whole
-//! sequence each step). Sampling: greedy at temperature 0, else softmax(logits / T),
-//! optionally restricted to the top k, drawn with the seeded torch generator.
+//! sequence each step), eagerly: one host call per op. The captured form, which `generate`
+//! runs on CUDA, is [`super::decoder`]; this loop is the reference it is tested against.
 use super::kv_cache::KvCache;
 use super::llama::{CachedOutput, Llama};
+use super::sampler::Sampler;
 use sparse_kernels::FfnPath;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-
-/// How the next token is picked from the last position's logits.
-#[derive(Clone, Copy, Debug)]
-pub struct Sampler {
-    pub temperature: f64,
-    pub top_k: i64,
-}
-
-impl Sampler {
-    pub const GREEDY: Sampler = Sampler {
-        temperature: 0.0,
-        top_k: 0,
-    };
-
-    /// `logits: [B, V]` (f32) -> `[B, 1]` int64.
-    pub fn sample(&self, logits: &Tensor) -> Tensor {
-        if self.temperature <= 0.0 {
-            return logits.argmax(-1, true);
-        }
-        let mut l = logits / self.temperature;
-        let v = l.size()[1];
-        if self.top_k > 0 && self.top_k < v {
-            let (top, _) = l.topk(self.top_k, -1, true, true);
-            let kth = top.narrow(1, self.top_k - 1, 1);
-            l = l.masked_fill(&l.lt_tensor(&kth), f64::NEG_INFINITY);
-        }
-        l.softmax(-1, Kind::Float).multinomial(1, false)
-    }
-}
 
 /// Timings of one [`generate_tokens`] call.
 #[derive(Clone, Copy, Debug, Default)]
@@ -198,20 +170,5 @@ mod tests {
         let (plain, _) = generate_tokens(&m, &prompt, 5, Sampler::GREEDY, &paths, false, None);
         assert_eq!(cached.size(), [2, 5]);
         assert!(cached.equal(&plain), "{cached} vs {plain}");
-    }
-
-    #[test]
-    fn top_k_sampling_stays_in_the_top_k() {
-        tch::manual_seed(1);
-        let logits = Tensor::from_slice(&[0.0f32, 5.0, 4.0, -1.0, 3.0]).view([1, 5]);
-        let s = Sampler {
-            temperature: 1.0,
-            top_k: 2,
-        };
-        for _ in 0..50 {
-            let t = s.sample(&logits).int64_value(&[0, 0]);
-            assert!(t == 1 || t == 2, "sampled {t}");
-        }
-        assert_eq!(Sampler::GREEDY.sample(&logits).int64_value(&[0, 0]), 1);
     }
 }

@@ -88,8 +88,9 @@ pub struct Llama {
     pub norm: Tensor,
     /// `None` when tied to `embed`.
     pub lm_head: Option<Tensor>,
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE tables `[max_seq_len, head_dim]` (see `attention::rope_tables`).
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
     /// Dtype of the matrix products (bf16 for mixed precision over fp32 master weights).
     /// Weights are cast at use, differentiably, so their gradients land in fp32; norms,
     /// the residual stream, softmax statistics and the loss stay fp32.
@@ -184,7 +185,7 @@ impl Llama {
     }
 
     /// Attention heads and key/value heads held by this rank.
-    fn local_heads(&self) -> (i64, i64) {
+    pub(super) fn local_heads(&self) -> (i64, i64) {
         let t = self.tp.as_ref().map_or(1, |tp| tp.size) as i64;
         (
             self.cfg.num_heads as i64 / t,
@@ -325,7 +326,7 @@ impl Llama {
     }
 
     /// The LM head's master weight (the embedding's when tied).
-    fn head(&self) -> &Tensor {
+    pub(super) fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 

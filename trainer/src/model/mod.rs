@@ -1,15 +1,20 @@
 //! The model: a Llama-style decoder with the ReLU-gated sparse FFN, written for one device
-//! ([`llama`]), its attention core and KV cache, the generation loop, and the
-//! tensor-parallel primitives that split it over a group of ranks ([`parallel`]).
+//! ([`llama`]), its attention core and KV cache, the sampler, the captured static-cache
+//! decoder ([`decoder`]) and the eager generation loop it is checked against ([`generate`]),
+//! and the tensor-parallel primitives that split it over a group of ranks ([`parallel`]).
 mod attention;
+pub mod decoder;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;
 pub mod parallel;
+pub mod sampler;
 
-pub use generate::{generate_tokens, synchronize, GenStats, Sampler};
+pub use decoder::{DecodeRun, Decoder};
+pub use generate::{generate_tokens, synchronize, GenStats};
 pub use kv_cache::KvCache;
 pub use llama::{
     cross_entropy, rms_norm, to_bf16, Block, CachedOutput, ComputeWeights, ForwardOutput,
     LayerStats, Llama, TrainingForward,
 };
+pub use sampler::Sampler;

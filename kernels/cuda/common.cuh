@@ -88,10 +88,8 @@ typedef unsigned long long uint64_t;
 #define NORM_THREADS 256
 #define NORM_ROWS 16
 #define NORM_MAX_GRANULES 8
-// Decode attention (attention.cu): threads per (sequence, head) block, and the widest head
-// (each lane holds head_dim / 32 <= ATTN_MAX_LANE_DIMS dimensions).
+// Decode attention (attention.cu): threads per (sequence, head) block.
 #define ATTN_THREADS 256
-#define ATTN_MAX_LANE_DIMS 8
 // END SHARED CONSTANTS
 
 // A tile's spill-slot word when the spill buffer was full.

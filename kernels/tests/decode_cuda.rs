@@ -216,7 +216,7 @@ fn cuda_graph_replays_a_step_that_advances_the_position() {
 
 /// The decode attention kernel into its output, every element against softmax attention in
 /// f64 over keys 0..=pos of the same bf16 cache, for positions at the start, the middle and
-/// the end of the cache, grouped heads and head widths 32 to 256.
+/// the end of the cache, grouped heads and head widths 32 to 256 (256: the SDPA form).
 fn attention_case(name: &str, b: i64, nh: i64, nkv: i64, hd: i64, cap: i64, positions: &[i64]) {
     let Some((dev, _gpu)) = gpu_or_skip(name) else {
         return;
@@ -279,9 +279,11 @@ fn decode_attention_at_the_decode_shapes() {
 
 #[test]
 fn decode_attention_hard_cases() {
-    // Grouped heads; the narrowest and widest heads; one key; a capacity of one.
+    // Grouped heads; the narrowest and widest heads the kernel takes; a head it does not
+    // take (the masked SDPA form); one key; a capacity of one.
     attention_case("decode_attention_grouped", 3, 8, 2, 64, 40, &[0, 17, 39]);
     attention_case("decode_attention_hd32", 2, 4, 4, 32, 9, &[3, 8]);
-    attention_case("decode_attention_hd256", 2, 4, 1, 256, 33, &[0, 32]);
+    attention_case("decode_attention_hd128", 2, 4, 1, 128, 70, &[0, 33, 69]);
+    attention_case("decode_attention_hd256_sdpa", 2, 4, 1, 256, 33, &[0, 32]);
     attention_case("decode_attention_capacity_one", 2, 2, 2, 64, 1, &[0]);
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaFunction, CudaModule};
 use tch::{Device, Kind, Tensor};
 
-use super::consts::{ATTN_MAX_LANE_DIMS, ATTN_THREADS};
+use super::consts::ATTN_THREADS;
 use super::image::load_image;
 use super::launch::{check_tensor, decode_attention, load_once, ptr, LaunchShape, PerDevice};
 use super::twell::TwellKernels;
@@ -38,13 +38,13 @@ impl AttentionKernels {
     }
 }
 
+/// SMs of the card the launch shape is tuned for (H100/H200: 132).
+const SPREAD_SMS: i64 = 132;
+
 /// Whether the kernel takes heads of width `head_dim` with `heads` query heads over
 /// `kv_heads` key/value heads.
 pub fn decode_attention_supports(head_dim: i64, heads: i64, kv_heads: i64) -> bool {
-    head_dim % 32 == 0
-        && head_dim / 32 <= ATTN_MAX_LANE_DIMS
-        && kv_heads > 0
-        && heads % kv_heads == 0
+    [32, 64, 128].contains(&head_dim) && kv_heads > 0 && heads % kv_heads == 0
 }
 
 /// `out: [B, heads * hd]` (bf16, token-major) = the attention of `q: [B, heads, 1, hd]` over
@@ -68,8 +68,7 @@ pub fn decode_attention_into(
     let (nkv, cap) = (ks[1], ks[2]);
     if !decode_attention_supports(hd, nh, nkv) || cap < 1 {
         return Err(CudaKernelError::Shape(format!(
-            "decode attention: head_dim {hd} (a multiple of 32 up to {}), heads {nh} over {nkv}, capacity {cap}",
-            32 * ATTN_MAX_LANE_DIMS
+            "decode attention: head_dim {hd} (32, 64 or 128), heads {nh} over {nkv}, capacity {cap}"
         )));
     }
     let dev = q.device();
@@ -93,7 +92,15 @@ pub fn decode_attention_into(
     check_tensor("decode attention out", out, bf, &[b, nh * hd], dev)?;
     let k = AttentionKernels::for_device(dev)?;
     let stream = k.tw.bind(dev)?;
-    let shape = LaunchShape::on(stream)(((b * nh) as u32, 1), ATTN_THREADS, 0);
+    // Full blocks while there are few (batch 1: 32 blocks, each over up to 256 keys a
+    // pass); past about two blocks an SM, two warps a block (measured at batch 32, 1024
+    // blocks: 45 us a layer with full blocks, which fit one an SM).
+    let threads = if b * nh < 2 * SPREAD_SMS {
+        ATTN_THREADS
+    } else {
+        64
+    };
+    let shape = LaunchShape::on(stream)(((b * nh) as u32, 1), threads, 0);
     // SAFETY: every tensor checked above (bf16 contiguous of the shapes the kernel indexes,
     // `pos` one int64, all on one device); the kernel clamps the position to the capacity.
     unsafe {

@@ -2,7 +2,7 @@
 //!
 //! The forward of one gated FFN layer is three or four launches on **tch's current stream**
 //! (`cuda_runtime::current_stream`, passed to `cuLaunchKernel` directly): gate (wgmma/TMA on
-//! sm_90a, mma.sync elsewhere, or the skinny decode gate + pack for N <= 64) -> `twell_plan`
+//! sm_90a, mma.sync elsewhere, or the skinny decode gate + pack for N <= 16) -> `twell_plan`
 //! -> `twell_updown_gated`. All buffers live in a [`TwellWorkspace`] sized for one (N, D, H);
 //! the control words reset themselves between forwards, so the sequence can be captured in a
 //! CUDA graph. Every driver call is checked and comes back as a [`CudaKernelError`].
@@ -32,10 +32,9 @@ use super::{CudaKernelError, Result};
 
 /// Spare bins that empty TwELL slots are counted into (then dropped) by [`TwellWorkspace::stats`].
 const DUMP_BINS: i64 = 4096;
-/// Largest N handled by the skinny decode gate (one pass over the gate weights per 64
-/// tokens); larger N use the tiled GEMM, whose 128-row tiles are mostly padding below it
-/// (measured at N = 32, H200: 27 us a layer, against 13 us for N = 1 through the skinny gate).
-pub const SKINNY_MAX_TOKENS: i64 = 64;
+/// Largest N handled by the skinny decode gate; larger N use the tiled GEMM (measured at
+/// N = 32 on an H200, both take 27 us a layer at D 2048, H 5632).
+pub const SKINNY_MAX_TOKENS: i64 = 16;
 
 /// The loaded TwELL module of one device.
 pub struct TwellKernels {

@@ -1,21 +1,17 @@
 //! `sparse-train generate`: text generation from a checkpoint with a KV cache.
 //!
-//! The prompt is encoded with the GPT-2 tokenizer, replicated `--batch` times, run once
+//! The prompt is encoded with the checkpoint's tokenizer, replicated `--batch` times, run once
 //! through the model (prefill, causal SDPA, keys/values stored in a
 //! [`KvCache`](crate::model::KvCache)), then one token per step attends to the cache
 //! (decode): [`generate_tokens`]. The FFN runs on `--ffn-path` (TwELL kernels on CUDA by
 //! default, dense on CPU); on CUDA the weights are cast to bf16. Sampling: greedy at
 //! temperature 0 (the default), else softmax(logits / T), optionally restricted to the top k.
 use crate::checkpoint::load;
-use crate::data::prepare::{gpt2, GPT2_EOT};
 use crate::model::{generate_tokens, to_bf16, Sampler};
 use anyhow::{bail, Result};
 use sparse_kernels::FfnPath;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
-
-/// GPT-2's `<|endoftext|>`, as a token id tensor value.
-const EOT: i64 = GPT2_EOT as i64;
 
 /// Arguments of `sparse-train generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -23,7 +19,7 @@ pub struct GenerateArgs {
     /// A checkpoint directory, or a run directory (its latest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The prompt text (GPT-2 tokenizer).
+    /// The prompt text (encoded with the checkpoint's tokenizer).
     #[arg(long)]
     pub prompt: String,
     /// New tokens to generate (stops earlier once every sequence has emitted <|endoftext|>).
@@ -80,10 +76,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if device.is_cuda() {
         to_bf16(&mut loaded.vs, &mut loaded.model);
     }
+    let bpe = loaded.take_tokenizer()?;
+    let eot = bpe.eot_id as i64;
     let cfg = &loaded.config.model;
-    let bpe = gpt2()?;
     let ids: Vec<i64> = bpe
-        .encode_with_special_tokens(&args.prompt)
+        .encode(&args.prompt)?
         .into_iter()
         .map(|t| t as i64)
         .collect();
@@ -92,8 +89,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     if let Some(bad) = ids.iter().find(|&&t| t >= cfg.vocab_size as i64) {
         bail!(
-            "prompt token {bad} is outside the model's vocabulary ({}): the model was not trained with the GPT-2 tokenizer",
-            cfg.vocab_size
+            "prompt token {bad} is outside the model's vocabulary ({}): the model was not trained with the {} tokenizer",
+            cfg.vocab_size,
+            bpe.name
         );
     }
     let total = ids.len() + args.max_tokens;
@@ -114,7 +112,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
     };
-    let stop = (!args.ignore_eos).then_some(EOT);
+    let stop = (!args.ignore_eos).then_some(eot);
     let generate = || {
         generate_tokens(
             &loaded.model,
@@ -142,7 +140,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             .into_iter()
             .map(|t| t as u32)
             .collect();
-        if let Some(i) = ids.iter().position(|&t| t as i64 == EOT) {
+        if let Some(i) = ids.iter().position(|&t| t as i64 == eot) {
             ids.truncate(i + 1);
         }
         let text = bpe

@@ -47,9 +47,9 @@ def test_trained_tokenizer_encodes_as_python_tokenizers(tmp_path):
     src = tmp_path / "train.jsonl"
     write_jsonl(src, DOCS)
     tok_path = tmp_path / "tok" / "tokenizer.json"
-    run("tokenizer", "train", "--input", str(src), "--vocab-size", "600", "--out", str(tok_path))
+    run("tokenizer", "train", "--input", str(src), "--vocab-size", "400", "--out", str(tok_path))
     py = Tokenizer.from_file(str(tok_path))
-    assert py.get_vocab_size() == 600
+    assert py.get_vocab_size() == 400
     eot = py.token_to_id("<|endoftext|>")
     assert eot == 0
     out = prepare(tmp_path, "mine", str(tok_path), DOCS)
@@ -58,7 +58,7 @@ def test_trained_tokenizer_encodes_as_python_tokenizers(tmp_path):
         want += py.encode(d, add_special_tokens=False).ids + [eot]
     assert shard_tokens(out) == want
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tokenizer"]["vocab_size"] == 600
+    assert manifest["tokenizer"]["vocab_size"] == 400
     assert (out / "tokenizer.json").read_bytes() == tok_path.read_bytes()
 
 
@@ -85,7 +85,7 @@ def test_checkpoint_tokenizer_loads_in_autotokenizer(tmp_path):
     src = tmp_path / "train.jsonl"
     write_jsonl(src, DOCS)
     tok_path = tmp_path / "tokenizer.json"
-    run("tokenizer", "train", "--input", str(src), "--vocab-size", "600", "--out", str(tok_path))
+    run("tokenizer", "train", "--input", str(src), "--vocab-size", "400", "--out", str(tok_path))
     shards = prepare(tmp_path, "bpe", str(tok_path), DOCS)
     ckpt = checkpoint_of(tmp_path, shards)
     assert (ckpt / "tokenizer.json").read_bytes() == tok_path.read_bytes()

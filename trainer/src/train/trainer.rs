@@ -159,7 +159,11 @@ impl<'w> Trainer<'w> {
         for p in &mut opt.params {
             groups.data().broadcast(&mut p.param, 0)?;
         }
-        let (loader, val, tokenizer_files) = open_data(&cfg)?;
+        let Data {
+            loader,
+            val,
+            tokenizer_files,
+        } = open_data(&cfg)?;
         let mut sched = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers)?;
         let mut activity = LayerActivity::new(
             cfg.model.num_layers,
@@ -603,10 +607,15 @@ impl<'w> Trainer<'w> {
     }
 }
 
-/// The training data, the validation data when evaluation is on, and the files of the
-/// tokenizer that made the training shards (for checkpoints).
-#[allow(clippy::type_complexity)]
-fn open_data(cfg: &Config) -> Result<(DataLoader, Option<DataLoader>, BTreeMap<String, Vec<u8>>)> {
+/// What a run reads: the training data, the validation data when evaluation is on, and the
+/// files of the tokenizer that made the training shards (for checkpoints).
+struct Data {
+    loader: DataLoader,
+    val: Option<DataLoader>,
+    tokenizer_files: BTreeMap<String, Vec<u8>>,
+}
+
+fn open_data(cfg: &Config) -> Result<Data> {
     let t = &cfg.train;
     let mut tokenizer_files = BTreeMap::new();
     let loader = match &cfg.data.train {
@@ -659,7 +668,11 @@ fn open_data(cfg: &Config) -> Result<(DataLoader, Option<DataLoader>, BTreeMap<S
         ),
         _ => None,
     };
-    Ok((loader, val, tokenizer_files))
+    Ok(Data {
+        loader,
+        val,
+        tokenizer_files,
+    })
 }
 
 /// Mean validation cross-entropy per token over `train.eval_batches` micro-batches.

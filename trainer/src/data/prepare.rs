@@ -15,10 +15,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// GPT-2's `<|endoftext|>`.
-pub const GPT2_EOT: u32 = 50256;
-pub const GPT2_VOCAB: u32 = 50257;
-
 /// Summary of a prepare run (what `manifest.json` records, plus the time taken).
 #[derive(Debug, Default)]
 pub struct PrepareStats {
@@ -229,7 +225,7 @@ mod tests {
         let mut want = Vec::new();
         for doc in &docs {
             want.extend(tok.encode(doc).unwrap());
-            want.push(GPT2_EOT);
+            want.push(tok.eot_id);
         }
         for (input, name) in [(&pq, "pq"), (&zst, "zst")] {
             let out = d.path().join(name);

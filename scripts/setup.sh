@@ -2,7 +2,7 @@
 # Idempotent set-up: installs what a fresh machine lacks, reuses the cache otherwise.
 # Cache (outside the clone): $SPARSE_TRAIN_CACHE (default ~/.cache/sparse-train)
 #   venv/   python venv with torch==2.11.0 (libtorch for tch 0.24, plus the test-side
-#           python packages: tensorboard, transformers, safetensors)
+#           python packages: tensorboard, transformers, tokenizers, safetensors)
 #   nvcc/   pinned nvcc from PyPI, used by kernels/build.rs to compile cubins
 set -euo pipefail
 CACHE="${SPARSE_TRAIN_CACHE:-$HOME/.cache/sparse-train}"
@@ -20,7 +20,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 VENV="$CACHE/venv"
-PY_PKGS="torch==2.11.0 tensorboard==2.20.0 transformers==4.56.2 safetensors numpy pytest"
+PY_PKGS="torch==2.11.0 tensorboard==2.20.0 transformers==4.56.2 tokenizers==0.22.2 safetensors numpy pytest"
 if [ ! -f "$VENV/.ok-torch-2.11.0" ]; then
   echo "setup: creating $VENV (torch 2.11.0, ~5 GB, a minute or two)"
   rm -rf "$VENV"
@@ -29,6 +29,8 @@ if [ ! -f "$VENV/.ok-torch-2.11.0" ]; then
   "$VENV/bin/pip" install -q $PY_PKGS
   touch "$VENV/.ok-torch-2.11.0"
 fi
+# Added after the first venvs were made: the tokenizer parity tests read tokenizers directly.
+"$VENV/bin/python3" -c "import tokenizers" 2>/dev/null || "$VENV/bin/pip" install -q tokenizers==0.22.2
 
 NVCC_DIR="$CACHE/nvcc-13.0.88"
 if [ ! -f "$NVCC_DIR/.ok" ]; then

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 BIN="${SPARSE_TRAIN_BIN:-target/release/sparse-train}"
 OUT=data/shards/tiny
-[ -f "$OUT/train/shard_00000.bin" ] && [ -f "$OUT/val/shard_00000.bin" ] && exit 0
+[ -f "$OUT/train/manifest.json" ] && [ -f "$OUT/val/manifest.json" ] && exit 0
 SRC="$SPARSE_TRAIN_CACHE/fortunes"
 if [ ! -f "$SRC/.ok" ]; then
   rm -rf "$SRC" && mkdir -p "$SRC/deb"

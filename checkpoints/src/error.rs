@@ -164,6 +164,13 @@ pub enum CheckpointError {
         /// The shape in the checkpoint.
         found_shape: Vec<usize>,
     },
+    /// An extra file handed to [`crate::save`] is not a plain file name, or takes the name of
+    /// a file the checkpoint writes itself.
+    #[error("extra checkpoint file {name:?}: expected a plain file name other than the checkpoint's own files")]
+    InvalidFileName {
+        /// The name given.
+        name: String,
+    },
 }
 
 /// Shorthand for this crate's results.

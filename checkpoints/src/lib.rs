@@ -10,6 +10,7 @@
 //!     optimizer.safetensors   optimizer state
 //!     trainer_state.json      {"format_version", "step", "trainer_state": {...}}
 //!     config.json             the Hugging Face config (only if one was given)
+//!     tokenizer.json, ...     other files given verbatim (`Checkpoint::files`)
 //!     MANIFEST.json           {"format_version", "step", "files": {name: {bytes, crc32}}}
 //!   .tmp-...                  a save in progress, or one a crash interrupted
 //! ```

@@ -76,17 +76,27 @@ fn load_dir(dir: &Path) -> Result<Checkpoint> {
     // Verify every file before parsing any, so a damaged file is reported as damaged rather
     // than as a parse error. Entries for files this version does not know are ignored.
     let mut verified = BTreeMap::new();
-    for name in [
+    let own = [
         MODEL_FILE,
         OPTIMIZER_FILE,
         TRAINER_STATE_FILE,
         HF_CONFIG_FILE,
-    ] {
+    ];
+    for name in own {
         if let Some(entry) = manifest.files.get(name) {
             let path = dir.join(name);
             let map = read_verified(&path, *entry)?;
             verified.insert(name, (path, map));
         }
+    }
+    // Every other listed file is carried verbatim (the tokenizer), verified the same way.
+    let mut files = BTreeMap::new();
+    for (name, entry) in &manifest.files {
+        if own.contains(&name.as_str()) || name.contains(['/', '\\']) {
+            continue;
+        }
+        let map = read_verified(&dir.join(name), *entry)?;
+        files.insert(name.clone(), map[..].to_vec());
     }
     let required = |file: &'static str| {
         verified
@@ -119,5 +129,6 @@ fn load_dir(dir: &Path) -> Result<Checkpoint> {
         optimizer,
         trainer_state: state.trainer_state,
         hf_config,
+        files,
     })
 }

@@ -5,8 +5,11 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::error::CheckpointError;
 use crate::error::{io_err, Result};
-use crate::format::{validate_tensors, write_json, write_safetensors, Manifest, TrainerStateFile};
+use crate::format::{
+    validate_tensors, write_file, write_json, write_safetensors, Manifest, TrainerStateFile,
+};
 use crate::{
     checkpoint_dir_name, parse_checkpoint_dir_name, Checkpoint, CHECKPOINTS_DIR, FORMAT_VERSION,
     HF_CONFIG_FILE, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TMP_PREFIX,
@@ -63,6 +66,13 @@ pub fn save(
             write_json(&tmp.join(HF_CONFIG_FILE), config)?,
         );
     }
+    for (name, bytes) in &checkpoint.files {
+        check_extra_file_name(name)?;
+        files.insert(
+            name.clone(),
+            write_file(&tmp.join(name), |w| w.write_all(bytes))?,
+        );
+    }
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         step,
@@ -80,6 +90,28 @@ pub fn save(
     write_latest(&root, &name)?;
     remove_old(&root, keep_last, &name)?;
     Ok(target)
+}
+
+/// An extra file's name must be a plain file name that no other checkpoint file uses.
+fn check_extra_file_name(name: &str) -> Result<()> {
+    let reserved = [
+        MODEL_FILE,
+        OPTIMIZER_FILE,
+        TRAINER_STATE_FILE,
+        HF_CONFIG_FILE,
+        MANIFEST_FILE,
+    ];
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.starts_with(TMP_PREFIX)
+        && !name.contains(['/', '\\', '\0']);
+    if !plain || reserved.contains(&name) {
+        return Err(CheckpointError::InvalidFileName {
+            name: name.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Creates `dir` and any missing ancestors, fsyncing each new directory's parent so the new

@@ -118,6 +118,10 @@ pub struct Checkpoint {
     pub trainer_state: serde_json::Value,
     /// The Hugging Face `config.json`, so the weights load in `transformers` as they are.
     pub hf_config: Option<serde_json::Value>,
+    /// Other files kept verbatim beside the tensors, by plain file name (the tokenizer:
+    /// `tokenizer.json`, `tokenizer_config.json`); listed and checked in `MANIFEST.json` like
+    /// the rest.
+    pub files: BTreeMap<String, Vec<u8>>,
 }
 
 /// One tensor [`check_tensors`] expects: name, dtype and shape.

@@ -58,6 +58,10 @@ fn sample(step: u64) -> Checkpoint {
         optimizer,
         trainer_state: json!({ "step": step, "tokens": step * 4096, "rng": [1, 2, 3] }),
         hf_config: Some(json!({ "model_type": "llama", "hidden_size": 8 })),
+        files: BTreeMap::from([(
+            "tokenizer.json".to_string(),
+            format!("{{\"step\": {step}}}").into_bytes(),
+        )]),
     }
 }
 
@@ -98,7 +102,11 @@ fn round_trip_preserves_everything() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(
+        fs::read(dir.join("tokenizer.json")).unwrap(),
+        b"{\"step\": 7}"
+    );
 }
 
 #[test]
@@ -109,6 +117,7 @@ fn round_trip_without_hf_config_and_with_empty_maps() {
         optimizer: BTreeMap::new(),
         trainer_state: json!(null),
         hf_config: None,
+        files: BTreeMap::new(),
     };
     let dir = save(run.path(), 0, &ckpt, 1).unwrap();
     assert!(!dir.join("config.json").exists());
@@ -150,6 +159,32 @@ fn missing_file_is_named() {
         matches!(&err, CheckpointError::MissingFile { path } if *path == dir.join(OPTIMIZER_FILE)),
         "{err:?}"
     );
+}
+
+#[test]
+fn damaged_extra_file_is_a_checksum_mismatch() {
+    let (dir, err) =
+        load_error_after(|dir| fs::write(dir.join("tokenizer.json"), b"{\"step\": 8}").unwrap());
+    match err {
+        CheckpointError::ChecksumMismatch { path, .. } => {
+            assert_eq!(path, dir.join("tokenizer.json"))
+        }
+        other => panic!("expected ChecksumMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn extra_files_with_reserved_or_nested_names_are_refused() {
+    for name in [MODEL_FILE, MANIFEST_FILE, "sub/tokenizer.json", "..", ""] {
+        let run = tempfile::tempdir().unwrap();
+        let mut ckpt = sample(1);
+        ckpt.files.insert(name.to_string(), b"x".to_vec());
+        let err = save(run.path(), 1, &ckpt, 1).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::InvalidFileName { name: n } if n == name),
+            "{name:?}: {err:?}"
+        );
+    }
 }
 
 #[test]

@@ -68,6 +68,7 @@ fn checkpoint_for(step: u64) -> Checkpoint {
         )]),
         trainer_state: json!({ "step": step }),
         hf_config: Some(json!({ "model_type": "llama" })),
+        files: BTreeMap::new(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// Commands run as written, with these arguments appended.
-const RUN: [(&str, &str); 5] = [
+const RUN: [(&str, &str); 7] = [
     (
         "sparse-train train --config configs/tiny.yaml --max-steps 20",
         "",
@@ -17,6 +17,14 @@ const RUN: [(&str, &str); 5] = [
     ),
     (
         "sparse-train prepare --input a.jsonl b.txt --out data/shards/mine",
+        "",
+    ),
+    (
+        "sparse-train tokenizer train --input a.jsonl b.txt --vocab-size 300 --out data/tok/tokenizer.json",
+        "",
+    ),
+    (
+        "sparse-train prepare --tokenizer data/tok/tokenizer.json --input a.jsonl --out data/shards/mine-bpe",
         "",
     ),
     (
@@ -33,7 +41,7 @@ const GPU: &str = "needs a GPU (a 1.5b or 1b model, or several GPU ranks)";
 const CORPUS: &str = "needs the real corpus (`sparse-train corpus build` downloads it)";
 
 /// Commands not run here, and why.
-const SKIPPED: [(&str, &str); 19] = [
+const SKIPPED: [(&str, &str); 21] = [
     (
         "scripts/quickstart.sh",
         "set-up and build (apt, pip, cargo), which CI has done before this test; its training \
@@ -66,6 +74,14 @@ const SKIPPED: [(&str, &str); 19] = [
     (
         "sparse-train corpus build --out data/corpus",
         "downloads the 164 MB corpus",
+    ),
+    (
+        "sparse-train prepare --tokenizer data/corpus/tokenizer49k/tokenizer.json --input fineweb/*.parquet --out data/shards/fineweb",
+        "needs the corpus's tokenizer and FineWeb's parquet files (neither is fetched here)",
+    ),
+    (
+        "mpirun -n 2 sparse-train --config configs/1b.yaml --max-steps 2 --set train.device=cpu --set train.precision=fp32 --set train.batch_size=2 --set train.micro_batch_size=1 --set train.log_every=1",
+        "needs the real corpus and about 60 GB of RAM",
     ),
     (
         "sparse-train bench ffn --shape 1.5b --tokens 16384 --sparsity 0.995 --mode infer",
@@ -212,4 +228,7 @@ fn readme_commands_that_fit_a_cpu_run_as_written() {
     }
     assert!(root.path().join("runs/tiny/checkpoints/latest").exists());
     assert!(root.path().join("data/shards/mine").is_dir());
+    let bpe = root.path().join("data/shards/mine-bpe");
+    let tok = std::fs::read(root.path().join("data/tok/tokenizer.json")).unwrap();
+    assert_eq!(std::fs::read(bpe.join("tokenizer.json")).unwrap(), tok);
 }

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use sparse_train::bench;
-use sparse_train::cmd::{corpus, generate, logits, prepare, train};
+use sparse_train::cmd::{corpus, generate, logits, prepare, tokenizer, train};
 
 #[derive(Parser)]
 #[command(
@@ -38,8 +38,19 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Generate text from a checkpoint (KV cache; TwELL FFN on CUDA), with tokens/s.
     Generate(generate::GenerateArgs),
-    /// Tokenize text (.jsonl with a "text" field per line, or .txt) into token shards.
+    /// Tokenize text (.parquet, .jsonl, .jsonl.gz, .jsonl.zst, .txt) into token shards.
     Prepare(prepare::PrepareArgs),
+    /// Tokenizers: train one on text files.
+    Tokenizer {
+        #[command(subcommand)]
+        cmd: TokenizerCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a byte-level BPE (GPT-2 style, <|endoftext|> as id 0) and write its tokenizer.json.
+    Train(tokenizer::TokenizerTrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -77,5 +88,8 @@ fn main() -> Result<()> {
         Some(Command::Logits(args)) => logits::run(&args),
         Some(Command::Generate(args)) => generate::run(&args),
         Some(Command::Prepare(args)) => prepare::run(&args),
+        Some(Command::Tokenizer {
+            cmd: TokenizerCmd::Train(args),
+        }) => tokenizer::train(&args),
     }
 }

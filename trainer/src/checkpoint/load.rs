@@ -1,6 +1,7 @@
 //! Loading a trained model from a checkpoint for inference (`logits`, `generate`).
 use super::state::{from_raw, hf_name, TrainerState};
 use crate::config::Config;
+use crate::data::tokenizer::Tokenizer;
 use crate::model::Llama;
 use anyhow::{Context, Result};
 use sparse_checkpoints::Dtype;
@@ -12,6 +13,22 @@ pub struct LoadedModel {
     pub config: Config,
     pub model: Llama,
     pub vs: VarStore,
+    /// The tokenizer the checkpoint carries (`tokenizer.json`); `None` in checkpoints of
+    /// synthetic data or of shards without a manifest.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl LoadedModel {
+    /// Takes the checkpoint's tokenizer; GPT-2's (said on stderr) when it carries none.
+    pub fn take_tokenizer(&mut self) -> Result<Tokenizer> {
+        match self.tokenizer.take() {
+            Some(t) => Ok(t),
+            None => {
+                eprintln!("note: the checkpoint carries no tokenizer.json: using GPT-2's");
+                Tokenizer::gpt2()
+            }
+        }
+    }
 }
 
 pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
@@ -20,6 +37,13 @@ pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
     let state: TrainerState = serde_json::from_value(ckpt.trainer_state.clone())
         .with_context(|| format!("{}: trainer_state.json", path.display()))?;
     let config = state.config;
+    let files = ckpt
+        .files
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let tokenizer = Tokenizer::from_checkpoint_files(&files)
+        .with_context(|| format!("loading {}", path.display()))?;
     let mut vs = VarStore::new(device);
     let model = Llama::new(&vs, &config.model);
     let mut expected = Vec::new();
@@ -47,5 +71,10 @@ pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
         Ok(())
     })?;
     vs.freeze();
-    Ok(LoadedModel { config, model, vs })
+    Ok(LoadedModel {
+        config,
+        model,
+        vs,
+        tokenizer,
+    })
 }

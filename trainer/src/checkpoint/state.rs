@@ -177,6 +177,7 @@ pub fn snapshot(
         optimizer,
         trainer_state: serde_json::to_value(state)?,
         hf_config: Some(hf_config(cfg)),
+        files: BTreeMap::new(),
     })
 }
 

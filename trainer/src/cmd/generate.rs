@@ -1,15 +1,14 @@
 //! `sparse-train generate`: text generation from a checkpoint.
 //!
-//! The prompt is encoded with the GPT-2 tokenizer, replicated `--batch` times and prefilled
-//! into a static KV cache; each decode step is then one replay of a captured CUDA graph on
-//! CUDA (the [`Decoder`]: no host work or synchronisation per token; `--eager` runs the
-//! same step op by op), and the text is printed as the tokens reach the host, every
+//! The prompt is encoded with the checkpoint's tokenizer, replicated `--batch` times and
+//! prefilled into a static KV cache; each decode step is then one replay of a captured CUDA
+//! graph on CUDA (the [`Decoder`]: no host work or synchronisation per token; `--eager` runs
+//! the same step op by op), and the text is printed as the tokens reach the host, every
 //! `--stream-every` steps. The FFN runs on `--ffn-path` (TwELL kernels on CUDA by default,
 //! dense on CPU); on CUDA the weights are cast to bf16. Sampling on the device: greedy at
 //! temperature 0 (the default), else softmax(logits / T) within the top k and the top-p
 //! nucleus, seeded by `--seed`.
 use crate::checkpoint::load;
-use crate::data::prepare::{gpt2, GPT2_EOT};
 use crate::model::{to_bf16, Decoder, Sampler};
 use anyhow::{bail, Result};
 use sparse_kernels::FfnPath;
@@ -17,16 +16,13 @@ use std::io::Write;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
 
-/// GPT-2's `<|endoftext|>`, as a token id tensor value.
-const EOT: i64 = GPT2_EOT as i64;
-
 /// Arguments of `sparse-train generate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
     /// A checkpoint directory, or a run directory (its latest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The prompt text (GPT-2 tokenizer).
+    /// The prompt text (encoded with the checkpoint's tokenizer).
     #[arg(long)]
     pub prompt: String,
     /// New tokens to generate (stops earlier once every sequence has emitted <|endoftext|>).
@@ -97,10 +93,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if device.is_cuda() {
         to_bf16(&mut loaded.vs, &mut loaded.model);
     }
+    let bpe = loaded.take_tokenizer()?;
+    let eot = bpe.eot_id as i64;
     let cfg = &loaded.config.model;
-    let bpe = gpt2()?;
     let ids: Vec<i64> = bpe
-        .encode_with_special_tokens(&args.prompt)
+        .encode(&args.prompt)?
         .into_iter()
         .map(|t| t as i64)
         .collect();
@@ -109,8 +106,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     if let Some(bad) = ids.iter().find(|&&t| t >= cfg.vocab_size as i64) {
         bail!(
-            "prompt token {bad} is outside the model's vocabulary ({}): the model was not trained with the GPT-2 tokenizer",
-            cfg.vocab_size
+            "prompt token {bad} is outside the model's vocabulary ({}): the model was not trained with the {} tokenizer",
+            cfg.vocab_size,
+            bpe.name
         );
     }
     let total = ids.len() + args.max_tokens;
@@ -127,7 +125,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         .repeat([args.batch, 1])
         .to_device(device);
     let paths = vec![path; cfg.num_layers];
-    let stop = (!args.ignore_eos).then_some(EOT);
+    let stop = (!args.ignore_eos).then_some(eot);
     let mut decoder = Decoder::new(
         &loaded.model,
         args.batch,
@@ -145,8 +143,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if device.is_cuda() {
         tch::Cuda::manual_seed_all(args.seed);
     }
-    // Sequence 0 is printed as it comes (the longest prefix that decodes to whole UTF-8
-    // characters); with a batch, the first few sequences are printed whole at the end.
+    // Sequence 0 is printed as it comes (all but a trailing partial character: the text of
+    // the tokens so far is decoded again each chunk); with a batch, the first few sequences
+    // are printed whole at the end.
     let streamed = args.batch == 1;
     let mut so_far: Vec<u32> = Vec::new();
     let mut printed = 0usize;
@@ -165,26 +164,20 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 return;
             }
             so_far.extend(new[0].iter().map(|&t| t as u32));
-            if let Ok(bytes) = bpe.decode_bytes(&so_far) {
-                let text = String::from_utf8_lossy(&bytes[printed.min(bytes.len())..]).into_owned();
-                let whole = match std::str::from_utf8(&bytes[printed.min(bytes.len())..]) {
-                    Ok(t) => t.len(),
-                    Err(e) => e.valid_up_to(),
-                };
-                let _ = write!(out, "{}", &text[..whole.min(text.len())]);
-                let _ = out.flush();
-                printed += whole;
+            if let Ok(text) = bpe.decode(&so_far) {
+                let stable = text.trim_end_matches('\u{FFFD}');
+                if stable.len() > printed && stable.is_char_boundary(printed) {
+                    let _ = write!(out, "{}", &stable[printed..]);
+                    let _ = out.flush();
+                    printed = stable.len();
+                }
             }
         },
     )?;
     if streamed {
-        // Whatever did not decode to whole characters, replaced.
-        if let Ok(bytes) = bpe.decode_bytes(&so_far) {
-            write!(
-                out,
-                "{}",
-                String::from_utf8_lossy(&bytes[printed.min(bytes.len())..])
-            )?;
+        let text = bpe.decode(&so_far).unwrap_or_default();
+        if text.len() > printed && text.is_char_boundary(printed) {
+            write!(out, "{}", &text[printed..])?;
         }
         writeln!(out)?;
     } else {

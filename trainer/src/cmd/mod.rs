@@ -4,4 +4,5 @@ pub mod corpus;
 pub mod generate;
 pub mod logits;
 pub mod prepare;
+pub mod tokenizer;
 pub mod train;

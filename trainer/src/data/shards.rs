@@ -34,6 +34,35 @@ pub enum ShardError {
     Corrupt { file: PathBuf, message: String },
     #[error("data {dir}: no *.bin shards found")]
     Empty { dir: PathBuf },
+    #[error("data {}: no such directory; {}", dir.display(), made_by(dir))]
+    Missing { dir: PathBuf },
+}
+
+/// Which command makes the shard directory `dir`: `corpus build` for its own layout
+/// (`ROOT/shards/{train,val}` and `ROOT/shards49k/{train,val}`), else `prepare`.
+pub fn made_by(dir: &Path) -> String {
+    let split = dir.file_name().and_then(|n| n.to_str());
+    let parent = dir.parent();
+    let kind = parent.and_then(|p| p.file_name()).and_then(|n| n.to_str());
+    if let (Some("train" | "val"), Some(kind @ ("shards" | "shards49k"))) = (split, kind) {
+        let root = parent.and_then(Path::parent).unwrap_or(Path::new("."));
+        let what = if kind == "shards" {
+            "GPT-2 shards"
+        } else {
+            "shards of the 49152-entry tokenizer it trains"
+        };
+        return format!(
+            "`sparse-train corpus build --out {}` makes it ({what})",
+            root.display()
+        );
+    }
+    if dir.ends_with("data/shards/tiny/train") || dir.ends_with("data/shards/tiny/val") {
+        return "`bash scripts/tiny-data.sh` makes it".to_string();
+    }
+    format!(
+        "`sparse-train prepare --input FILE... --out {}` makes it",
+        dir.display()
+    )
 }
 
 /// One memory-mapped, verified shard.
@@ -156,6 +185,11 @@ pub fn open_shards(path: &Path) -> Result<Vec<Shard>, ShardError> {
     if path.is_file() {
         return Ok(vec![Shard::open(path)?]);
     }
+    if !path.exists() {
+        return Err(ShardError::Missing {
+            dir: path.to_path_buf(),
+        });
+    }
     let rd = std::fs::read_dir(path).map_err(|source| ShardError::Io {
         file: path.to_path_buf(),
         source,
@@ -217,6 +251,21 @@ pub(super) mod tests {
         magic[0] = b'X';
         std::fs::write(&p, &magic).unwrap();
         assert!(Shard::open(&p).err().unwrap().to_string().contains("magic"));
+    }
+
+    #[test]
+    fn a_missing_directory_names_the_command_that_makes_it() {
+        let e = |p: &str| open_shards(Path::new(p)).err().unwrap().to_string();
+        assert!(
+            e("/nowhere/data/corpus/shards49k/train")
+                .contains("`sparse-train corpus build --out /nowhere/data/corpus`"),
+            "{}",
+            e("/nowhere/data/corpus/shards49k/train")
+        );
+        assert!(e("/nowhere/data/corpus/shards/val")
+            .contains("corpus build --out /nowhere/data/corpus"));
+        assert!(e("/nowhere/mine")
+            .contains("`sparse-train prepare --input FILE... --out /nowhere/mine`"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::checkpoint::parallel as tp_checkpoint;
 use crate::checkpoint::saver::Saver;
 use crate::checkpoint::state::{self as checkpoint_state, TrainerState};
 use crate::config::{Config, DeviceChoice, Precision};
+use crate::data::manifest::{self, ShardManifest};
 use crate::data::{DataLoader, TokenSource};
 use crate::model::parallel::{split_of, ParallelGroups, Split};
 use crate::model::{cross_entropy, Llama};
@@ -20,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use sparse_kernels::torch::profiler::range;
 use sparse_kernels::FfnPath;
 use sparse_launch::{stable_hash, World};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Reduction, Tensor};
 
@@ -98,6 +100,9 @@ pub struct Trainer<'w> {
     log: RunLog,
     saver: Saver,
     profiler: Option<StepProfiler>,
+    /// `tokenizer.json` and `tokenizer_config.json` of the training shards' tokenizer, copied
+    /// into every checkpoint (empty: synthetic data, or shards without a manifest).
+    tokenizer_files: BTreeMap<String, Vec<u8>>,
 }
 
 impl<'w> Trainer<'w> {
@@ -154,7 +159,11 @@ impl<'w> Trainer<'w> {
         for p in &mut opt.params {
             groups.data().broadcast(&mut p.param, 0)?;
         }
-        let (loader, val) = open_data(&cfg)?;
+        let Data {
+            loader,
+            val,
+            tokenizer_files,
+        } = open_data(&cfg)?;
         let mut sched = PathScheduler::new(&cfg.sparsity, cfg.model.num_layers)?;
         let mut activity = LayerActivity::new(
             cfg.model.num_layers,
@@ -260,6 +269,7 @@ impl<'w> Trainer<'w> {
             log,
             saver: Saver::default(),
             profiler,
+            tokenizer_files,
             cfg,
         })
     }
@@ -584,7 +594,8 @@ impl<'w> Trainer<'w> {
                 Some((o, c)) => (o, c.as_slice()),
                 None => (&self.opt, self.activity.tokens_since_fired.as_slice()),
             };
-            let snap = checkpoint_state::snapshot(&self.cfg, opt, &self.state, clocks)?;
+            let mut snap = checkpoint_state::snapshot(&self.cfg, opt, &self.state, clocks)?;
+            snap.files = self.tokenizer_files.clone();
             self.saver.save(
                 self.cfg.train.out_dir.clone(),
                 self.state.step as u64,
@@ -596,12 +607,41 @@ impl<'w> Trainer<'w> {
     }
 }
 
-/// The training data and, when evaluation is on, the validation data.
-fn open_data(cfg: &Config) -> Result<(DataLoader, Option<DataLoader>)> {
+/// What a run reads: the training data, the validation data when evaluation is on, and the
+/// files of the tokenizer that made the training shards (for checkpoints).
+struct Data {
+    loader: DataLoader,
+    val: Option<DataLoader>,
+    tokenizer_files: BTreeMap<String, Vec<u8>>,
+}
+
+fn open_data(cfg: &Config) -> Result<Data> {
     let t = &cfg.train;
+    let mut tokenizer_files = BTreeMap::new();
     let loader = match &cfg.data.train {
-        Some(p) => DataLoader::from_shards(p, t.seq_len, t.seed)
-            .with_context(|| format!("opening training data {}", p.display()))?,
+        Some(p) => {
+            let loader = DataLoader::from_shards(p, t.seq_len, t.seed)
+                .with_context(|| format!("opening training data {}", p.display()))?;
+            if let Some(tok) = manifest::tokenizer_of(p)? {
+                tokenizer_files.extend(tok.checkpoint_files(cfg.model.max_seq_len)?);
+                if let Some(v) = cfg.data.val.as_ref().filter(|_| t.eval_every > 0) {
+                    if let Some(vm) = ShardManifest::read(v)? {
+                        if vm.tokenizer.sha256 != tok.sha256() {
+                            bail!(
+                                "data.val {}: tokenized by {} (SHA-256 {}), but data.train {} by {} (SHA-256 {}): prepare both with the same --tokenizer",
+                                v.display(),
+                                vm.tokenizer.name,
+                                vm.tokenizer.sha256,
+                                p.display(),
+                                tok.name,
+                                tok.sha256()
+                            );
+                        }
+                    }
+                }
+            }
+            loader
+        }
         None => DataLoader::new(
             TokenSource::Synthetic {
                 vocab_size: cfg.model.vocab_size,
@@ -628,7 +668,11 @@ fn open_data(cfg: &Config) -> Result<(DataLoader, Option<DataLoader>)> {
         ),
         _ => None,
     };
-    Ok((loader, val))
+    Ok(Data {
+        loader,
+        val,
+        tokenizer_files,
+    })
 }
 
 /// Mean validation cross-entropy per token over `train.eval_batches` micro-batches.

@@ -54,7 +54,12 @@ fn nan_count(t: &Tensor) -> i64 {
 }
 
 /// One call at position `pos` of T tokens into a cache of `cap` positions.
-fn cache_case(name: &str, b: i64, t: i64, nh: i64, nkv: i64, hd: i64, pos: i64, cap: i64) {
+fn cache_case(
+    name: &str,
+    (b, t): (i64, i64),
+    (nh, nkv, hd): (i64, i64, i64),
+    (pos, cap): (i64, i64),
+) {
     let Some((dev, _gpu)) = gpu_or_skip(name) else {
         return;
     };
@@ -122,19 +127,24 @@ fn cache_case(name: &str, b: i64, t: i64, nh: i64, nkv: i64, hd: i64, pos: i64, 
 
 #[test]
 fn rope_into_cache_at_the_decode_shape() {
-    cache_case("rope_into_cache_decode", 1, 1, 32, 32, 64, 128, 256);
-    cache_case("rope_into_cache_decode_batch", 32, 1, 32, 32, 64, 200, 256);
+    cache_case("rope_into_cache_decode", (1, 1), (32, 32, 64), (128, 256));
+    cache_case(
+        "rope_into_cache_decode_batch",
+        (32, 1),
+        (32, 32, 64),
+        (200, 256),
+    );
 }
 
 #[test]
 fn rope_into_cache_hard_cases() {
     // A prefill from 0; grouped heads at an odd offset; the last position; rows past the
     // cache (not written); a wide head.
-    cache_case("rope_into_cache_prefill", 2, 37, 8, 2, 64, 0, 64);
-    cache_case("rope_into_cache_grouped", 3, 5, 8, 2, 32, 17, 40);
-    cache_case("rope_into_cache_last", 2, 1, 4, 4, 64, 39, 40);
-    cache_case("rope_into_cache_overflow", 2, 6, 4, 2, 64, 36, 40);
-    cache_case("rope_into_cache_wide", 1, 3, 4, 4, 128, 9, 16);
+    cache_case("rope_into_cache_prefill", (2, 37), (8, 2, 64), (0, 64));
+    cache_case("rope_into_cache_grouped", (3, 5), (8, 2, 32), (17, 40));
+    cache_case("rope_into_cache_last", (2, 1), (4, 4, 64), (39, 40));
+    cache_case("rope_into_cache_overflow", (2, 6), (4, 2, 64), (36, 40));
+    cache_case("rope_into_cache_wide", (1, 3), (4, 4, 128), (9, 16));
 }
 
 /// A captured step (embedding-free: rope into the cache, then `pos += 1`) replayed 20
@@ -164,12 +174,11 @@ fn cuda_graph_replays_a_step_that_advances_the_position() {
     let q_out = Tensor::zeros([b, nh, 1, hd], (Kind::BFloat16, dev));
     let step = || -> Result<(), String> {
         let row = (&pos - p0).view([1]);
-        let _ = qkv
-            .shallow_clone()
+        qkv.shallow_clone()
             .copy_(&inputs.index_select(0, &row).squeeze_dim(0));
         let q = rope_qkv_into_cache(&qkv, (&cos, &sin), nh, nkv, &pos, (&kg, &vg))
             .map_err(|e| e.to_string())?;
-        let _ = q_out.shallow_clone().copy_(&q);
+        q_out.shallow_clone().copy_(&q);
         let mut p = pos.shallow_clone();
         p += 1;
         Ok(())

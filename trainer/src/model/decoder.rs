@@ -282,7 +282,7 @@ impl<'m> Decoder<'m> {
         let t = prompt.size()[1];
         let _ = self.pos.zero_();
         let _ = self.done.zero_();
-        let _ = self.sequence.narrow(1, 0, t).copy_(prompt);
+        self.sequence.narrow(1, 0, t).copy_(prompt);
         let logits = self.forward(prompt, true)?;
         let _ = self.pos.fill_(t - 1);
         self.finish_step(&logits);
@@ -303,7 +303,7 @@ impl<'m> Decoder<'m> {
         let next = self.sampler.sample(logits);
         let at = (&self.pos + 1).view([1]);
         let _ = self.sequence.shallow_clone().index_copy_(1, &at, &next);
-        let _ = self.token.shallow_clone().copy_(&next);
+        self.token.shallow_clone().copy_(&next);
         if let Some(s) = self.stop {
             let _ = self.done.shallow_clone().logical_or_(&next.eq(s));
         }
@@ -322,7 +322,7 @@ impl<'m> Decoder<'m> {
                 let _ = self.step()?;
             }
             for (t, s) in state().into_iter().zip(&saved) {
-                let _ = t.shallow_clone().copy_(s);
+                t.shallow_clone().copy_(s);
             }
             Ok(())
         };

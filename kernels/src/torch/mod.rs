@@ -1,8 +1,8 @@
 //! libtorch extensions tch does not have, and the helpers their C ABI shares.
 //!
 //! [`hooks`] is the `hooked_identity` autograd node, [`function`] autograd nodes made of Rust
-//! closures, [`profiler`] libtorch's profiler (Chrome
-//! traces), [`cuda_runtime`] the CUDA runtime facts
+//! closures, [`cuda_graph`] CUDA graphs (capture and replay of a step), [`profiler`] libtorch's
+//! profiler (Chrome traces), [`cuda_runtime`] the CUDA runtime facts
 //! (peak memory, current stream, autocast, grad mode). The `SparseFfn` autograd function of
 //! [`crate::op`] crosses the same boundary: tensors as `torch::Tensor*` (tch's `C_tensor*`),
 //! errors as a NUL-terminated message in a buffer of [`ERR_LEN`] bytes.

@@ -111,10 +111,13 @@ impl Shard {
         }
         let tokens = u64::from_le_bytes(map[16..24].try_into().unwrap()) as usize;
         let vocab_size = u32_at(24);
-        let expected = HEADER_BYTES + tokens * bytes_per_token;
-        if map.len() != expected {
+        // Checked: a count near 2^64 would wrap to a plausible size (found by fuzzing).
+        let expected = tokens
+            .checked_mul(bytes_per_token)
+            .and_then(|b| b.checked_add(HEADER_BYTES));
+        if expected != Some(map.len()) {
             return Err(corrupt(format!(
-                "{} bytes but the header announces {tokens} tokens ({expected} bytes): truncated or corrupt",
+                "{} bytes but the header announces {tokens} tokens of {bytes_per_token} bytes: truncated or corrupt",
                 map.len()
             )));
         }
@@ -251,6 +254,23 @@ pub(super) mod tests {
         magic[0] = b'X';
         std::fs::write(&p, &magic).unwrap();
         assert!(Shard::open(&p).err().unwrap().to_string().contains("magic"));
+    }
+
+    /// A count whose byte size wraps around 2^64 to the file's real size is refused (the
+    /// unchecked product accepted it, and reads then ran past the map).
+    #[test]
+    fn a_token_count_that_wraps_is_refused() {
+        let d = shard_dir(&(0..1000).collect::<Vec<u32>>());
+        let p = d.path().join("shard_00000.bin");
+        let mut bytes = std::fs::read(&p).unwrap();
+        // 2 bytes a token: (2^63 + 1000) * 2 wraps to 2000, the payload's length.
+        bytes[16..24].copy_from_slice(&((1u64 << 63) + 1000).to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let e = Shard::open(&p).err().unwrap().to_string();
+        assert!(
+            e.contains("shard_00000.bin") && e.contains("announces"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -67,8 +67,21 @@ impl Tokenizer {
 
     /// A tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_json(name: &str, json: Vec<u8>, eot: Option<&str>) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(&json)
+        // JSON syntax first, named with its line and column; the tokenizers crate panics on
+        // some malformed files (found by fuzzing: a broken decoder entry unwraps a parse
+        // error), so past this check a panic is still caught and named like an error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&json)
             .map_err(|e| anyhow!("not a valid Hugging Face tokenizer.json: {e}"))?;
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&json))
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                anyhow!("not a valid Hugging Face tokenizer.json: {why}")
+            })?;
+        let inner = parsed.map_err(|e| anyhow!("not a valid Hugging Face tokenizer.json: {e}"))?;
         let vocab = inner.get_vocab(true);
         let eot_token = match eot {
             Some(t) => t.to_string(),

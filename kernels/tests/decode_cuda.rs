@@ -8,40 +8,12 @@
 //! rows a call must write must hold no NaN, and every other row must still be NaN.
 mod common;
 
-use common::gpu_or_skip;
+use common::{gpu_or_skip, hf_rotate, rope_tables};
 use sparse_kernels::fused::attention::decode_attention;
 use sparse_kernels::fused::rope::rope_qkv_into_cache;
 use sparse_kernels::testing::relative_error;
 use sparse_kernels::torch::cuda_graph::CudaGraph;
-use tch::{Device, Kind, Tensor};
-
-fn tables(positions: i64, hd: i64, dev: Device) -> (Tensor, Tensor, Tensor) {
-    let inv = (Tensor::arange_start_step(0, hd, 2, (Kind::Double, dev)) / hd as f64)
-        .multiply_scalar(1e5f64.ln())
-        .exp()
-        .reciprocal();
-    let ang = Tensor::arange(positions, (Kind::Double, dev)).outer(&inv);
-    let emb = Tensor::cat(&[&ang, &ang], -1);
-    let half = hd / 2;
-    let sin = emb.sin();
-    let signed = Tensor::cat(
-        &[sin.narrow(-1, 0, half).neg(), sin.narrow(-1, half, half)],
-        -1,
-    );
-    (
-        emb.cos().to_kind(Kind::Float),
-        signed.to_kind(Kind::Float),
-        sin,
-    )
-}
-
-/// HF's rotation in f64 of `x: [B, T, n, hd]` at rows `[T, hd]`, head-major out.
-fn hf_rotate(x: &Tensor, cos: &Tensor, sin_hf: &Tensor) -> Tensor {
-    let hd = x.size()[3];
-    let (x1, x2) = (x.narrow(-1, 0, hd / 2), x.narrow(-1, hd / 2, hd / 2));
-    let rot = Tensor::cat(&[x2.neg(), x1], -1);
-    (x * cos.to_kind(Kind::Double).unsqueeze(1) + rot * sin_hf.unsqueeze(1)).transpose(1, 2)
-}
+use tch::{Kind, Tensor};
 
 fn check(label: &str, got: &Tensor, want: &Tensor) {
     let e = relative_error(&got.to_kind(Kind::Double), want);
@@ -65,7 +37,7 @@ fn cache_case(
     };
     println!("{name}: B {b}, T {t}, heads {nh}/{nkv}, hd {hd}, pos {pos}, capacity {cap}");
     tch::manual_seed(b * 100 + t + pos);
-    let (cos, sin, sin_hf) = tables(cap + 4, hd, dev);
+    let (cos, sin, sin_hf) = rope_tables(cap + 4, hd, dev);
     let w = (nh + 2 * nkv) * hd;
     let qkv = Tensor::randn([b, t, w], (Kind::Float, dev)).to_kind(Kind::BFloat16);
     let nan = |shape: &[i64]| Tensor::full(shape, f64::NAN, (Kind::BFloat16, dev));
@@ -156,7 +128,7 @@ fn cuda_graph_replays_a_step_that_advances_the_position() {
     };
     let (b, nh, nkv, hd, cap, p0, steps) = (2i64, 4i64, 2i64, 64i64, 48i64, 5i64, 20i64);
     tch::manual_seed(9);
-    let (cos, sin, _) = tables(cap, hd, dev);
+    let (cos, sin, _) = rope_tables(cap, hd, dev);
     let w = (nh + 2 * nkv) * hd;
     let inputs = Tensor::randn([steps, b, 1, w], (Kind::Float, dev)).to_kind(Kind::BFloat16);
     let nan = || Tensor::full([b, nkv, cap, hd], f64::NAN, (Kind::BFloat16, dev));

@@ -17,7 +17,7 @@
 //! the check is against those values plus the reference (an overwrite fails).
 mod common;
 
-use common::gpu_or_skip;
+use common::{gpu_or_skip, hf_rotate, rope_tables};
 use sparse_kernels::cuda_runtime;
 use sparse_kernels::fused::adamw::{foreach_norm, fused_adamw, AdamWStep, AdamWTensor};
 use sparse_kernels::fused::linear_cross_entropy::linear_cross_entropy;
@@ -309,38 +309,6 @@ fn fused_adamw_and_norms_on_cuda_equal_the_formula_in_f64() {
         println!("  tensor {i}: max |err| {err:.3e} (bound 1e-5)");
         assert!(err <= 1e-5, "tensor {i}: {err:e}");
     }
-}
-
-/// RoPE tables as the model builds them: cos over both halves, sin with its first half
-/// negated (`[positions, hd]` f32), and HF's positive sine for the reference.
-fn rope_tables(positions: i64, hd: i64, dev: Device) -> (Tensor, Tensor, Tensor) {
-    let inv = (Tensor::arange_start_step(0, hd, 2, (Kind::Double, dev)) / hd as f64)
-        .multiply_scalar(1e5f64.ln())
-        .exp()
-        .reciprocal();
-    let ang = Tensor::arange(positions, (Kind::Double, dev)).outer(&inv);
-    let emb = Tensor::cat(&[&ang, &ang], -1);
-    let half = hd / 2;
-    let sin = emb.sin();
-    let signed = Tensor::cat(
-        &[sin.narrow(-1, 0, half).neg(), sin.narrow(-1, half, half)],
-        -1,
-    );
-    (
-        emb.cos().to_kind(Kind::Float),
-        signed.to_kind(Kind::Float),
-        sin,
-    )
-}
-
-/// HF's rotation in f64 of `x: [B, T, n, hd]` at rows `cos, sin_hf: [T, hd]`, head-major out.
-fn hf_rotate(x: &Tensor, cos: &Tensor, sin_hf: &Tensor) -> Tensor {
-    let hd = x.size()[3];
-    let (x1, x2) = (x.narrow(-1, 0, hd / 2), x.narrow(-1, hd / 2, hd / 2));
-    let rot = Tensor::cat(&[x2.neg(), x1], -1);
-    let c = cos.to_kind(Kind::Double).unsqueeze(1);
-    let s = sin_hf.unsqueeze(1);
-    (x * c + rot * s).transpose(1, 2)
 }
 
 /// The RoPE kernels into NaN-poisoned outputs, every element against HF's formula in f64:

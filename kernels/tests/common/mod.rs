@@ -56,3 +56,35 @@ pub fn run_with_grads(
     let grads = leaves.iter().map(|l| l.grad()).collect();
     (out, grads)
 }
+
+/// RoPE tables as the model builds them: cos over both halves, sin with its first half
+/// negated (`[positions, hd]` f32), and HF's positive sine for the reference.
+pub fn rope_tables(positions: i64, hd: i64, dev: Device) -> (Tensor, Tensor, Tensor) {
+    let inv = (Tensor::arange_start_step(0, hd, 2, (Kind::Double, dev)) / hd as f64)
+        .multiply_scalar(1e5f64.ln())
+        .exp()
+        .reciprocal();
+    let ang = Tensor::arange(positions, (Kind::Double, dev)).outer(&inv);
+    let emb = Tensor::cat(&[&ang, &ang], -1);
+    let half = hd / 2;
+    let sin = emb.sin();
+    let signed = Tensor::cat(
+        &[sin.narrow(-1, 0, half).neg(), sin.narrow(-1, half, half)],
+        -1,
+    );
+    (
+        emb.cos().to_kind(Kind::Float),
+        signed.to_kind(Kind::Float),
+        sin,
+    )
+}
+
+/// HF's rotation in f64 of `x: [B, T, n, hd]` at rows `cos, sin_hf: [T, hd]`, head-major out.
+pub fn hf_rotate(x: &Tensor, cos: &Tensor, sin_hf: &Tensor) -> Tensor {
+    let hd = x.size()[3];
+    let (x1, x2) = (x.narrow(-1, 0, hd / 2), x.narrow(-1, hd / 2, hd / 2));
+    let rot = Tensor::cat(&[x2.neg(), x1], -1);
+    let c = cos.to_kind(Kind::Double).unsqueeze(1);
+    let s = sin_hf.unsqueeze(1);
+    (x * c + rot * s).transpose(1, 2)
+}

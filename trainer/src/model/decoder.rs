@@ -16,6 +16,7 @@
 //!
 //! The residual stream is f32 (the norms' weights are kept in f32 for the fused kernel);
 //! matrix products, the KV cache and attention run in the model's compute dtype.
+use super::kv_cache::KvCache;
 use super::llama::Llama;
 use super::sampler::Sampler;
 use anyhow::{bail, Context, Result};
@@ -65,7 +66,7 @@ pub struct Decoder<'m> {
     stop: Option<i64>,
     batch: i64,
     capacity: i64,
-    cache: Vec<(Tensor, Tensor)>,
+    cache: KvCache,
     /// The token the next step embeds `[B, 1]`; the step overwrites it with its output.
     token: Tensor,
     /// The position of `token` (int64 scalar).
@@ -135,20 +136,7 @@ impl<'m> Decoder<'m> {
                 })
                 .collect()
         });
-        let shape = [
-            batch,
-            cfg.kv_heads() as i64,
-            capacity,
-            cfg.head_dim() as i64,
-        ];
-        let cache = (0..cfg.num_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(shape, (compute, device)),
-                    Tensor::zeros(shape, (compute, device)),
-                )
-            })
-            .collect();
+        let cache = KvCache::new(cfg, batch, capacity, compute, device);
         let sparse_on_cuda = device.is_cuda() && paths.contains(&FfnPath::Twell);
         let twell = if sparse_on_cuda {
             let (d, h) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
@@ -347,7 +335,7 @@ impl<'m> Decoder<'m> {
         for (l, blk) in self.blocks.iter().enumerate() {
             let normed = add_rms_norm(&x, pending.as_ref(), &blk.input_norm, eps, compute)?;
             let qkv = normed.normed.matmul(&blk.qkv.tr());
-            let (kc, vc) = &self.cache[l];
+            let (kc, vc) = &self.cache.layers[l];
             let q = rope_qkv_into_cache(&qkv, (&m.cos, &m.sin), nh, nkv, &self.pos, (kc, vc))?;
             let a = if prefill {
                 Tensor::scaled_dot_product_attention(
@@ -401,7 +389,6 @@ impl<'m> Decoder<'m> {
 #[cfg(test)]
 mod tests {
     use super::super::generate::generate_tokens;
-    use super::super::kv_cache::KvCache;
     use super::super::llama::{seeded_model, CachedOutput};
     use super::*;
     use crate::config::ModelConfig;

@@ -5,6 +5,8 @@
 // input gradient and its weight-gradient product are taken at once (the weight's product
 // accumulating in fp32 into one buffer). The backward only scales those two by the incoming
 // gradient (the weight's in fp32, returned for the fp32 master). Targets < 0 are ignored.
+// On CUDA with bf16 inputs the log-sum-exp, loss and softmax - onehot of a chunk are one
+// kernel (kernels/cuda/cross_entropy.cu), launched by the Rust callback `rows_kernel`.
 #include <torch/torch.h>
 
 #include "ffi_error.h"
@@ -15,6 +17,21 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Per-row loss of fp32 logit rows into `loss` and, when `g` is not null, bf16 softmax -
+// onehot into `g` (owned handles, taken by the callee). Returns 0, or 1 with a message in
+// `err`.
+typedef int32_t (*CrossEntropyRows)(Tensor* logits, Tensor* targets, Tensor* g, Tensor* loss,
+                                    char* err, size_t err_len);
+
+void run_rows_kernel(CrossEntropyRows rows_kernel, const Tensor& logits, const Tensor& targets,
+                     const Tensor* g, const Tensor& loss) {
+  char err[1024] = {0};
+  int32_t rc = rows_kernel(new Tensor(logits), new Tensor(targets),
+                           g == nullptr ? nullptr : new Tensor(*g), new Tensor(loss), err,
+                           sizeof err);
+  TORCH_CHECK(rc == 0, "cross-entropy kernel: ", err);
+}
+
 // x_c [C, D] @ w^T -> fp32 [C, V].
 Tensor logits_f32(const Tensor& xc, const Tensor& w) {
   if (xc.is_cuda() && xc.scalar_type() != at::kFloat) return at::mm(xc, w.t(), at::kFloat);
@@ -24,10 +41,11 @@ Tensor logits_f32(const Tensor& xc, const Tensor& w) {
 struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
   // x: [N, D] (any float dtype); w: [V, D] compute-dtype copy of `master` (fp32, or w itself);
   // targets: [N] int64. Returns the summed loss over the kept targets (fp32 scalar) and the
-  // count of kept targets (int64, not differentiable).
+  // count of kept targets (int64, not differentiable). `rows_kernel` (a CrossEntropyRows,
+  // as an integer: 0 for none) runs each chunk's softmax on CUDA when the inputs are bf16.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
                                const Tensor& master, const Tensor& targets, int64_t chunk,
-                               bool with_grad) {
+                               bool with_grad, int64_t rows_kernel) {
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
                 "linear_cross_entropy: x [N, D] and w [V, D] expected, got ", x.sizes(), " and ",
                 w.sizes());
@@ -42,10 +60,26 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
       dx = torch::empty_like(xc);
       dw = torch::zeros(w.sizes(), w.options().dtype(at::kFloat));
     }
+    auto kernel = reinterpret_cast<CrossEntropyRows>(rows_kernel);
+    bool use_kernel = kernel != nullptr && xc.is_cuda() && xc.scalar_type() == at::kBFloat16;
+    // Per-row losses, summed once at the end (a fixed order, one reduction).
+    Tensor loss_rows = use_kernel ? torch::empty({n}, x.options().dtype(at::kFloat)) : Tensor();
+    Tensor targets_c = targets.contiguous();
     for (int64_t r = 0; r < n; r += chunk) {
       int64_t c = std::min(chunk, n - r);
       Tensor x_c = xc.narrow(0, r, c);
-      Tensor t = targets.narrow(0, r, c);
+      Tensor t = targets_c.narrow(0, r, c);
+      if (use_kernel) {
+        Tensor logits = at::mm(x_c, w.t(), at::kFloat);
+        Tensor g;
+        if (with_grad) g = torch::empty({c, w.size(0)}, xc.options());
+        run_rows_kernel(kernel, logits, t, with_grad ? &g : nullptr, loss_rows.narrow(0, r, c));
+        if (!with_grad) continue;
+        Tensor dx_c = dx.narrow(0, r, c);
+        at::mm_out(dx_c, g, w);
+        at::addmm_out(dw, dw, g.t(), x_c, at::kFloat, 1.0, 1.0);
+        continue;
+      }
       Tensor keep = t.ge(0);
       Tensor t_safe = t.clamp_min(0).unsqueeze(1);
       Tensor logits = logits_f32(x_c, w);
@@ -66,6 +100,7 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
         dw.add_(at::mm(g.t(), x_c).to(at::kFloat));
       }
     }
+    if (use_kernel) loss = loss_rows.sum();
     Tensor count = targets.ge(0).sum();
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     if (with_grad) {
@@ -89,7 +124,7 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
     Tensor dx_out = at::mul(dx.to(at::kFloat), scale).to(x_dtype);
     // The master's gradient goes through autograd (not into .grad here): a tied embedding
     // then sums it with the lookup's gradient before accumulating, as for any shared leaf.
-    return {dx_out, Tensor(), dw.mul_(scale), Tensor(), Tensor(), Tensor()};
+    return {dx_out, Tensor(), dw.mul_(scale), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -98,12 +133,15 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
 extern "C" {
 
 // [loss_sum, kept_count] of linear + cross-entropy; `out` receives 2 new handles the caller
-// owns. Returns 0, or 1 with a message in `err`.
+// owns; `rows_kernel` may be null (ATen ops throughout). Returns 0, or 1 with a message in
+// `err`.
 int sparse_linear_cross_entropy(torch::Tensor* x, torch::Tensor* w, torch::Tensor* master,
                                 torch::Tensor* targets, int64_t chunk, int32_t with_grad,
-                                torch::Tensor** out, char* err, size_t err_len) {
+                                CrossEntropyRows rows_kernel, torch::Tensor** out, char* err,
+                                size_t err_len) {
   return sparse_bridge::catch_into_err(err, err_len, [&] {
-    auto r = LinearCrossEntropy::apply(*x, *w, *master, *targets, chunk, with_grad != 0);
+    auto r = LinearCrossEntropy::apply(*x, *w, *master, *targets, chunk, with_grad != 0,
+                                       reinterpret_cast<int64_t>(rows_kernel));
     out[0] = new Tensor(r[0]);
     out[1] = new Tensor(r[1]);
   });

@@ -90,6 +90,8 @@ typedef unsigned long long uint64_t;
 #define NORM_MAX_GRANULES 8
 // Decode attention (attention.cu): threads per (sequence, head) block.
 #define ATTN_THREADS 256
+// Cross-entropy over logit rows (cross_entropy.cu): threads per row's block.
+#define CE_THREADS 1024
 // END SHARED CONSTANTS
 
 // A tile's spill-slot word when the spill buffer was full.

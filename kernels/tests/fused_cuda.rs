@@ -213,6 +213,104 @@ fn linear_cross_entropy_hard_cases() {
     cross_entropy_case("linear_cross_entropy_ragged", 2500, 72, 1000, 1024, 1.0);
     cross_entropy_case("linear_cross_entropy_sharp", 777, 64, 50304, 256, 30.0);
     cross_entropy_case("linear_cross_entropy_one_token", 1, 48, 130, 1024, 1.0);
+    // Rows too wide for a block's shared memory (the kernel that reads them three times),
+    // 16-byte aligned and not.
+    cross_entropy_case("linear_cross_entropy_wide_rows", 300, 64, 70000, 128, 1.0);
+    cross_entropy_case(
+        "linear_cross_entropy_wide_odd_rows",
+        129,
+        32,
+        65537,
+        64,
+        5.0,
+    );
+}
+
+/// The row kernel alone (`cuda::cross_entropy::cross_entropy_rows_into`) against f64, every
+/// element, outputs poisoned with NaN first: per-row loss within 1e-5 (|lse| + 1) (fp32
+/// log-sum-exp), `softmax - onehot` within one bf16 rounding (2^-8 |ref|) plus 1e-30; ignored
+/// rows exactly 0, a target past the vocabulary a NaN loss. Shapes: one row, V not a multiple
+/// of 4, rows in shared memory and rows too wide for it, sharp logits.
+#[test]
+fn cross_entropy_rows_kernel_every_element() {
+    use sparse_kernels::cuda::cross_entropy::cross_entropy_rows_into;
+    let Some((dev, _gpu)) = gpu_or_skip("cross_entropy_rows_kernel_every_element") else {
+        return;
+    };
+    for (rows, v, scale) in [
+        (1i64, 7i64, 1.0),
+        (6, 50304, 1.0),
+        (300, 49152, 3.0),
+        (5, 70000, 1.0),
+        (4, 65537, 1.0),
+        (9, 1001, 30.0),
+    ] {
+        tch::manual_seed(rows * 131 + v);
+        let logits = Tensor::randn([rows, v], (Kind::Float, dev)) * scale;
+        let targets = Tensor::randint(v, [rows], (Kind::Int64, dev));
+        if rows > 2 {
+            let _ = targets.narrow(0, 1, 1).fill_(-100);
+            let _ = targets.narrow(0, 2, 1).fill_(v);
+        }
+        let g = Tensor::full([rows, v], f64::NAN, (Kind::BFloat16, dev));
+        let loss = Tensor::full([rows], f64::NAN, (Kind::Float, dev));
+        cross_entropy_rows_into(&logits, &targets, Some(&g), &loss).unwrap();
+
+        let l64 = f64_of(&logits);
+        let lse = l64.logsumexp([1], true);
+        let t_host: Vec<i64> = Vec::try_from(targets.to_device(Device::Cpu)).unwrap();
+        let probs = (&l64 - &lse).exp();
+        let loss_host: Vec<f32> = Vec::try_from(loss.to_device(Device::Cpu)).unwrap();
+        let lse_host: Vec<f64> = Vec::try_from(lse.view([-1]).to_device(Device::Cpu)).unwrap();
+        let l64_host = l64.to_device(Device::Cpu);
+        let mut worst_loss = 0f64;
+        for (r, &t) in t_host.iter().enumerate() {
+            let (got, r64) = (loss_host[r] as f64, r as i64);
+            if t < 0 {
+                assert_eq!(got, 0.0, "V {v}: ignored row {r} has loss {got}");
+                let _ = probs.narrow(0, r64, 1).fill_(0.0);
+            } else if t >= v {
+                assert!(
+                    got.is_nan(),
+                    "V {v}: row {r} with target {t} has loss {got}"
+                );
+                let _ = probs.narrow(0, r64, 1).fill_(f64::NAN);
+            } else {
+                let want = lse_host[r] - l64_host.double_value(&[r64, t]);
+                let err = (got - want).abs() / (lse_host[r].abs() + 1.0);
+                worst_loss = worst_loss.max(err);
+                assert!(err <= 1e-5, "V {v}: row {r} loss {got} vs {want}");
+                let _ = probs
+                    .narrow(0, r64, 1)
+                    .narrow(1, t, 1)
+                    .g_sub_(&Tensor::from(1.0));
+            }
+        }
+        // Rows with a NaN reference are skipped by the element check (their loss is NaN,
+        // which the step refuses); every other element is within its bound.
+        let got = f64_of(&g);
+        let valid = probs.isnan().logical_not();
+        let err = (&got - &probs).abs();
+        let bound = probs.abs() * (1.0 / 256.0) + 1e-30;
+        let over = err.gt_tensor(&bound).logical_and(&valid);
+        let n_over = over.sum(Kind::Int64).int64_value(&[]);
+        let finite = got.isfinite().logical_or(&valid.logical_not()).all();
+        let worst = (err.where_self(&valid, &Tensor::from(0.0)) / (probs.abs() + 1e-30))
+            .where_self(&valid, &Tensor::from(0.0))
+            .max()
+            .double_value(&[]);
+        println!(
+            "  rows {rows}, V {v}: loss err {worst_loss:.2e} (bound 1e-5); grad worst relative {worst:.2e} (bound 3.9e-3)"
+        );
+        assert!(
+            finite.int64_value(&[]) == 1,
+            "V {v}: a NaN gradient element survived"
+        );
+        assert_eq!(
+            n_over, 0,
+            "V {v}: {n_over} gradient elements past the bound"
+        );
+    }
 }
 
 /// The fused head never holds the batch's logits: at N 8192 x V 49152 its peak extra memory,

@@ -64,12 +64,13 @@ pub fn has_embedded_cubins() -> bool {
 }
 
 /// The kernel files, for run-time compilation with NVRTC.
-pub const KERNEL_FILES: [(&str, &str); 5] = [
+pub const KERNEL_FILES: [(&str, &str); 6] = [
     ("twell", include_str!("../../cuda/twell.cu")),
     ("hybrid", include_str!("../../cuda/hybrid.cu")),
     ("rope", include_str!("../../cuda/rope.cu")),
     ("norm", include_str!("../../cuda/norm.cu")),
     ("attention", include_str!("../../cuda/attention.cu")),
+    ("cross_entropy", include_str!("../../cuda/cross_entropy.cu")),
 ];
 
 /// Kernel file `stem` as NVRTC compiles it: `common.cuh` in place of its `#include` line

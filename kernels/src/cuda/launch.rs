@@ -266,6 +266,9 @@ kernels! {
     decode_attention ["decode_attention"]
         (q: DevPtr, k_cache: DevPtr, v_cache: DevPtr, pos: DevPtr, out: DevPtr, nh: i32,
          nkv: i32, hd: i32, capacity: i32, scale: f32);
+    /// cross_entropy.cu: per-row loss and bf16 `softmax - onehot` of fp32 logit rows.
+    cross_entropy_rows ["cross_entropy_rows_smem", "cross_entropy_rows_global"]
+        (logits: DevPtr, targets: DevPtr, g: DevPtr, loss: DevPtr, v: i32);
     /// norm.cu: the residual add and RMSNorm, bf16 out.
     add_rms_norm_fwd ["add_rms_norm_fwd"]
         (x: DevPtr, delta: DevPtr, w: DevPtr, x_new: DevPtr, y: DevPtr, rstd: DevPtr, n: i32,

@@ -3,12 +3,28 @@
 //! and loss terms, and (when a gradient is wanted) `softmax - onehot`, from which the input
 //! gradient and the weight's fp32 gradient product are taken in the same pass. The logits of
 //! the whole batch `[N, V]` never exist: peak extra memory is one chunk's `[chunk, V]` in
-//! fp32 and compute dtype, plus the `[V, D]` fp32 weight gradient.
+//! fp32 and compute dtype, plus the `[V, D]` fp32 weight gradient. On CUDA with bf16 inputs a
+//! chunk's log-sum-exp, loss and `softmax - onehot` are one kernel
+//! (`crate::cuda::cross_entropy`), which the bridge calls back into Rust for.
+use std::ffi::c_char;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
 use super::{bridge_call, FusedError};
+use crate::cuda::cross_entropy::cross_entropy_rows_into;
 use crate::torch::cuda_runtime::grad_mode_enabled;
+use crate::torch::{panic_message, write_err};
+
+type RowsKernel = unsafe extern "C" fn(
+    logits: *mut C_tensor,
+    targets: *mut C_tensor,
+    g: *mut C_tensor,
+    loss: *mut C_tensor,
+    err: *mut c_char,
+    err_len: usize,
+) -> i32;
 
 extern "C" {
     fn sparse_linear_cross_entropy(
@@ -18,10 +34,38 @@ extern "C" {
         targets: *mut C_tensor,
         chunk: i64,
         with_grad: i32,
+        rows_kernel: Option<RowsKernel>,
         out: *mut *mut C_tensor,
-        err: *mut std::ffi::c_char,
+        err: *mut c_char,
         err_len: usize,
     ) -> i32;
+}
+
+/// The bridge's per-chunk call on CUDA: [`cross_entropy_rows_into`] over the handles it
+/// passes (owned, taken here; `g` null when no gradient is wanted).
+///
+/// # Safety
+/// Every non-null pointer is an owned tensor handle; `err` holds `err_len` bytes.
+unsafe extern "C" fn rows_kernel(
+    logits: *mut C_tensor,
+    targets: *mut C_tensor,
+    g: *mut C_tensor,
+    loss: *mut C_tensor,
+    err: *mut c_char,
+    err_len: usize,
+) -> i32 {
+    let logits = Tensor::from_ptr(logits);
+    let targets = Tensor::from_ptr(targets);
+    let g = (!g.is_null()).then(|| Tensor::from_ptr(g));
+    let loss = Tensor::from_ptr(loss);
+    let run = || cross_entropy_rows_into(&logits, &targets, g.as_ref(), &loss);
+    let msg = match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(())) => return 0,
+        Ok(Err(e)) => e.to_string(),
+        Err(p) => format!("panicked: {}", panic_message(p)),
+    };
+    write_err(err, err_len, &msg);
+    1
 }
 
 /// Rows per chunk: `[chunk, V]` fp32 logits of about 256 MiB at a 64k vocabulary.
@@ -77,6 +121,7 @@ pub fn linear_cross_entropy(
                 ptr(&t),
                 chunk,
                 with_grad as i32,
+                Some(rows_kernel),
                 out.as_mut_ptr(),
                 err,
                 len,

@@ -5,7 +5,8 @@
 //! The model's sparsity is imposed ([`super::common::impose_sparsity`]).
 //!
 //! **infer**: decoder forward without the LM head (as the paper's benchmark), bf16 weights,
-//! no grad; dense = the `Dense` FFN path (cuBLAS), sparse = `Twell` (CUDA kernels).
+//! no grad, the fused inference forward (`model::inference`); dense = the `Dense` FFN path
+//! (cuBLAS), sparse = `Twell` (CUDA kernels).
 //! **train**: full steps (fwd + bwd + L1 term + clip + AdamW) with bf16 matrix products over f32
 //! weights at the config's micro-batch, lr `--lr` (default 0, see its help); dense =
 //! `Dense`, sparse = `Hybrid`.
@@ -18,7 +19,7 @@ use super::common::{impose_sparsity, layer_means, summary, Energy, GIB};
 pub use super::common::{BenchE2eArgs, Mode};
 use super::generate::run_generate;
 use crate::config::Config;
-use crate::model::{synchronize, CachedOutput, Llama};
+use crate::model::{synchronize, InferenceWeights, Llama};
 use crate::optim::AdamW;
 use anyhow::{bail, Result};
 use sparse_kernels::cuda_runtime;
@@ -98,7 +99,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         tokens_per_iter,
         match mode {
             Mode::Train => "micro-batches x sequences x tokens, bf16 matrix products over f32 weights, the trainer's fwd+bwd, clip, AdamW",
-            Mode::Infer => "bf16 weights, no grad, decoder body (LM head excluded)",
+            Mode::Infer => "bf16 weights, no grad, fused decoder body (LM head excluded)",
             Mode::Generate => "bf16 weights, KV cache, greedy decoding (timed rows below; the tokens/iter figure is calibration only)",
         }
     );
@@ -153,12 +154,13 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         synchronize(device);
         cuda_runtime::reset_peak(device);
         let row = match mode {
-            Mode::Infer => measure(path, device, &energy, args, tokens_per_iter, |_, _| {
-                tch::no_grad(|| {
-                    let _ = model.forward_cached(&inputs, None, &layer_paths, CachedOutput::Hidden);
-                });
-                Ok(())
-            })?,
+            Mode::Infer => {
+                // The fused inference forward over weights made once (as a server would).
+                let weights = InferenceWeights::new(&model);
+                measure(path, device, &energy, args, tokens_per_iter, |_, _| {
+                    weights.hidden(&model, &inputs, &layer_paths).map(drop)
+                })?
+            }
             Mode::Generate => unreachable!("handled above"),
             Mode::Train => {
                 let mut opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);

@@ -16,30 +16,18 @@
 //!
 //! The residual stream is f32 (the norms' weights are kept in f32 for the fused kernel);
 //! matrix products, the KV cache and attention run in the model's compute dtype.
+use super::inference::{InferenceBlock, InferenceWeights};
 use super::kv_cache::KvCache;
 use super::llama::Llama;
 use super::sampler::Sampler;
 use anyhow::{bail, Context, Result};
 use sparse_kernels::cuda::TwellStaticFfn;
 use sparse_kernels::fused::attention::decode_attention;
-use sparse_kernels::fused::norm::add_rms_norm;
 use sparse_kernels::fused::rope::rope_qkv_into_cache;
 use sparse_kernels::torch::cuda_graph::CudaGraph;
-use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
+use sparse_kernels::{try_sparse_ffn, FfnPath, SparseFfnConfig};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-
-/// One block's weights as the decoder multiplies by them.
-struct DecodeBlock {
-    input_norm: Tensor,
-    /// q, k and v stacked `[(heads + 2 kv_heads) hd, D]`.
-    qkv: Tensor,
-    o: Tensor,
-    post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down_t: Tensor,
-}
 
 /// What one [`Decoder::generate`] did, and how long it took.
 #[derive(Clone, Debug, Default)]
@@ -58,9 +46,7 @@ pub struct DecodeRun {
 /// A generator for `batch` sequences of up to `capacity` positions (prompt and new tokens).
 pub struct Decoder<'m> {
     model: &'m Llama,
-    blocks: Vec<DecodeBlock>,
-    norm: Tensor,
-    head: Tensor,
+    weights: InferenceWeights,
     paths: Vec<FfnPath>,
     sampler: Sampler,
     stop: Option<i64>,
@@ -119,23 +105,6 @@ impl<'m> Decoder<'m> {
         sampler.validate()?;
         let device = model.embed.device();
         let compute = model.compute;
-        let blocks = tch::no_grad(|| {
-            let c = |t: &Tensor| t.to_kind(compute);
-            let f = |t: &Tensor| t.to_kind(Kind::Float);
-            model
-                .blocks
-                .iter()
-                .map(|b| DecodeBlock {
-                    input_norm: f(&b.input_norm),
-                    qkv: Tensor::cat(&[&b.q, &b.k, &b.v], 0).to_kind(compute),
-                    o: c(&b.o),
-                    post_norm: f(&b.post_norm),
-                    gate: c(&b.gate),
-                    up: c(&b.up),
-                    down_t: c(&b.down_t),
-                })
-                .collect()
-        });
         let cache = KvCache::new(cfg, batch, capacity, compute, device);
         let sparse_on_cuda = device.is_cuda() && paths.contains(&FfnPath::Twell);
         let twell = if sparse_on_cuda {
@@ -147,9 +116,7 @@ impl<'m> Decoder<'m> {
         let long = (Kind::Int64, device);
         Ok(Decoder {
             model,
-            blocks,
-            norm: tch::no_grad(|| model.norm.to_kind(Kind::Float)),
-            head: tch::no_grad(|| model.head().to_kind(compute)),
+            weights: InferenceWeights::new(model),
             paths: paths.to_vec(),
             sampler,
             stop,
@@ -324,65 +291,47 @@ impl<'m> Decoder<'m> {
     /// device's position `pos` (prefill: a whole prompt from position 0, causal).
     fn forward(&self, tokens: &Tensor, prefill: bool) -> Result<Tensor> {
         let m = self.model;
-        let cfg = &m.cfg;
         let (b, t) = tokens.size2()?;
-        let (d, hd) = (cfg.hidden_size as i64, cfg.head_dim() as i64);
+        let hd = m.cfg.head_dim() as i64;
         let (nh, nkv) = m.local_heads();
-        let eps = cfg.rms_norm_eps;
-        let compute = m.compute;
-        let mut x = Tensor::embedding(&m.embed, tokens, -1, false, false).to_kind(Kind::Float);
-        let mut pending: Option<Tensor> = None;
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let normed = add_rms_norm(&x, pending.as_ref(), &blk.input_norm, eps, compute)?;
-            let qkv = normed.normed.matmul(&blk.qkv.tr());
+        let attend = |l: usize, qkv: &Tensor| -> Result<Tensor> {
             let (kc, vc) = &self.cache.layers[l];
-            let q = rope_qkv_into_cache(&qkv, (&m.cos, &m.sin), nh, nkv, &self.pos, (kc, vc))?;
-            let a = if prefill {
-                Tensor::scaled_dot_product_attention(
-                    &q,
-                    &kc.narrow(2, 0, t),
-                    &vc.narrow(2, 0, t),
-                    None::<&Tensor>,
-                    0.0,
-                    t > 1,
-                    None,
-                    nh != nkv,
-                )
-                .transpose(1, 2)
-                .reshape([b, t, nh * hd])
-            } else {
-                decode_attention(&q, (kc, vc), &self.pos)?.view([b, 1, nh * hd])
-            };
-            let a = a.matmul(&blk.o.tr());
-            let normed = add_rms_norm(&normed.residual, Some(&a), &blk.post_norm, eps, compute)?;
-            let hx = normed.normed.view([b * t, d]);
-            let y = self.ffn(blk, &hx, self.paths[l])?;
-            x = normed.residual;
-            pending = Some(y.view([b, t, d]));
-        }
-        let last = add_rms_norm(&x, pending.as_ref(), &self.norm, eps, compute)?;
-        let h = last.normed.narrow(1, t - 1, 1).squeeze_dim(1);
-        Ok(h.matmul(&self.head.tr()).to_kind(Kind::Float))
+            let q = rope_qkv_into_cache(qkv, (&m.cos, &m.sin), nh, nkv, &self.pos, (kc, vc))?;
+            if !prefill {
+                return Ok(decode_attention(&q, (kc, vc), &self.pos)?.view([b, 1, nh * hd]));
+            }
+            Ok(Tensor::scaled_dot_product_attention(
+                &q,
+                &kc.narrow(2, 0, t),
+                &vc.narrow(2, 0, t),
+                None::<&Tensor>,
+                0.0,
+                t > 1,
+                None,
+                nh != nkv,
+            )
+            .transpose(1, 2)
+            .reshape([b, t, nh * hd]))
+        };
+        let ffn = |l: usize, blk: &InferenceBlock, x: &Tensor| self.ffn(blk, x, self.paths[l]);
+        let last = self.weights.blocks_forward(m, tokens, attend, ffn)?;
+        let h = last.narrow(1, t - 1, 1).squeeze_dim(1);
+        Ok(h.matmul(&self.weights.head.tr()).to_kind(Kind::Float))
     }
 
     /// The FFN of `x: [N, D]`: TwELL through the decoder's own workspace when N is the
     /// decode batch on CUDA (a captured step needs fixed buffers), else the one dispatch.
-    fn ffn(&self, blk: &DecodeBlock, x: &Tensor, path: FfnPath) -> Result<Tensor> {
+    fn ffn(&self, blk: &InferenceBlock, x: &Tensor, path: FfnPath) -> Result<Tensor> {
         if let (FfnPath::Twell, Some(tw)) = (path, &self.twell) {
             if x.size()[0] == self.batch {
                 return Ok(tw.forward(x, &blk.gate, &blk.up, &blk.down_t)?);
             }
         }
-        let w = FfnWeights {
-            gate: &blk.gate,
-            up: &blk.up,
-            down_t: &blk.down_t,
-        };
         let config = SparseFfnConfig {
             statistics: false,
             ..SparseFfnConfig::default()
         };
-        Ok(try_sparse_ffn(x, &w, path, &config)?.y)
+        Ok(try_sparse_ffn(x, &blk.ffn_weights(), path, &config)?.y)
     }
 }
 

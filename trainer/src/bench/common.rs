@@ -79,8 +79,9 @@ pub struct BenchE2eArgs {
     /// generate: new tokens per sequence (greedy, no early stop).
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
-    /// generate: write a Chrome trace of one more generation per path and batch into this
-    /// folder (`generate-<path>-b<batch>.json`; the kernels of the graph replays included).
+    /// Write a Chrome trace of one more iteration per path into this folder after the timed
+    /// loop (`train-<path>.json`, `infer-<path>.json`; generate: one more generation per path
+    /// and batch, `generate-<path>-b<batch>.json`, the kernels of the graph replays included).
     #[arg(long)]
     pub profile_dir: Option<PathBuf>,
 }

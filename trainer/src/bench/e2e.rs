@@ -23,6 +23,7 @@ use crate::model::{synchronize, InferenceWeights, Llama};
 use crate::optim::AdamW;
 use anyhow::{bail, Result};
 use sparse_kernels::cuda_runtime;
+use sparse_kernels::torch::profiler;
 use sparse_kernels::FfnPath;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -157,16 +158,19 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
             Mode::Infer => {
                 // The fused inference forward over weights made once (as a server would).
                 let weights = InferenceWeights::new(&model);
-                measure(path, device, &energy, args, tokens_per_iter, |_, _| {
+                let mut iter = |_, _| -> Result<()> {
                     weights.hidden(&model, &inputs, &layer_paths).map(drop)
-                })?
+                };
+                let row = measure(path, device, &energy, args, tokens_per_iter, &mut iter)?;
+                profile_one(args, mode, path, device, || iter(0, false))?;
+                row
             }
             Mode::Generate => unreachable!("handled above"),
             Mode::Train => {
                 let mut opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);
                 let lambda = cfg.sparsity.l1_coeff;
                 let mut last = None;
-                let mut row = measure(path, device, &energy, args, tokens_per_iter, |i, keep| {
+                let mut iter = |i, keep| -> Result<()> {
                     // The trainer's step: one set of compute weights, `accum` micro-batches
                     // (the same tokens each time), the global-mean loss, clip, fused AdamW.
                     let weights = model.compute_weights();
@@ -186,6 +190,10 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                     opt.clip_and_step(args.lr, gn, cfg.train.grad_clip)?;
                     opt.zero_grad();
                     Ok(())
+                };
+                let mut row = measure(path, device, &energy, args, tokens_per_iter, &mut iter)?;
+                profile_one(args, mode, path, device, || {
+                    iter(args.warmup + args.steps, false)
                 })?;
                 row.nnz = last;
                 row
@@ -197,6 +205,38 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     if rows.iter().any(|r| r.peak == Some(0) || r.peak.is_none()) {
         println!("note: the caching allocator reported no peak; 'used' is NVML's device memory in use at the end of the loop (includes the allocator's cache)");
     }
+    Ok(())
+}
+
+/// With `--profile-dir`: one more iteration under libtorch's profiler, its Chrome trace in
+/// `DIR/<mode>-<path>.json`.
+fn profile_one(
+    args: &BenchE2eArgs,
+    mode: Mode,
+    path: FfnPath,
+    device: Device,
+    iter: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let Some(dir) = &args.profile_dir else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir)?;
+    let name = if mode == Mode::Train {
+        "train"
+    } else {
+        "infer"
+    };
+    let trace = dir.join(format!("{name}-{}.json", path.name()));
+    synchronize(device);
+    profiler::start(device.is_cuda())?;
+    let profiled = iter();
+    synchronize(device);
+    profiler::stop(&trace)?;
+    profiled?;
+    println!(
+        "           trace of one more iteration: {}",
+        trace.display()
+    );
     Ok(())
 }
 

@@ -152,3 +152,57 @@ fn hybrid_under_autocast_returns_autocast_dtype() {
     println!("autocast N=256: y {:?} rel err {e:.2e}", out.y.kind());
     assert!(e <= TOL);
 }
+
+/// Deferred status checks (`cuda::DeferredChecks`): a shape of known sizes runs without its
+/// host read and gives the synchronous forward's values and gradients bit for bit; a denser
+/// layer of the same shape overflows the kept pool, which raises the step's flag (not an
+/// error); `settle` grows the sizes, and the rerun equals the synchronous run bit for bit.
+#[test]
+fn deferred_checks_flag_an_overflow_and_the_rerun_is_exact() {
+    use sparse_kernels::cuda::DeferredChecks;
+    let Some((dev, _gpu)) = gpu_or_skip("deferred_checks_flag_an_overflow_and_the_rerun_is_exact")
+    else {
+        return;
+    };
+    // A token count no other test uses: the kept sizes are per shape.
+    let n = 1234;
+    tch::manual_seed(77);
+    let sparse = make_layer(n, D, H, 0.995, 2, dev);
+    let dense = make_layer(n, D, H, 0.90, 0, dev);
+    let r = Tensor::randn([n, D], (Kind::Float, dev));
+    let same = |label: &str, a: &(FfnOutput, Vec<Tensor>), b: &(FfnOutput, Vec<Tensor>)| {
+        assert!(a.0.y.equal(&b.0.y), "{label}: y differs");
+        assert!(a.0.l1_sum.equal(&b.0.l1_sum), "{label}: l1_sum differs");
+        for (g, h) in a.1.iter().zip(&b.1) {
+            assert!(g.equal(h), "{label}: a gradient differs");
+        }
+    };
+    let flag = |c: &DeferredChecks| c.overflow_flag().unwrap().double_value(&[]);
+
+    let synchronous = run(Some(FfnPath::Hybrid), &sparse, &r);
+    let checks = DeferredChecks::begin(dev).unwrap();
+    let deferred = run(Some(FfnPath::Hybrid), &sparse, &r);
+    assert_eq!(flag(&checks), 0.0, "a pool that fits raised the flag");
+    assert_eq!(checks.settle(false).unwrap(), 0);
+    same("deferred at 99.5 %", &deferred, &synchronous);
+
+    let checks = DeferredChecks::begin(dev).unwrap();
+    let _overflowed = run(Some(FfnPath::Hybrid), &dense, &r);
+    assert_eq!(
+        flag(&checks),
+        1.0,
+        "a pool of 99.5 % sizes held a 90 % layer"
+    );
+    assert_eq!(checks.settle(true).unwrap(), 1, "the shape's sizes grow");
+
+    let checks = DeferredChecks::begin(dev).unwrap();
+    let rerun = run(Some(FfnPath::Hybrid), &dense, &r);
+    assert_eq!(flag(&checks), 0.0, "the grown pool still overflows");
+    drop(checks);
+    let synchronous = run(Some(FfnPath::Hybrid), &dense, &r);
+    same("rerun at 90 %", &rerun, &synchronous);
+    let (want, _) = run(None, &dense, &r);
+    let e = relative_error(&rerun.0.y, &want.y);
+    println!("rerun at 90 %: y rel err {e:.2e} against the dense oracle");
+    assert!(e <= TOL);
+}

@@ -17,8 +17,7 @@
 //! Shapes: `x, dy: [N, D]`, `Wg, Wu, Wd^T: [H, D]`, all bf16 contiguous (callers cast);
 //! `D % 64 == 0`, `D <= 8192`, `H <= 65536` and `4 H` bytes of shared memory per block
 //! ([`HybridKernels::supports`]). fp32 accumulation, deterministic.
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaModule};
@@ -27,8 +26,9 @@ use tch::{Device, Kind, Tensor};
 use super::consts::{
     HCTRL_WORDS, HC_GSPILL, HC_NNZ, HC_STATUS, HYB_BLK, HYB_BWD_W_SLICE, HYB_BWD_W_THREADS,
     HYB_SCAN_THREADS, HYB_SEG, HYB_THREADS, MAX_TILES, ROW_GRANULES, ROW_GRANULES_WIDE,
-    ST_GATE_SPILL, ST_NNZ_OVER, TILE_COLS,
+    ST_NNZ_OVER, TILE_COLS,
 };
+use super::hybrid_sizes::{self, PoolSizes};
 use super::image::load_image;
 use super::launch::{
     check_tensor, cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill, hyb_fwd, hyb_l1,
@@ -130,7 +130,8 @@ pub struct HybridState {
 }
 
 impl HybridState {
-    /// Actives of the forward (all tokens, all units).
+    /// Actives of the forward (all tokens, all units); the pool's size when its status
+    /// check was deferred.
     pub fn nnz(&self) -> i64 {
         self.nnz
     }
@@ -171,16 +172,11 @@ pub struct HybridForward {
     pub state: HybridState,
 }
 
-/// Pool and spill sizes that sufficed last time, per (device, N, D, H).
-type SizeKey = (usize, i64, i64, i64);
-fn size_hints() -> &'static Mutex<HashMap<SizeKey, (i64, i64)>> {
-    static HINTS: OnceLock<Mutex<HashMap<SizeKey, (i64, i64)>>> = OnceLock::new();
-    HINTS.get_or_init(Default::default)
-}
-
 /// Hybrid forward of `y = (relu(x Wg^T) * (x Wu^T)) Wd^T` and `l1_sum = sum |h|` on tch's
 /// current stream. Inputs bf16 contiguous on one CUDA device. Exact: grows and reruns until
-/// the status word is clean (one host sync per round).
+/// the status word is clean (one host sync per round), or, for a shape of known sizes while
+/// [`DeferredChecks`](super::hybrid_sizes::DeferredChecks) are open, leaves the status to
+/// those checks (no sync; the caller reruns its step on an overflow).
 pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Result<HybridForward> {
     let device = x.device();
     let k = HybridKernels::for_device(device)?;
@@ -200,12 +196,9 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     let ordinal = cuda_ordinal(device)?;
     let ntiles = (h + TILE_COLS - 1) / TILE_COLS;
     let key = (ordinal, n, d, h);
-    let (mut cap, mut spill_cap) = size_hints()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .copied()
-        .unwrap_or(((n * 64).max(1024), (n * ntiles / 64).max(64)));
+    let max_spill = n * ntiles;
+    let deferred = hybrid_sizes::defers(key);
+    let mut sizes = hybrid_sizes::known_sizes(key).unwrap_or(PoolSizes::initial(n, ntiles));
     let i32o = (Kind::Int, device);
     let nblk = (n + HYB_BLK - 1) / HYB_BLK;
     let nseg = (nblk + HYB_SEG - 1) / HYB_SEG;
@@ -229,6 +222,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let mut grows = 0;
     loop {
+        let PoolSizes { cap, spill_cap } = sizes;
         let ws = TwellWorkspace::new(n, d, h, TW, 128, Some(spill_cap), 0, device)?;
         let ecol = Tensor::f_empty([cap], i32o)?;
         let eg = Tensor::f_empty([cap], (Kind::Int16, device))?;
@@ -332,28 +326,25 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
             )?;
             hyb_l1(&k.l1, shape((1, 1), HYB_SCAN_THREADS, 0), ltp, ni, l1p, hcp)?;
         }
-        // The one host sync: status, actives, spill slots asked for.
-        let ctl = Vec::<i32>::try_from(hctrl.f_narrow(0, 0, 3)?.f_to_device(Device::Cpu)?)
-            .map_err(CudaKernelError::Torch)?;
-        let word = |i: i64| ctl[i as usize];
-        let (st, nnz, gspill) = (
-            word(HC_STATUS) as i64,
-            word(HC_NNZ) as i64,
-            word(HC_GSPILL) as i64,
-        );
-        if st & ST_NNZ_OVER != 0 {
-            cap = nnz + nnz / 8 + 1024;
-        }
-        if st & ST_GATE_SPILL != 0 {
-            spill_cap = (gspill + gspill / 4 + 64).min(n * ntiles).max(spill_cap);
-        }
+        let (st, nnz) = if deferred {
+            // The open checks take the status; the backward's scratch is sized for the pool.
+            hybrid_sizes::record(key, &hctrl)?;
+            (0, cap)
+        } else {
+            // The one host sync: status, actives, spill slots asked for.
+            let ctl = Vec::<i32>::try_from(hctrl.f_narrow(0, 0, 3)?.f_to_device(Device::Cpu)?)
+                .map_err(CudaKernelError::Torch)?;
+            let word = |i: i64| ctl[i as usize] as i64;
+            let (st, nnz, gspill) = (word(HC_STATUS), word(HC_NNZ), word(HC_GSPILL));
+            sizes = sizes.grown(st, nnz, gspill, max_spill);
+            if st == 0 {
+                // Sizes for the next forward of this shape: what sufficed, with headroom.
+                let kept = sizes.grown(ST_NNZ_OVER, nnz, 0, max_spill);
+                hybrid_sizes::keep_sizes(key, kept, max_spill);
+            }
+            (st, nnz)
+        };
         if st == 0 {
-            // Sizes for the next forward of this shape: what sufficed, with headroom.
-            let hint = (cap.max(nnz + nnz / 8 + 1024), spill_cap);
-            size_hints()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, hint);
             let f = |t: Tensor| t.f_to_kind(Kind::Int64);
             let counts = ws.twell.f_view([n, ntiles, TW])?.f_select(2, 0)?;
             let spilled_rows = counts
@@ -390,7 +381,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
         grows += 1;
         if grows >= MAX_ROUNDS {
             return Err(CudaKernelError::Shape(format!(
-                "hybrid forward: status {st} after {MAX_ROUNDS} rounds (nnz {nnz}, cap {cap}, spill {gspill}/{spill_cap})"
+                "hybrid forward: status {st} after {MAX_ROUNDS} rounds (nnz {nnz}, cap {cap}, spill cap {spill_cap})"
             )));
         }
     }

@@ -6,6 +6,7 @@
 //!   launcher per kernel family (checked against the PTX entry points by a test);
 //! - `twell`: the TwELL inference kernels and their workspace;
 //! - `hybrid`: the hybrid training kernels (an exact CSR/CSC pool of the actives);
+//! - `hybrid_sizes`: the pool sizes per shape, and status checks deferred to once a step;
 //! - `rope`: rotary embeddings fused with the head split of the stacked q/k/v projection;
 //! - `norm`: the residual add fused with RMSNorm;
 //! - `attention`: decode attention, one query per sequence over the KV cache;
@@ -21,6 +22,7 @@ use tch::Device;
 pub mod attention;
 pub mod cross_entropy;
 pub mod hybrid;
+pub mod hybrid_sizes;
 pub mod image;
 mod launch;
 pub mod norm;
@@ -34,6 +36,7 @@ pub mod consts {
 
 pub use consts::TILE_COLS;
 pub use hybrid::{hybrid_backward, hybrid_forward, HybridForward, HybridKernels, HybridState};
+pub use hybrid_sizes::DeferredChecks;
 pub use image::{has_embedded_cubins, nvrtc_compile, LoadedImage};
 pub use twell::{
     twell_ffn, TwellKernels, TwellLaunch, TwellStaticFfn, TwellStats, TwellWorkspace,

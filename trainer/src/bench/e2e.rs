@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::model::{synchronize, InferenceWeights, Llama};
 use crate::optim::AdamW;
 use anyhow::{bail, Result};
+use sparse_kernels::cuda::DeferredChecks;
 use sparse_kernels::cuda_runtime;
 use sparse_kernels::torch::profiler;
 use sparse_kernels::FfnPath;
@@ -170,19 +171,35 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                 let mut opt = AdamW::new(vs.variables().into_iter().collect(), &cfg.train);
                 let lambda = cfg.sparsity.l1_coeff;
                 let mut last = None;
+                let mut reruns = 0;
                 let mut iter = |i, keep| -> Result<()> {
                     // The trainer's step: one set of compute weights, `accum` micro-batches
-                    // (the same tokens each time), the global-mean loss, clip, fused AdamW.
-                    let weights = model.compute_weights();
-                    for micro in 0..accum {
-                        let out = model.training_forward(&weights, &inputs, &targets, &layer_paths);
-                        let loss = (&out.ce_sum + &out.l1_sum * lambda) / tokens_per_iter;
-                        loss.backward();
-                        if keep && micro + 1 == accum {
-                            last = Some(layer_means(&out.layers));
+                    // (the same tokens each time), the global-mean loss, clip, fused AdamW;
+                    // the hybrid pools checked once after the micro-batches, as the trainer
+                    // does (the micro-batches run again on an overflow).
+                    loop {
+                        let checks = device.is_cuda().then(|| DeferredChecks::begin(device));
+                        let checks = checks.transpose()?;
+                        let weights = model.compute_weights();
+                        for micro in 0..accum {
+                            let out =
+                                model.training_forward(&weights, &inputs, &targets, &layer_paths);
+                            let loss = (&out.ce_sum + &out.l1_sum * lambda) / tokens_per_iter;
+                            loss.backward();
+                            if keep && micro + 1 == accum {
+                                last = Some(layer_means(&out.layers));
+                            }
                         }
+                        drop(weights);
+                        let Some(c) = checks else { break };
+                        let overflowed = c.overflow_flag()?.double_value(&[]) != 0.0;
+                        c.settle(overflowed)?;
+                        if !overflowed {
+                            break;
+                        }
+                        opt.zero_grad();
+                        reruns += 1;
                     }
-                    drop(weights);
                     let gn = opt.grad_norm().double_value(&[]);
                     if !gn.is_finite() {
                         bail!("{}: non-finite gradient norm at step {i}", path.name());
@@ -195,6 +212,10 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                 profile_one(args, mode, path, device, || {
                     iter(args.warmup + args.steps, false)
                 })?;
+                if reruns > 0 {
+                    let name = path.name();
+                    println!("{name}: {reruns} step(s) re-run after a hybrid pool overflow");
+                }
                 row.nnz = last;
                 row
             }

@@ -210,7 +210,7 @@ mod tests {
     fn a_shard_replaced_under_the_loader_fails_the_next_batch_by_name() {
         let d = shard_dir(&(0..1001).collect::<Vec<u32>>());
         let mut l = DataLoader::from_shards(d.path(), 10, 3).unwrap();
-        l.sequences(0, 4).unwrap();
+        let _batch = l.sequences(0, 4).unwrap();
         let p = d.path().join("shard_00000.bin");
         write_shard(&p, &(1..1002).collect::<Vec<u32>>(), 50257).unwrap();
         let e = l.sequences(4, 4).unwrap_err().to_string();

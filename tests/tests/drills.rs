@@ -162,7 +162,8 @@ fn drill_sigkill_one_rank_mid_checkpoint() {
     }
     assert_eq!(latest(run.path()), "step_00000003");
     loop {
-        if !checkpoint_entries(run.path()).1.is_empty() {
+        let (_, partial) = checkpoint_entries(run.path());
+        if partial.iter().any(|n| n.starts_with(".tmp-step_00000006")) {
             signal_pid(rank0, libc::SIGSTOP);
             break;
         }

@@ -170,4 +170,32 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "{left:?}");
     }
+
+    /// `check` passes while a write runs or after one succeeded, and reports a failed one
+    /// once it has finished, without a new save.
+    #[test]
+    fn check_reports_a_finished_failed_write() {
+        let run = tempfile::tempdir().unwrap();
+        let mut saver = Saver::default();
+        saver.check().unwrap();
+        saver
+            .save(run.path().to_path_buf(), 1, checkpoint(), 0)
+            .unwrap();
+        let mut bad = checkpoint();
+        bad.files.insert("a/b".to_string(), b"x".to_vec());
+        saver.save(run.path().to_path_buf(), 2, bad, 0).unwrap();
+        let started = std::time::Instant::now();
+        let err = loop {
+            if let Err(e) = saver.check() {
+                break e.to_string();
+            }
+            assert!(
+                started.elapsed().as_secs() < 30,
+                "the failed write never reported"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(err.contains("checkpoint of step 2 not written"), "{err}");
+        saver.check().unwrap();
+    }
 }

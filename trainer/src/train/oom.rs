@@ -12,6 +12,7 @@
 //! Test hook: `SPARSE_TRAIN_TEST_OOM_AT_STEP=<step>` (0-based) raises libtorch's
 //! out-of-memory text in that step, after the optimizer update and before the step counts,
 //! so a test can show no checkpoint of the half-updated state is written. Unset in real runs.
+use crate::config::TrainConfig;
 use anyhow::{bail, Result};
 use std::any::Any;
 use std::cell::Cell;
@@ -48,6 +49,17 @@ pub struct OutOfMemory {
     pub step: usize,
     pub micro_batch_size: usize,
     pub detail: String,
+}
+
+impl OutOfMemory {
+    /// Step `step` of a run with `train`'s micro-batches ran out of memory.
+    pub fn in_step(step: usize, train: &TrainConfig, detail: String) -> OutOfMemory {
+        OutOfMemory {
+            step,
+            micro_batch_size: train.micro_batch_size,
+            detail,
+        }
+    }
 }
 
 thread_local! {

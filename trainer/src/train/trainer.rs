@@ -287,16 +287,11 @@ impl<'w> Trainer<'w> {
             }
             let values = match oom::catch(|| self.step(step)) {
                 Ok(values) => values?,
+                // The step may have stopped part-way through the update: nothing of its state
+                // is saved; the write of the last complete checkpoint finishes.
                 Err(detail) => {
-                    // The step may have stopped part-way through the update: nothing of this
-                    // state is saved; the write of the last complete checkpoint finishes.
                     self.saver.wait()?;
-                    return Err(OutOfMemory {
-                        step,
-                        micro_batch_size: self.cfg.train.micro_batch_size,
-                        detail,
-                    }
-                    .into());
+                    bail!(OutOfMemory::in_step(step, &self.cfg.train, detail));
                 }
             };
             // A checkpoint write that failed (a full disk) stops the run now, not at the next

@@ -88,18 +88,12 @@ fn checkpoint_entries(run: &Path) -> (Vec<String>, Vec<String>) {
 /// Waits for the job to end after a fault: within [`END_LIMIT`], unsuccessfully. Returns
 /// stdout and stderr together (mpirun's own report goes to either).
 fn ends_failing(t: &mut Trainer, what: &str) -> String {
-    let started = Instant::now();
     let status = t
         .wait_timeout(END_LIMIT)
         .unwrap_or_else(|| panic!("{what}: the job still runs {END_LIMIT:?} later"));
     let (out, err) = t.output();
     let text = format!("{out}\n{err}");
     assert!(!status.success(), "{what}: the job succeeded\n{text}");
-    assert!(
-        started.elapsed() < END_LIMIT,
-        "{what}: took {:?}",
-        started.elapsed()
-    );
     text
 }
 

@@ -337,6 +337,10 @@ fn drill_out_of_memory_mid_step_writes_no_checkpoint() {
             "the error does not say `{want}`:\n{text}"
         );
     }
+    assert!(
+        text.contains("rank 0: out of memory") || text.contains("rank 1: out of memory"),
+        "no rank named:\n{text}"
+    );
     assert!(!text.contains("panicked"), "reported as a panic:\n{text}");
     assert_eq!(completed_steps(run.path()), 4);
     let (steps, _) = checkpoint_entries(run.path());

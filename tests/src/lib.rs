@@ -1,6 +1,10 @@
 //! Helpers for the end-to-end tests in `tests/`: locate the `sparse-train` binary, run it
 //! (alone or under `mpirun`), read its `metrics.jsonl`, and compare two runs: bit for bit, or
-//! within a stated rounding bound.
+//! within a stated rounding bound. [`ranks`] and [`tmpfs`] serve the fault drills: one rank's
+//! process of a job, and a small disk to fill.
+pub mod ranks;
+pub mod tmpfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tempfile::TempDir;
@@ -217,10 +221,25 @@ impl Trainer {
 
     /// Starts `mpirun -n ranks` over the binary with `args` (see [`mpirun_command`]).
     pub fn spawn_mpirun(ranks: usize, args: &[&str]) -> Trainer {
-        Trainer::start(
-            mpirun_command(ranks, args),
-            "mpirun not found: run scripts/setup.sh",
-        )
+        Trainer::spawn_mpirun_with_env(ranks, &[], args)
+    }
+
+    /// [`Trainer::spawn_mpirun`] with the variables `env` set in every rank.
+    pub fn spawn_mpirun_with_env(ranks: usize, env: &[(&str, &str)], args: &[&str]) -> Trainer {
+        let mut cmd = mpirun();
+        for (name, value) in env {
+            cmd.env(name, value).args(["-x", name]);
+        }
+        cmd.arg("-n")
+            .arg(ranks.to_string())
+            .arg(binary())
+            .args(args);
+        Trainer::start(cmd, "mpirun not found: run scripts/setup.sh")
+    }
+
+    /// The pid of the process started (`mpirun` itself for a multi-rank job).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn start(mut cmd: Command, failure: &str) -> Trainer {

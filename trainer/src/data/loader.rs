@@ -112,37 +112,47 @@ impl DataLoader {
     }
 
     /// Sequences `first .. first + count` of the stream as `[count, seq_len + 1]` int64.
-    pub fn sequences(&mut self, first: u64, count: usize) -> Tensor {
+    /// Fails, naming the file, when a shard it read from changed since the run opened it
+    /// (checked after the reads, so changed tokens never reach a batch that is returned).
+    pub fn sequences(&mut self, first: u64, count: usize) -> Result<Tensor, ShardError> {
         let len = self.seq_len + 1;
         let mut out: Vec<i64> = Vec::with_capacity(count * len);
+        let mut touched = Vec::new();
         for k in 0..count as u64 {
-            match &self.source {
-                TokenSource::Synthetic { vocab_size } => {
-                    use rand::Rng;
-                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-                        self.seed ^ (first + k).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    );
-                    out.extend((0..len).map(|_| rng.random_range(0..*vocab_size as i64)));
+            if let TokenSource::Synthetic { vocab_size } = &self.source {
+                use rand::Rng;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    self.seed ^ (first + k).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                out.extend((0..len).map(|_| rng.random_range(0..*vocab_size as i64)));
+                continue;
+            }
+            let start = self.window_start(first + k);
+            let TokenSource::Shards { shards, starts, .. } = &mut self.source else {
+                unreachable!()
+            };
+            touched.resize(shards.len(), false);
+            let mut s = starts.partition_point(|&x| x <= start) - 1;
+            let mut pos = start - starts[s];
+            let mut left = len;
+            while left > 0 {
+                while pos >= shards[s].tokens {
+                    s += 1;
+                    pos = 0;
                 }
-                TokenSource::Shards { .. } => {
-                    let start = self.window_start(first + k);
-                    let TokenSource::Shards { shards, starts, .. } = &self.source else {
-                        unreachable!()
-                    };
-                    let mut s = starts.partition_point(|&x| x <= start) - 1;
-                    let mut pos = start - starts[s];
-                    for _ in 0..len {
-                        while pos >= shards[s].tokens {
-                            s += 1;
-                            pos = 0;
-                        }
-                        out.push(shards[s].token(pos) as i64);
-                        pos += 1;
-                    }
-                }
+                let n = left.min(shards[s].tokens - pos);
+                shards[s].read_tokens(pos, n, &mut out)?;
+                touched[s] = true;
+                pos += n;
+                left -= n;
             }
         }
-        Tensor::from_slice(&out).view([count as i64, len as i64])
+        if let TokenSource::Shards { shards, .. } = &mut self.source {
+            for (shard, _) in shards.iter_mut().zip(&touched).filter(|(_, &t)| t) {
+                shard.check_unchanged()?;
+            }
+        }
+        Ok(Tensor::from_slice(&out).view([count as i64, len as i64]))
     }
 }
 
@@ -159,15 +169,15 @@ mod tests {
         let mut a = DataLoader::from_shards(d.path(), 10, 7).unwrap();
         let mut b = DataLoader::from_shards(d.path(), 10, 7).unwrap();
         assert_eq!(a.windows_per_epoch(), 100);
-        let x = a.sequences(0, 100);
-        assert!(x.equal(&b.sequences(0, 100)));
+        let x = a.sequences(0, 100).unwrap();
+        assert!(x.equal(&b.sequences(0, 100).unwrap()));
         // Each window starts at a distinct multiple of 10, labels follow inputs.
         let mut firsts: Vec<i64> = (0..100).map(|i| x.int64_value(&[i, 0])).collect();
         firsts.sort();
         assert_eq!(firsts, (0..100).map(|i| i * 10).collect::<Vec<_>>());
         assert_eq!(x.int64_value(&[3, 10]), x.int64_value(&[3, 0]) + 10);
         // Reading from the middle gives the same sequences (resume, other ranks).
-        assert!(x.narrow(0, 40, 20).equal(&b.sequences(40, 20)));
+        assert!(x.narrow(0, 40, 20).equal(&b.sequences(40, 20).unwrap()));
     }
 
     #[test]
@@ -186,12 +196,27 @@ mod tests {
         )
         .unwrap();
         let mut l = DataLoader::from_shards(d.path(), 10, 0).unwrap();
-        let all = l.sequences(0, 3);
+        let all = l.sequences(0, 3).unwrap();
         for i in 0..3 {
             let s = all.int64_value(&[i, 0]);
             for j in 0..11 {
                 assert_eq!(all.int64_value(&[i, j]), s + j);
             }
         }
+    }
+
+    /// A shard replaced after the loader opened it fails the next batch, naming the file.
+    #[test]
+    fn a_shard_replaced_under_the_loader_fails_the_next_batch_by_name() {
+        let d = shard_dir(&(0..1001).collect::<Vec<u32>>());
+        let mut l = DataLoader::from_shards(d.path(), 10, 3).unwrap();
+        let _batch = l.sequences(0, 4).unwrap();
+        let p = d.path().join("shard_00000.bin");
+        write_shard(&p, &(1..1002).collect::<Vec<u32>>(), 50257).unwrap();
+        let e = l.sequences(4, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("shard_00000.bin") && e.contains("changed while the run reads it"),
+            "{e}"
+        );
     }
 }

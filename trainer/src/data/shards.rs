@@ -1,4 +1,4 @@
-//! Token shards: the on-disk format, reading (memory-mapped, verified) and writing.
+//! Token shards: the on-disk format, reading (verified, watched for changes) and writing.
 //!
 //! ## Shard format (`*.bin`, little-endian)
 //! ```text
@@ -12,11 +12,23 @@
 //!     32    32  reserved, zero
 //!     64     …  tokens
 //! ```
-//! A shard is read memory-mapped; its length and checksum are verified when opened, so a
-//! truncated or corrupted file is rejected with an error that names it.
-use memmap2::Mmap;
-use std::fs::File;
+//! A shard's length and checksum are verified when it is opened, so a truncated or corrupted
+//! file is rejected with an error that names it.
+//!
+//! ## A shard changed under a running job
+//! The run keeps each shard's file open and reads tokens with positioned reads (not a memory
+//! map: a file truncated under a map kills the process with SIGBUS, a read returns an error).
+//! After every batch the loader asks each shard it read from whether its file is still the
+//! one verified at open ([`Shard::check_unchanged`]): same inode at the path, same size, same
+//! modification and change times. Every write moves those times before its bytes can be read,
+//! so a batch that read changed bytes is caught right after it was read, before it trains
+//! (to the file system's timestamp granularity, a few milliseconds after the open). A change
+//! that leaves the tokens as they were (`touch`, `chmod`, the same shard written again) is
+//! re-verified in full and accepted; any other is an error naming the file: the run's data
+//! order and its checkpoints' resumes mean the tokens it started on, never other ones.
+use std::fs::{File, Metadata};
 use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"SPTOKSH1";
@@ -36,6 +48,13 @@ pub enum ShardError {
     Empty { dir: PathBuf },
     #[error("data {}: no such directory; {}", dir.display(), made_by(dir))]
     Missing { dir: PathBuf },
+    #[error(
+        "shard {}: changed while the run reads it: {what}; a run trains on the tokens it started \
+         with: put the original shard back and `--resume`, or train the new data in a new run \
+         (without --resume)",
+        file.display()
+    )]
+    Changed { file: PathBuf, what: String },
 }
 
 /// Which command makes the shard directory `dir`: `corpus build` for its own layout
@@ -65,84 +84,252 @@ pub fn made_by(dir: &Path) -> String {
     )
 }
 
-/// One memory-mapped, verified shard.
+/// The header fields of a verified shard: equal headers mean equal tokens (the CRC-32 of
+/// the payload is one of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    bytes_per_token: usize,
+    tokens: usize,
+    vocab_size: u32,
+    crc32: u32,
+}
+
+/// What identifies a file's contents without reading them: which file (device, inode),
+/// its size, and its modification and change times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &Metadata) -> FileStamp {
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    fn same_file(&self, other: &FileStamp) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
+/// One open, verified shard.
 pub struct Shard {
     pub path: PathBuf,
-    map: Mmap,
-    bytes_per_token: usize,
+    file: File,
+    header: Header,
+    /// The file as it was when its checksum last verified.
+    stamp: FileStamp,
     pub tokens: usize,
     pub vocab_size: u32,
 }
 
+/// Bytes read at a time while checksumming a shard (bounded memory, whatever its size).
+const CHECKSUM_CHUNK: usize = 1 << 20;
+
+/// Reads and verifies the shard open as `file` (header, length, checksum) and stamps it: the
+/// stamp is taken before the checksum and must still hold after it, so the bytes verified
+/// are the bytes of the stamped file.
+fn verify(file: &File, path: &Path) -> Result<(Header, FileStamp), ShardError> {
+    let io = |source| ShardError::Io {
+        file: path.to_path_buf(),
+        source,
+    };
+    let corrupt = |message: String| ShardError::Corrupt {
+        file: path.to_path_buf(),
+        message,
+    };
+    let stamp = FileStamp::of(&file.metadata().map_err(io)?);
+    let len = stamp.len;
+    if len < HEADER_BYTES as u64 {
+        return Err(corrupt(format!(
+            "{len} bytes, shorter than the 64-byte header"
+        )));
+    }
+    let mut head = [0u8; HEADER_BYTES];
+    file.read_exact_at(&mut head, 0).map_err(io)?;
+    if &head[0..8] != MAGIC {
+        return Err(corrupt("bad magic (not a sparse-train token shard)".into()));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(corrupt(format!(
+            "format version {version}, expected {VERSION}"
+        )));
+    }
+    let bytes_per_token = u32_at(12) as usize;
+    if bytes_per_token != 2 && bytes_per_token != 4 {
+        return Err(corrupt(format!(
+            "bytes per token {bytes_per_token}, expected 2 or 4"
+        )));
+    }
+    let tokens = u64::from_le_bytes(head[16..24].try_into().unwrap()) as usize;
+    let vocab_size = u32_at(24);
+    // Checked: a count near 2^64 would wrap to a plausible size (found by fuzzing).
+    let expected = tokens
+        .checked_mul(bytes_per_token)
+        .and_then(|b| b.checked_add(HEADER_BYTES));
+    if expected.map(|b| b as u64) != Some(len) {
+        return Err(corrupt(format!(
+            "{len} bytes but the header announces {tokens} tokens of {bytes_per_token} bytes: truncated or corrupt"
+        )));
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let mut chunk = vec![0u8; CHECKSUM_CHUNK];
+    let mut offset = HEADER_BYTES as u64;
+    while offset < len {
+        let n = ((len - offset) as usize).min(CHECKSUM_CHUNK);
+        file.read_exact_at(&mut chunk[..n], offset).map_err(io)?;
+        hasher.update(&chunk[..n]);
+        offset += n as u64;
+    }
+    if hasher.finalize() != u32_at(28) {
+        return Err(corrupt(
+            "checksum mismatch: the token payload is corrupt".into(),
+        ));
+    }
+    let after = FileStamp::of(&file.metadata().map_err(io)?);
+    if after != stamp {
+        return Err(corrupt(
+            "written to while its checksum was being verified".into(),
+        ));
+    }
+    let header = Header {
+        bytes_per_token,
+        tokens,
+        vocab_size,
+        crc32: u32_at(28),
+    };
+    Ok((header, stamp))
+}
+
 impl Shard {
     pub fn open(path: &Path) -> Result<Shard, ShardError> {
-        let io = |source| ShardError::Io {
+        let file = File::open(path).map_err(|source| ShardError::Io {
             file: path.to_path_buf(),
             source,
-        };
-        let corrupt = |message: String| ShardError::Corrupt {
-            file: path.to_path_buf(),
-            message,
-        };
-        let file = File::open(path).map_err(io)?;
-        // SAFETY: shards are written once and never modified while training reads them.
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        if map.len() < HEADER_BYTES {
-            return Err(corrupt(format!(
-                "{} bytes, shorter than the 64-byte header",
-                map.len()
-            )));
-        }
-        if &map[0..8] != MAGIC {
-            return Err(corrupt("bad magic (not a sparse-train token shard)".into()));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().unwrap());
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(corrupt(format!(
-                "format version {version}, expected {VERSION}"
-            )));
-        }
-        let bytes_per_token = u32_at(12) as usize;
-        if bytes_per_token != 2 && bytes_per_token != 4 {
-            return Err(corrupt(format!(
-                "bytes per token {bytes_per_token}, expected 2 or 4"
-            )));
-        }
-        let tokens = u64::from_le_bytes(map[16..24].try_into().unwrap()) as usize;
-        let vocab_size = u32_at(24);
-        // Checked: a count near 2^64 would wrap to a plausible size (found by fuzzing).
-        let expected = tokens
-            .checked_mul(bytes_per_token)
-            .and_then(|b| b.checked_add(HEADER_BYTES));
-        if expected != Some(map.len()) {
-            return Err(corrupt(format!(
-                "{} bytes but the header announces {tokens} tokens of {bytes_per_token} bytes: truncated or corrupt",
-                map.len()
-            )));
-        }
-        let crc = crc32fast::hash(&map[HEADER_BYTES..]);
-        if crc != u32_at(28) {
-            return Err(corrupt(
-                "checksum mismatch: the token payload is corrupt".into(),
-            ));
-        }
+        })?;
+        let (header, stamp) = verify(&file, path)?;
         Ok(Shard {
             path: path.to_path_buf(),
-            map,
-            bytes_per_token,
-            tokens,
-            vocab_size,
+            file,
+            header,
+            stamp,
+            tokens: header.tokens,
+            vocab_size: header.vocab_size,
         })
     }
 
-    pub(super) fn token(&self, i: usize) -> u32 {
-        let o = HEADER_BYTES + i * self.bytes_per_token;
-        if self.bytes_per_token == 2 {
-            u16::from_le_bytes([self.map[o], self.map[o + 1]]) as u32
-        } else {
-            u32::from_le_bytes(self.map[o..o + 4].try_into().unwrap())
+    /// CRC-32 of the token payload, as verified at open.
+    pub fn crc32(&self) -> u32 {
+        self.header.crc32
+    }
+
+    /// Appends tokens `first .. first + count` (within the shard) to `out`. A failed read
+    /// reports the change to the file that caused it, when there is one.
+    pub(super) fn read_tokens(
+        &mut self,
+        first: usize,
+        count: usize,
+        out: &mut Vec<i64>,
+    ) -> Result<(), ShardError> {
+        assert!(
+            first + count <= self.tokens,
+            "tokens {first}..{} of a {}-token shard",
+            first + count,
+            self.tokens
+        );
+        let width = self.header.bytes_per_token;
+        let mut bytes = vec![0u8; count * width];
+        let offset = (HEADER_BYTES + first * width) as u64;
+        if let Err(source) = self.file.read_exact_at(&mut bytes, offset) {
+            self.check_unchanged()?;
+            return Err(ShardError::Io {
+                file: self.path.clone(),
+                source,
+            });
         }
+        if width == 2 {
+            out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as i64),
+            );
+        } else {
+            out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as i64),
+            );
+        }
+        Ok(())
+    }
+
+    /// Token `i` (tests of the writers read shards back with it).
+    #[cfg(test)]
+    pub(super) fn token(&self, i: usize) -> u32 {
+        let width = self.header.bytes_per_token;
+        let mut b = [0u8; 4];
+        let offset = (HEADER_BYTES + i * width) as u64;
+        self.file.read_exact_at(&mut b[..width], offset).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    /// Ok when the path still names the file opened, with the tokens verified at open (see
+    /// the module docs); else [`ShardError::Changed`], saying what changed. A change that
+    /// keeps the tokens is re-verified and accepted (then the shard reads the file now at
+    /// the path).
+    pub fn check_unchanged(&mut self) -> Result<(), ShardError> {
+        let changed = |what: String| ShardError::Changed {
+            file: self.path.clone(),
+            what,
+        };
+        let at_path = match std::fs::metadata(&self.path) {
+            Ok(meta) => FileStamp::of(&meta),
+            Err(e) => return Err(changed(format!("removed or unreadable ({e})"))),
+        };
+        let open = FileStamp::of(&self.file.metadata().map_err(|source| ShardError::Io {
+            file: self.path.clone(),
+            source,
+        })?);
+        if at_path.same_file(&self.stamp) && open == self.stamp {
+            return Ok(());
+        }
+        let (file, what) = if at_path.same_file(&self.stamp) {
+            let same = self.file.try_clone().map_err(|source| ShardError::Io {
+                file: self.path.clone(),
+                source,
+            })?;
+            (same, "modified in place")
+        } else {
+            match File::open(&self.path) {
+                Ok(other) => (other, "replaced by another file"),
+                Err(e) => return Err(changed(format!("replaced, and unreadable ({e})"))),
+            }
+        };
+        let (header, stamp) = match verify(&file, &self.path) {
+            Ok(v) => v,
+            Err(e) => return Err(changed(format!("{what}, which does not verify ({e})"))),
+        };
+        if header != self.header {
+            let h = self.header;
+            return Err(changed(format!(
+                "{what}, now {} tokens with CRC-32 {:#010x} where the run opened {} tokens with CRC-32 {:#010x}",
+                header.tokens, header.crc32, h.tokens, h.crc32
+            )));
+        }
+        self.file = file;
+        self.stamp = stamp;
+        Ok(())
     }
 }
 
@@ -225,10 +412,13 @@ pub(super) mod tests {
     fn shard_round_trip() {
         let toks: Vec<u32> = (0..1000).map(|i| (i * 37) % 50257).collect();
         let d = shard_dir(&toks);
-        let s = Shard::open(&d.path().join("shard_00000.bin")).unwrap();
+        let mut s = Shard::open(&d.path().join("shard_00000.bin")).unwrap();
         assert_eq!(s.tokens, 1000);
         assert_eq!(s.vocab_size, 50257);
-        assert!((0..1000).all(|i| s.token(i) == toks[i]));
+        let mut read = Vec::new();
+        s.read_tokens(0, 600, &mut read).unwrap();
+        s.read_tokens(600, 400, &mut read).unwrap();
+        assert_eq!(read, toks.iter().map(|&t| t as i64).collect::<Vec<_>>());
     }
 
     #[test]
@@ -286,6 +476,84 @@ pub(super) mod tests {
             .contains("corpus build --out /nowhere/data/corpus"));
         assert!(e("/nowhere/mine")
             .contains("`sparse-train prepare --input FILE... --out /nowhere/mine`"));
+    }
+
+    /// The tokens of `shard_00000.bin` in `dir` rewritten as `tokens` (a valid shard), in
+    /// place: the same file, truncated and written again.
+    fn overwrite_in_place(path: &Path, tokens: &[u32]) {
+        let other = tempfile::tempdir().unwrap();
+        let fresh = other.path().join("s.bin");
+        write_shard(&fresh, tokens, 50257).unwrap();
+        let bytes = std::fs::read(&fresh).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all(&bytes).unwrap();
+        f.set_len(bytes.len() as u64).unwrap();
+    }
+
+    /// A shard rewritten in place with other tokens of the same size (the same inode) is
+    /// named as changed, and so is one truncated; reading it fails the same way.
+    #[test]
+    fn a_shard_modified_in_place_is_named_as_changed() {
+        let toks: Vec<u32> = (0..1000).collect();
+        let d = shard_dir(&toks);
+        let p = d.path().join("shard_00000.bin");
+        let mut s = Shard::open(&p).unwrap();
+        s.check_unchanged().unwrap();
+        let other: Vec<u32> = (0..1000).rev().collect();
+        overwrite_in_place(&p, &other);
+        let e = s.check_unchanged().unwrap_err().to_string();
+        assert!(
+            e.contains("shard_00000.bin") && e.contains("modified in place"),
+            "{e}"
+        );
+        assert!(e.contains("put the original shard back"), "{e}");
+        // Truncated to half: the read past the end names the change, not a bare EOF.
+        let mut s = Shard::open(&p).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(64 + 1000)
+            .unwrap();
+        let e = s
+            .read_tokens(900, 100, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("modified in place") && e.contains("truncated"),
+            "{e}"
+        );
+    }
+
+    /// A path renamed over with another valid shard is named (with both checksums); one
+    /// renamed over with the same tokens, or only touched and chmod-ed, is accepted.
+    #[test]
+    fn a_replaced_shard_is_named_unless_its_tokens_are_the_same() {
+        use std::os::unix::fs::PermissionsExt;
+        let toks: Vec<u32> = (0..1000).collect();
+        let d = shard_dir(&toks);
+        let p = d.path().join("shard_00000.bin");
+        let mut s = Shard::open(&p).unwrap();
+        let crc = s.crc32();
+        // The same tokens written again (temp file + rename: a new inode), then touched.
+        write_shard(&p, &toks, 50257).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let f = File::options().write(true).open(&p).unwrap();
+        f.set_modified(std::time::SystemTime::now()).unwrap();
+        s.check_unchanged().unwrap();
+        let mut read = Vec::new();
+        s.read_tokens(0, 3, &mut read).unwrap();
+        assert_eq!(read, [0, 1, 2]);
+        // Other tokens, same size.
+        write_shard(&p, &(1..1001).collect::<Vec<u32>>(), 50257).unwrap();
+        let e = s.check_unchanged().unwrap_err().to_string();
+        assert!(
+            e.contains("replaced by another file") && e.contains(&format!("{crc:#010x}")),
+            "{e}"
+        );
+        std::fs::remove_file(&p).unwrap();
+        let e = s.check_unchanged().unwrap_err().to_string();
+        assert!(e.contains("removed"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Training: the [`Trainer`] (set-up, one optimizer step, the run), its log (progress
-//! line, `metrics.jsonl`, TensorBoard), the graceful stop on signals, and `--profile-steps`.
+//! line, `metrics.jsonl`, TensorBoard), the graceful stop on signals, out-of-memory steps by
+//! name, and `--profile-steps`.
 pub mod log;
+pub mod oom;
 pub mod profile;
 pub mod stop;
 pub mod trainer;

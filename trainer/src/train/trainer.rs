@@ -2,6 +2,7 @@
 //! guard against non-finite values, clip, update, repack; every `log_every` steps summarise
 //! and log the interval; checkpoint periodically, at the end, and on a stop signal.
 use super::log::{peak_rss_bytes, IntervalReport, RunLog, StepValues, Window};
+use super::oom::{self, OutOfMemory};
 use super::profile::{ProfileSteps, StepProfiler};
 use super::stop::StopSignal;
 use crate::checkpoint::parallel as tp_checkpoint;
@@ -110,6 +111,8 @@ pub struct Trainer<'w> {
     /// `tokenizer.json` and `tokenizer_config.json` of the training shards' tokenizer, copied
     /// into every checkpoint (empty: synthetic data, or shards without a manifest).
     tokenizer_files: BTreeMap<String, Vec<u8>>,
+    /// The step of the out-of-memory test hook ([`oom::TEST_OOM_AT_STEP`]), if set.
+    oom_test_step: Option<usize>,
 }
 
 impl<'w> Trainer<'w> {
@@ -278,6 +281,7 @@ impl<'w> Trainer<'w> {
             saver: Saver::default(),
             profiler,
             tokenizer_files,
+            oom_test_step: oom::test_hook_step()?,
             cfg,
         })
     }
@@ -289,7 +293,18 @@ impl<'w> Trainer<'w> {
             if let Some(p) = self.profiler.as_mut() {
                 p.before_step(step)?;
             }
-            let values = self.step(step)?;
+            let values = match oom::catch(|| self.step(step)) {
+                Ok(values) => values?,
+                // The step may have stopped part-way through the update: nothing of its state
+                // is saved; the write of the last complete checkpoint finishes.
+                Err(detail) => {
+                    self.saver.wait()?;
+                    bail!(OutOfMemory::in_step(step, &self.cfg.train, detail));
+                }
+            };
+            // A checkpoint write that failed (a full disk) stops the run now, not at the next
+            // checkpoint.
+            self.saver.check()?;
             self.write_due_trace(Some(step))?;
             let Some(values) = values else {
                 self.log.advance();
@@ -409,6 +424,7 @@ impl<'w> Trainer<'w> {
             Some(z) => z.step(&mut self.opt, dp, lr, grad_norm, t.grad_clip)?,
             None => self.opt.clip_and_step(lr, grad_norm, t.grad_clip)?,
         }
+        oom::inject_if_due(self.oom_test_step, step);
         self.opt.zero_grad();
         drop(update);
         self.cursor += t.batch_size as u64;
@@ -486,7 +502,7 @@ impl<'w> Trainer<'w> {
                 self.cursor + ((dp.rank() * self.accum + micro) * t.micro_batch_size) as u64;
             let batch = self
                 .loader
-                .sequences(first, t.micro_batch_size)
+                .sequences(first, t.micro_batch_size)?
                 .to_device(device);
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
@@ -747,16 +763,17 @@ fn evaluate(
         .min(val.windows_per_epoch() / t.micro_batch_size)
         .max(1);
     let mut total = 0.0;
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<()> {
         for i in 0..n {
             let batch = val
-                .sequences((i * t.micro_batch_size) as u64, t.micro_batch_size)
+                .sequences((i * t.micro_batch_size) as u64, t.micro_batch_size)?
                 .to_device(device);
             let inputs = batch.narrow(1, 0, t.seq_len as i64);
             let targets = batch.narrow(1, 1, t.seq_len as i64);
             let out = model.forward(&inputs, paths);
             total += cross_entropy(&out.logits, &targets, Reduction::Mean).double_value(&[]);
         }
-    });
+        Ok(())
+    })?;
     Ok(total / n as f64)
 }

@@ -8,7 +8,8 @@
 // cos, sin: [max_seq, hd] f32 (kernels/src/fused/rope.rs): cos over both halves, and sin with
 // its first half negated, so the rotation of a pair (x1 = x[i], x2 = x[i + hd/2]) at position
 // p is y1 = x1 c - x2 s, y2 = x2 c + x1 s with c = cos[p][i], s = sin[p][i + hd/2].
-// One block per token row (grid B * T), ROPE_THREADS threads striding over its pairs.
+// One block per token row (grid B * T), ROPE_THREADS threads striding over its pairs, four
+// at a time (8-byte accesses) when hd % 8 == 0.
 #include "common.cuh"
 
 // Where pair (head, i) of token (b, t) lives in the head-major output, and whether it rotates.
@@ -34,31 +35,80 @@ DEV HeadSlot head_slot(int head, int nh, int nkv, int b, int t, int t_len, int h
   return s;
 }
 
+// W consecutive bf16 at p as floats, and back (W = 4: one 8-byte access).
+template <int W>
+DEV void load_bf16(const __nv_bfloat16* p, float* out) {
+  if constexpr (W == 4) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    out[0] = bf_lo(u.x); out[1] = bf_hi(u.x); out[2] = bf_lo(u.y); out[3] = bf_hi(u.y);
+  } else {
+    out[0] = __bfloat162float(p[0]);
+  }
+}
+template <int W>
+DEV void store_bf16(__nv_bfloat16* p, const float* v) {
+  if constexpr (W == 4) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf2(v[0], v[1]), pack_bf2(v[2], v[3]));
+  } else {
+    p[0] = __float2bfloat16(v[0]);
+  }
+}
+
+// Pairs i..i+W of one head, x1 = src[i..], x2 = src[i + half..], into dst: rotated,
+// y1 = x1 c - sgn x2 s, y2 = x2 c + sgn x1 s (sgn 1 forward, -1 for the inverse), or copied.
+template <int W>
+DEV void rotate_pairs(const __nv_bfloat16* src, __nv_bfloat16* dst, int i, int half, bool rotate,
+                      const float* c_row, const float* s_row, float sgn) {
+  float x1[W], x2[W];
+  load_bf16<W>(src + i, x1);
+  load_bf16<W>(src + i + half, x2);
+  if (rotate) {
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float c = c_row[i + e], s = sgn * s_row[i + e];
+      const float y1 = x1[e] * c - x2[e] * s, y2 = x2[e] * c + x1[e] * s;
+      x1[e] = y1;
+      x2[e] = y2;
+    }
+  }
+  store_bf16<W>(dst + i, x1);
+  store_bf16<W>(dst + i + half, x2);
+}
+
+// One token row: the forward (qkv row -> head-major q, k, v) or the inverse (head-major
+// gradients -> the qkv row's), W pairs per step (4 when hd % 8 == 0: 8-byte accesses).
+template <int W, bool INVERSE>
+DEV void rope_row(const __nv_bfloat16* __restrict__ row_in, __nv_bfloat16* __restrict__ row_out,
+                  const float* __restrict__ cos, const float* __restrict__ sin, __nv_bfloat16* q,
+                  __nv_bfloat16* k, __nv_bfloat16* v, int t_len, int nh, int nkv, int hd,
+                  int pos0) {
+  const int row = blockIdx.x;
+  const int b = row / t_len, t = row - b * t_len;
+  const int half = hd / 2, steps = half / W;
+  const int heads = nh + 2 * nkv;
+  const float* c_row = cos + (size_t)(pos0 + t) * hd;
+  const float* s_row = sin + (size_t)(pos0 + t) * hd + half;
+  for (int p = threadIdx.x; p < heads * steps; p += ROPE_THREADS) {
+    const int head = p / steps, i = (p - head * steps) * W;
+    HeadSlot o = head_slot(head, nh, nkv, b, t, t_len, hd, q, k, v);
+    if (INVERSE) {
+      rotate_pairs<W>(o.base, row_out + head * hd, i, half, o.rotate, c_row, s_row, -1.f);
+    } else {
+      rotate_pairs<W>(row_in + head * hd, o.base, i, half, o.rotate, c_row, s_row, 1.f);
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
 rope_qkv_fwd(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
              const float* __restrict__ sin, __nv_bfloat16* __restrict__ q,
              __nv_bfloat16* __restrict__ k, __nv_bfloat16* __restrict__ v, int t_len, int nh,
              int nkv, int hd, int pos0) {
-  const int row = blockIdx.x;
-  const int b = row / t_len, t = row - b * t_len;
-  const int half = hd / 2;
-  const int heads = nh + 2 * nkv;
-  const float* c_row = cos + (size_t)(pos0 + t) * hd;
-  const float* s_row = sin + (size_t)(pos0 + t) * hd + half;
-  const __nv_bfloat16* in = qkv + (size_t)row * heads * hd;
-  for (int p = threadIdx.x; p < heads * half; p += ROPE_THREADS) {
-    const int head = p / half, i = p - head * half;
-    const __nv_bfloat16* x = in + head * hd;
-    HeadSlot o = head_slot(head, nh, nkv, b, t, t_len, hd, q, k, v);
-    if (o.rotate) {
-      const float x1 = __bfloat162float(x[i]), x2 = __bfloat162float(x[i + half]);
-      const float c = c_row[i], s = s_row[i];
-      o.base[i] = __float2bfloat16(x1 * c - x2 * s);
-      o.base[i + half] = __float2bfloat16(x2 * c + x1 * s);
-    } else {
-      o.base[i] = x[i];
-      o.base[i + half] = x[i + half];
-    }
+  const __nv_bfloat16* in = qkv + (size_t)blockIdx.x * (nh + 2 * nkv) * hd;
+  if (hd % 8 == 0) {
+    rope_row<4, false>(in, nullptr, cos, sin, q, k, v, t_len, nh, nkv, hd, pos0);
+  } else {
+    rope_row<1, false>(in, nullptr, cos, sin, q, k, v, t_len, nh, nkv, hd, pos0);
   }
 }
 
@@ -67,28 +117,13 @@ rope_qkv_bwd(const __nv_bfloat16* __restrict__ dq, const __nv_bfloat16* __restri
              const __nv_bfloat16* __restrict__ dv, const float* __restrict__ cos,
              const float* __restrict__ sin, __nv_bfloat16* __restrict__ dqkv, int t_len, int nh,
              int nkv, int hd, int pos0) {
-  const int row = blockIdx.x;
-  const int b = row / t_len, t = row - b * t_len;
-  const int half = hd / 2;
-  const int heads = nh + 2 * nkv;
-  const float* c_row = cos + (size_t)(pos0 + t) * hd;
-  const float* s_row = sin + (size_t)(pos0 + t) * hd + half;
-  __nv_bfloat16* out = dqkv + (size_t)row * heads * hd;
-  for (int p = threadIdx.x; p < heads * half; p += ROPE_THREADS) {
-    const int head = p / half, i = p - head * half;
-    __nv_bfloat16* dx = out + head * hd;
-    // The const inputs, addressed as the forward's outputs were.
-    HeadSlot g = head_slot(head, nh, nkv, b, t, t_len, hd, const_cast<__nv_bfloat16*>(dq),
-                           const_cast<__nv_bfloat16*>(dk), const_cast<__nv_bfloat16*>(dv));
-    if (g.rotate) {
-      const float g1 = __bfloat162float(g.base[i]), g2 = __bfloat162float(g.base[i + half]);
-      const float c = c_row[i], s = s_row[i];
-      dx[i] = __float2bfloat16(g1 * c + g2 * s);
-      dx[i + half] = __float2bfloat16(g2 * c - g1 * s);
-    } else {
-      dx[i] = g.base[i];
-      dx[i + half] = g.base[i + half];
-    }
+  __nv_bfloat16* out = dqkv + (size_t)blockIdx.x * (nh + 2 * nkv) * hd;
+  // The const gradients, addressed as the forward's outputs were.
+  auto g = [](const __nv_bfloat16* p) { return const_cast<__nv_bfloat16*>(p); };
+  if (hd % 8 == 0) {
+    rope_row<4, true>(nullptr, out, cos, sin, g(dq), g(dk), g(dv), t_len, nh, nkv, hd, pos0);
+  } else {
+    rope_row<1, true>(nullptr, out, cos, sin, g(dq), g(dk), g(dv), t_len, nh, nkv, hd, pos0);
   }
 }
 

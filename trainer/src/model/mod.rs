@@ -1,13 +1,15 @@
 //! The model: a Llama-style decoder with the ReLU-gated sparse FFN, written for one device
-//! ([`llama`]), its attention core and KV cache, the sampler, the captured static-cache
-//! decoder ([`decoder`]) and the eager generation loop it is checked against ([`generate`]),
-//! and the tensor-parallel primitives that split it over a group of ranks ([`parallel`]).
+//! ([`llama`]), its activation recompute (`recompute`), its attention core and KV cache, the
+//! sampler, the captured static-cache decoder ([`decoder`]) and the eager generation loop it
+//! is checked against ([`generate`]), and the tensor-parallel primitives that split it over a
+//! group of ranks ([`parallel`]).
 mod attention;
 pub mod decoder;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;
 pub mod parallel;
+mod recompute;
 pub mod sampler;
 
 pub use decoder::{DecodeRun, Decoder};

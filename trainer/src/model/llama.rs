@@ -519,9 +519,9 @@ impl Llama {
         (residual, normed)
     }
 
-    /// One decoder layer on the residual stream `x` and the previous FFN's output `pending`
-    /// (`stream`), at positions `pos..` (extending `kv` when given, `at`), over the compute
-    /// copies `compute` when given. With `mode.recompute_ffn` the FFN is a recomputed region.
+    /// One decoder layer on `(x, pending)`, the residual stream and the previous FFN's output
+    /// still to be added to it, at positions `pos..pos + T` (extending `kv` when given), over
+    /// the compute copies when given. With `mode.recompute_ffn` the FFN is a recomputed region.
     pub(super) fn layer(
         &self,
         blk: &Block,

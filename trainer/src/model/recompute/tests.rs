@@ -135,3 +135,55 @@ fn recompute_equals_keeping_everything_bit_for_bit() {
         }
     }
 }
+
+/// A region's forward with grad on (taken where the arm depends on it: TwELL on CUDA) and
+/// without give plain autograd's outputs and gradients: the input's through the node, the
+/// weight's (not an input of the node) accumulated once by the re-run; an integer output
+/// passes through without a gradient.
+#[test]
+fn a_region_forward_with_grad_equals_one_without_and_plain_autograd() {
+    let opts = (Kind::Float, Device::Cpu);
+    // Fixed values, not drawn (torch's generator is shared with the tests alongside).
+    let w = (Tensor::arange(12, opts) * 0.37)
+        .sin()
+        .view([3, 4])
+        .set_requires_grad(true);
+    let x0 = (Tensor::arange(8, opts) * 0.91).cos().view([2, 4]);
+    let g = (Tensor::arange(6, opts) * 0.53).cos().view([2, 3]);
+    let weight = w.shallow_clone();
+    let region: super::Region = std::rc::Rc::new(move |ins: &[Tensor]| {
+        let h = ins[0].matmul(&weight.tr()).relu();
+        let l1 = h.abs().sum(Kind::Float);
+        let count = h.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
+        vec![h, l1, count]
+    });
+    let mut results = Vec::new();
+    for how in ["plain", "without grad", "with grad"] {
+        let x = x0.copy().set_requires_grad(true);
+        let [h, l1, count] = match how {
+            "plain" => <[Tensor; 3]>::try_from(region(&[x.shallow_clone()])).unwrap(),
+            with => super::checkpoint(&[&x], with == "with grad", region.clone()),
+        };
+        assert!(
+            !count.requires_grad(),
+            "{how}: the count carries no gradient"
+        );
+        ((&h * &g).sum(Kind::Float) + &l1 * 0.5).backward();
+        results.push((
+            how,
+            [h.detach(), l1.detach(), count, x.grad(), w.grad().copy()],
+        ));
+        let _ = w.grad().zero_();
+    }
+    let (_, want) = &results[0];
+    for (how, got) in &results[1..] {
+        for (name, a, b) in ["h", "L1", "count", "x gradient", "w gradient"]
+            .iter()
+            .zip(got)
+            .zip(want)
+            .map(|((n, a), b)| (n, a, b))
+        {
+            assert!(a.equal(b), "{how}: {name} differs from plain autograd");
+        }
+    }
+}

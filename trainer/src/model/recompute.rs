@@ -8,7 +8,7 @@
 //! `.grad` as the kept graph would (directly, or through `master_linear` and
 //! `cached_weight`), and the node adds nothing of its own, so each is counted once. The same
 //! ops run in the same order, so losses, statistics and gradients are the un-recomputed
-//! run's (on the CPU bit for bit; the tests below hold them so). With tensor parallelism the
+//! run's (on the CPU bit for bit, as `tests` checks). With tensor parallelism the
 //! re-run repeats the region's collectives in the backward, in the same order on every rank.
 use super::llama::{Block, BlockCompute, LayerMode, LayerOutput, Llama};
 use sparse_kernels::torch::function::{apply_function, backward_with_grads, BackwardFn};

@@ -96,6 +96,28 @@ fn hybrid_path_gives_the_dense_path_losses() {
     assert_within_reassociation_bound(&dense, &hybrid, 0, 512, "dense vs hybrid");
 }
 
+/// Activation recompute changes what the backward keeps, not what it computes: `full` (each
+/// block run again in the backward) gives the losses and gradient norms of `none` bit for bit,
+/// into the L1 ramp (from step 10).
+#[test]
+fn full_recompute_gives_the_same_losses() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (d, mode) in [(&a, "none"), (&b, "full")] {
+        let set = format!("train.recompute={mode}");
+        train_tiny(d.path(), 12, &["--set", &set]);
+    }
+    let (kept, recomputed) = (losses(a.path()), losses(b.path()));
+    assert_eq!(kept.len(), 12);
+    assert_eq!(kept, recomputed, "recompute full changed the losses");
+    let norms = |d: &Path| -> Vec<serde_json::Value> {
+        step_records(d)
+            .iter()
+            .map(|r| r["grad_norm"].clone())
+            .collect()
+    };
+    assert_eq!(norms(a.path()), norms(b.path()));
+}
+
 #[test]
 fn tiny_config_passes_90_percent_ffn_sparsity_and_switches_layers_to_hybrid() {
     let dir = tempfile::tempdir().unwrap();

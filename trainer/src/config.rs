@@ -104,6 +104,51 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// Activation recompute: what the training forward keeps for the backward.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String", into = "String")]
+pub enum Recompute {
+    /// Every intermediate the backward reads is kept.
+    #[default]
+    None,
+    /// Each layer's FFN keeps only its input; the backward runs it again.
+    Ffn,
+    /// Each decoder block keeps only its inputs; the backward runs it again.
+    Full,
+}
+
+impl Recompute {
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Ffn => "ffn",
+            Recompute::Full => "full",
+        }
+    }
+}
+
+// Through a string so that a bad value names the field even where serde's path is lost
+// (`--set` overrides go through an untyped tree).
+impl TryFrom<String> for Recompute {
+    type Error = String;
+    fn try_from(s: String) -> Result<Recompute, String> {
+        match s.as_str() {
+            "none" => Ok(Recompute::None),
+            "ffn" => Ok(Recompute::Ffn),
+            "full" => Ok(Recompute::Full),
+            _ => Err(format!(
+                "train.recompute: `{s}` is not one of none, ffn, full"
+            )),
+        }
+    }
+}
+
+impl From<Recompute> for String {
+    fn from(r: Recompute) -> String {
+        r.name().to_string()
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -134,6 +179,9 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Consecutive non-finite steps after which the run stops.
     pub max_skipped_steps: usize,
+    /// Activation recompute: `none`, `ffn` or `full` (see [`Recompute`]); losses and
+    /// gradients are the same whichever is chosen.
+    pub recompute: Recompute,
     /// Where runs write logs, TensorBoard files and checkpoints.
     pub out_dir: PathBuf,
 }
@@ -160,6 +208,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_batches: 8,
             max_skipped_steps: 10,
+            recompute: Recompute::None,
             out_dir: PathBuf::from("runs/default"),
         }
     }

@@ -1,11 +1,12 @@
 //! [`apply_function`]: a libtorch autograd node whose forward and backward are Rust closures
 //! (C++ side: `bridge/rust_function.cpp`), for differentiable ops whose kernels Rust launches.
 //! The forward returns its outputs and the backward closure, which keeps what it needs (it
-//! is freed with the graph).
+//! is freed with the graph). [`backward_with_grads`] backpropagates given output gradients
+//! through such graphs (and any other).
 use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
 use super::{into_raw, panic_message, read_err, write_err, ERR_LEN};
@@ -98,6 +99,46 @@ pub fn apply_function(
         .into_iter()
         .map(|p| unsafe { Tensor::from_ptr(p) })
         .collect())
+}
+
+/// Backpropagates `grads[i]` from `outputs[i]`, all in one pass, accumulating into the leaves'
+/// `.grad` as [`Tensor::backward`] does (tch's own backward takes no output gradients). Call
+/// it with grad mode on. The pass starts at a node whose backward hands each output its
+/// gradient unchanged, so the gradients reaching the graph are exactly `grads`.
+pub fn backward_with_grads(outputs: &[&Tensor], grads: &[&Tensor]) -> Result<(), String> {
+    if outputs.len() != grads.len() || outputs.is_empty() {
+        return Err(format!(
+            "backward_with_grads: {} outputs and {} gradients (at least one of each, as many)",
+            outputs.len(),
+            grads.len()
+        ));
+    }
+    for (i, (o, g)) in outputs.iter().zip(grads).enumerate() {
+        if !o.requires_grad() {
+            return Err(format!(
+                "backward_with_grads: output {i} does not require a gradient"
+            ));
+        }
+        if o.size() != g.size() {
+            return Err(format!(
+                "backward_with_grads: output {i} is {:?}, its gradient {:?}",
+                o.size(),
+                g.size()
+            ));
+        }
+    }
+    let grads: Vec<Tensor> = grads.iter().map(|g| g.shallow_clone()).collect();
+    let root = |t: &[Tensor]| -> Result<(Vec<Tensor>, BackwardFn), String> {
+        let given: Vec<Tensor> = grads.iter().map(Tensor::shallow_clone).collect();
+        let backward: BackwardFn =
+            Box::new(move |_| Ok(given.iter().map(|g| Some(g.shallow_clone())).collect()));
+        Ok((
+            vec![Tensor::zeros([], (Kind::Float, t[0].device()))],
+            backward,
+        ))
+    };
+    let out = apply_function(outputs, 1, &root)?;
+    out[0].f_backward().map_err(|e| e.to_string())
 }
 
 /// A handle the bridge passed (null: none).
@@ -233,5 +274,52 @@ mod tests {
         let e = y[0].sum(Kind::Float).f_backward().unwrap_err().to_string();
         assert!(e.contains("no gradient today"), "{e}");
         let _ = Device::Cpu;
+    }
+
+    /// Two outputs backpropagated with their gradients in one pass give the leaves exactly
+    /// the gradients of `sum(y_i * g_i)` (added into existing `.grad`), and bad calls are
+    /// refused with the output named.
+    #[test]
+    fn backward_with_grads_accumulates_the_given_gradients() {
+        tch::manual_seed(2);
+        let opts = (Kind::Float, Device::Cpu);
+        let a = Tensor::randn([3, 4], opts).set_requires_grad(true);
+        let b = Tensor::randn([4], opts).set_requires_grad(true);
+        let (ga, gb) = (Tensor::randn([3, 4], opts), Tensor::randn([], opts));
+        let outputs = || (&a * &b, (&a * &b).sin().sum(Kind::Float));
+        let (y0, y1) = outputs();
+        backward_with_grads(&[&y0, &y1], &[&ga, &gb]).unwrap();
+        let (first_a, first_b) = (a.grad().copy(), b.grad().copy());
+        let (y0, y1) = outputs();
+        backward_with_grads(&[&y0, &y1], &[&ga, &gb]).unwrap();
+
+        let a2 = a.detach().set_requires_grad(true);
+        let b2 = b.detach().set_requires_grad(true);
+        let y0 = &a2 * &b2;
+        let y1 = (&a2 * &b2).sin().sum(Kind::Float);
+        let want = Tensor::run_backward(
+            &[(&y0 * &ga).sum(Kind::Float) + &y1 * &gb],
+            &[&a2, &b2],
+            false,
+            false,
+        );
+        assert!(first_a.allclose(&want[0], 1e-6, 1e-6, false));
+        assert!(first_b.allclose(&want[1], 1e-6, 1e-6, false));
+        assert!(a.grad().allclose(&(&want[0] * 2.0), 1e-6, 1e-6, false));
+        assert!(b.grad().allclose(&(&want[1] * 2.0), 1e-6, 1e-6, false));
+
+        // The gradient of a lone output reaches its leaf bit for bit.
+        let c = Tensor::randn([5], opts).set_requires_grad(true);
+        let g = Tensor::randn([5], opts);
+        let y = &c * 1.0;
+        backward_with_grads(&[&y], &[&g]).unwrap();
+        assert!(c.grad().equal(&g));
+
+        let y = &c * 2.0;
+        let e = backward_with_grads(&[&y], &[&ga]).unwrap_err();
+        assert!(e.contains("output 0"), "{e}");
+        let e = backward_with_grads(&[&y, &c.detach()], &[&g, &g]).unwrap_err();
+        assert!(e.contains("output 1"), "{e}");
+        assert!(backward_with_grads(&[], &[]).is_err());
     }
 }

@@ -8,8 +8,8 @@
 //! no grad, the fused inference forward (`model::inference`); dense = the `Dense` FFN path
 //! (cuBLAS), sparse = `Twell` (CUDA kernels).
 //! **train**: full steps (fwd + bwd + L1 term + clip + AdamW) with bf16 matrix products over f32
-//! weights at the config's micro-batch, lr `--lr` (default 0, see its help); dense =
-//! `Dense`, sparse = `Hybrid`.
+//! weights at the config's micro-batch and `train.recompute`, lr `--lr` (default 0, see its
+//! help); dense = `Dense`, sparse = `Hybrid`.
 //!
 //! Reported per path: ms per iteration (mean of the timed loop between synchronisations),
 //! tokens/s, ratio to dense, peak memory held by tensors (the caching allocator's peak since
@@ -100,9 +100,9 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         seq,
         tokens_per_iter,
         match mode {
-            Mode::Train => "micro-batches x sequences x tokens, bf16 matrix products over f32 weights, the trainer's fwd+bwd, clip, AdamW",
-            Mode::Infer => "bf16 weights, no grad, fused decoder body (LM head excluded)",
-            Mode::Generate => "bf16 weights, KV cache, greedy decoding (timed rows below; the tokens/iter figure is calibration only)",
+            Mode::Train => format!("micro-batches x sequences x tokens, bf16 matrix products over f32 weights, the trainer's fwd+bwd (recompute {}), clip, AdamW", cfg.train.recompute.name()),
+            Mode::Infer => "bf16 weights, no grad, fused decoder body (LM head excluded)".into(),
+            Mode::Generate => "bf16 weights, KV cache, greedy decoding (timed rows below; the tokens/iter figure is calibration only)".into(),
         }
     );
     tch::manual_seed(cfg.train.seed as i64);
@@ -110,6 +110,8 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     let mut vs = VarStore::new(device);
     let mut model = Llama::new(&vs, m);
     model.compute = Kind::BFloat16;
+    // The trainer's activation recompute (`--set train.recompute=ffn|full`), for its memory.
+    model.recompute = cfg.train.recompute;
     if mode != Mode::Train {
         vs.bfloat16();
     }

@@ -93,6 +93,13 @@ fn invalid_values_name_their_field() {
             ),
             "precision",
         ),
+        (
+            BASE.replace(
+                "size: 2, seq_len: 16}",
+                "size: 2, seq_len: 16, recompute: attention}",
+            ),
+            "train.recompute",
+        ),
     ];
     for (text, field) in cases {
         let e = err(&text);
@@ -125,6 +132,42 @@ fn overrides_apply_and_are_validated() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("bach"), "{e}");
+}
+
+/// `none` by default; each value parses, from the file and from `--set`; a bad value through
+/// `--set` (an untyped tree, where serde keeps no field path) still names the field.
+#[test]
+fn recompute_parses_and_bad_values_name_the_field() {
+    let c = Config::parse(BASE, Path::new("cfg.yaml")).unwrap();
+    assert_eq!(c.train.recompute, Recompute::None);
+    for (value, want) in [
+        ("none", Recompute::None),
+        ("ffn", Recompute::Ffn),
+        ("full", Recompute::Full),
+    ] {
+        let text = BASE.replace(
+            "size: 2, seq_len: 16}",
+            &format!("size: 2, seq_len: 16, recompute: {value}}}"),
+        );
+        let c = Config::parse(&text, Path::new("cfg.yaml")).unwrap();
+        assert_eq!(c.train.recompute, want);
+        let c = Config::parse_with_overrides(
+            BASE,
+            Path::new("cfg.yaml"),
+            &[format!("train.recompute={value}")],
+        )
+        .unwrap();
+        assert_eq!(c.train.recompute, want);
+        assert_eq!(c.train.recompute.name(), value);
+    }
+    let e =
+        Config::parse_with_overrides(BASE, Path::new("cfg.yaml"), &["train.recompute=ffm".into()])
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("cfg.yaml") && e.contains("train.recompute") && e.contains("ffm"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -8,7 +8,9 @@
 use super::attention::{attend, attend_rotated, rope_tables};
 use super::kv_cache::KvCache;
 use super::parallel::{Split, TensorParallel};
-use crate::config::ModelConfig;
+use super::recompute;
+use crate::config::{ModelConfig, Recompute};
+use sparse_kernels::cuda_runtime::grad_mode_enabled;
 use sparse_kernels::fused::linear_cross_entropy::{linear_cross_entropy, DEFAULT_CHUNK};
 use sparse_kernels::fused::master_weights::{cached_weight, master_linear};
 use sparse_kernels::fused::norm::add_rms_norm;
@@ -81,6 +83,36 @@ pub(crate) struct BlockCompute {
     down_t: Tensor,
 }
 
+impl Block {
+    /// Another handle on the same parameters.
+    pub fn shallow_clone(&self) -> Block {
+        Block {
+            input_norm: self.input_norm.shallow_clone(),
+            q: self.q.shallow_clone(),
+            k: self.k.shallow_clone(),
+            v: self.v.shallow_clone(),
+            o: self.o.shallow_clone(),
+            post_norm: self.post_norm.shallow_clone(),
+            gate: self.gate.shallow_clone(),
+            up: self.up.shallow_clone(),
+            down_t: self.down_t.shallow_clone(),
+        }
+    }
+}
+
+impl BlockCompute {
+    /// Another handle on the same copies.
+    pub(super) fn shallow_clone(&self) -> BlockCompute {
+        BlockCompute {
+            qkv: self.qkv.shallow_clone(),
+            o: self.o.shallow_clone(),
+            gate: self.gate.shallow_clone(),
+            up: self.up.shallow_clone(),
+            down_t: self.down_t.shallow_clone(),
+        }
+    }
+}
+
 pub struct Llama {
     pub cfg: ModelConfig,
     pub embed: Tensor,
@@ -97,6 +129,9 @@ pub struct Llama {
     pub compute: Kind,
     /// The tensor-parallel group this rank's blocks belong to (`None`: the whole model).
     pub tp: Option<Rc<TensorParallel>>,
+    /// What the training forward recomputes in the backward instead of keeping
+    /// (`train.recompute`; `None` from the constructors).
+    pub recompute: Recompute,
 }
 
 /// A `[out_dim, in_dim]` weight drawn N(0, std) at full size (the same draws whatever the
@@ -181,6 +216,24 @@ impl Llama {
             sin,
             compute: Kind::Float,
             tp,
+            recompute: Recompute::None,
+        }
+    }
+
+    /// The model's shared state (configuration, tables, dtype, group) by handle, without its
+    /// blocks: what a recomputed region keeps to run one of them again.
+    pub(super) fn without_blocks(&self) -> Llama {
+        Llama {
+            cfg: self.cfg.clone(),
+            embed: self.embed.shallow_clone(),
+            blocks: Vec::new(),
+            norm: self.norm.shallow_clone(),
+            lm_head: self.lm_head.as_ref().map(Tensor::shallow_clone),
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+            compute: self.compute,
+            tp: self.tp.clone(),
+            recompute: Recompute::None,
         }
     }
 
@@ -370,7 +423,7 @@ impl Llama {
         statistics: bool,
         weights: Option<&ComputeWeights>,
     ) -> BlocksOutput {
-        let (b, t) = tokens.size2().expect("tokens must be [B, T]");
+        let t = tokens.size2().expect("tokens must be [B, T]").1;
         let pos = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = &cache {
             assert!(
@@ -390,32 +443,29 @@ impl Llama {
         // A sublayer's output is added to the residual stream by the next norm, which the
         // training forward fuses with that add (`sparse_kernels::fused::norm`).
         let mut pending: Option<Tensor> = None;
-        let eps = self.cfg.rms_norm_eps;
-        let norm = |x: &Tensor, delta: Option<&Tensor>, w: &Tensor| -> (Tensor, Tensor) {
-            if weights.is_some() {
-                let n =
-                    add_rms_norm(x, delta, w, eps, self.compute).unwrap_or_else(|e| panic!("{e}"));
-                return (n.residual, n.normed);
-            }
-            let residual = delta.map_or_else(|| x.shallow_clone(), |d| x + d);
-            let normed = rms_norm(&residual, w, eps);
-            (residual, normed)
+        // Recompute pays only where a backward follows: the training forward with grad on.
+        let recompute = match weights {
+            Some(_) if grad_mode_enabled() => self.recompute,
+            _ => Recompute::None,
         };
         let mut l1_total: Option<Tensor> = None;
         let mut layers = Vec::with_capacity(if statistics { self.blocks.len() } else { 0 });
         for (l, (blk, &path)) in self.blocks.iter().zip(paths).enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let compute = weights.map(|w| &w.blocks[l]);
-            let attention = range(c"attention");
-            let (residual, ax) = norm(&x, pending.as_ref(), &blk.input_norm);
-            let a = self.leave_split(self.attention(blk, &self.enter_split(ax), pos, kv, compute));
-            drop(attention);
-            let ffn = range(c"ffn");
-            let (residual, hx) = norm(&residual, Some(&a), &blk.post_norm);
-            x = residual;
-            let out = self.ffn(blk, &self.enter_split(hx), path, statistics, compute);
-            pending = Some(self.leave_split(out.y.view([b, t, -1])));
-            drop(ffn);
+            let mode = LayerMode {
+                path,
+                statistics,
+                recompute_ffn: recompute == Recompute::Ffn,
+            };
+            let out = match (recompute, compute) {
+                (Recompute::Full, Some(w)) => {
+                    recompute::block(self, blk, w, (&x, pending.as_ref()), mode)
+                }
+                _ => self.layer(blk, compute, (&x, pending.as_ref()), (pos, kv), mode),
+            };
+            x = out.residual;
+            pending = Some(out.delta);
             if !statistics {
                 continue;
             }
@@ -442,9 +492,65 @@ impl Llama {
             c.len += t;
         }
         BlocksOutput {
-            hidden: norm(&x, pending.as_ref(), &self.norm).1,
+            hidden: self
+                .add_norm(&x, pending.as_ref(), &self.norm, weights.is_some())
+                .1,
             l1_total,
             layers,
+        }
+    }
+
+    /// `x + delta` (x alone without delta) and its RMSNorm with weight `w` in the compute
+    /// dtype: the fused op in the training forward (`fused`), ATen's RMSNorm otherwise.
+    fn add_norm(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        w: &Tensor,
+        fused: bool,
+    ) -> (Tensor, Tensor) {
+        let eps = self.cfg.rms_norm_eps;
+        if fused {
+            let n = add_rms_norm(x, delta, w, eps, self.compute).unwrap_or_else(|e| panic!("{e}"));
+            return (n.residual, n.normed);
+        }
+        let residual = delta.map_or_else(|| x.shallow_clone(), |d| x + d);
+        let normed = rms_norm(&residual, w, eps);
+        (residual, normed)
+    }
+
+    /// One decoder layer on `(x, pending)`, the residual stream and the previous FFN's output
+    /// still to be added to it, at positions `pos..pos + T` (extending `kv` when given), over
+    /// the compute copies when given. With `mode.recompute_ffn` the FFN is a recomputed region.
+    pub(super) fn layer(
+        &self,
+        blk: &Block,
+        compute: Option<&BlockCompute>,
+        (x, pending): (&Tensor, Option<&Tensor>),
+        (pos, kv): (i64, Option<&mut (Tensor, Tensor)>),
+        mode: LayerMode,
+    ) -> LayerOutput {
+        let (b, t, _) = x.size3().expect("the residual stream is [B, T, D]");
+        let fused = compute.is_some();
+        let attention = range(c"attention");
+        let (residual, ax) = self.add_norm(x, pending, &blk.input_norm, fused);
+        let a = self.leave_split(self.attention(blk, &self.enter_split(ax), pos, kv, compute));
+        drop(attention);
+        let ffn = range(c"ffn");
+        let (residual, hx) = self.add_norm(&residual, Some(&a), &blk.post_norm, fused);
+        let hx = self.enter_split(hx);
+        let out = match compute {
+            Some(w) if mode.recompute_ffn => recompute::ffn(self, blk, w, &hx, mode),
+            _ => self.ffn(blk, &hx, mode.path, mode.statistics, compute),
+        };
+        let delta = self.leave_split(out.y.view([b, t, -1]));
+        drop(ffn);
+        LayerOutput {
+            residual,
+            delta,
+            l1_sum: out.l1_sum,
+            active_per_token: out.active_per_token,
+            active_per_unit: out.active_per_unit,
         }
     }
 
@@ -488,6 +594,29 @@ impl Llama {
             None => self.linear(&y, &blk.o),
         }
     }
+}
+
+/// How [`Llama::layer`] runs its FFN.
+#[derive(Clone, Copy)]
+pub(super) struct LayerMode {
+    pub(super) path: FfnPath,
+    /// The L1 term and activity counts (training).
+    pub(super) statistics: bool,
+    /// The FFN as a recomputed region (`train.recompute: ffn`).
+    pub(super) recompute_ffn: bool,
+}
+
+/// What one decoder layer hands the block loop.
+pub(super) struct LayerOutput {
+    /// The residual stream after the attention add, `[B, T, D]`.
+    pub(super) residual: Tensor,
+    /// The FFN's output summed over the group, `[B, T, D]`: the next norm adds it.
+    pub(super) delta: Tensor,
+    /// The FFN's L1 term over this rank's units (differentiable).
+    pub(super) l1_sum: Tensor,
+    /// This rank's active units per token `[N]` and tokens per unit `[H]`.
+    pub(super) active_per_token: Tensor,
+    pub(super) active_per_unit: Tensor,
 }
 
 /// What the block loop hands to [`Llama::forward`] and [`Llama::forward_cached`].
@@ -556,177 +685,4 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::parallel::split_of;
-    use super::*;
-    use tch::Device;
-
-    /// The f32 path (ATen's RMSNorm) equals the written-out formula computed in f64, values
-    /// and the gradients of x and the weight.
-    #[test]
-    fn rms_norm_equals_the_formula_values_and_gradients() {
-        tch::manual_seed(11);
-        let x = Tensor::randn([3, 5, 48], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let w = (Tensor::randn([48], (Kind::Float, Device::Cpu)) + 1.0).set_requires_grad(true);
-        let dy = Tensor::randn([3, 5, 48], (Kind::Float, Device::Cpu));
-        let got = rms_norm(&x, &w, 1e-5);
-        let g = Tensor::run_backward(&[(&got * &dy).sum(Kind::Float)], &[&x, &w], false, false);
-        let d = |t: &Tensor| t.detach().to_kind(Kind::Double).set_requires_grad(true);
-        let (x64, w64) = (d(&x), d(&w));
-        let r = (x64.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Double) + 1e-5).rsqrt();
-        let want = &w64 * (&x64 * r);
-        let dy64 = dy.to_kind(Kind::Double);
-        let gw = Tensor::run_backward(
-            &[(&want * dy64).sum(Kind::Double)],
-            &[&x64, &w64],
-            false,
-            false,
-        );
-        for (name, a, b) in [
-            ("y", &got, &want),
-            ("dx", &g[0], &gw[0]),
-            ("dw", &g[1], &gw[1]),
-        ] {
-            let err = (a.to_kind(Kind::Double) - b).abs().max().double_value(&[]);
-            let scale = b.abs().max().double_value(&[]);
-            assert!(
-                err <= 1e-5 * scale,
-                "{name}: max error {err:e} of {scale:e}"
-            );
-        }
-    }
-
-    /// The training forward (stacked q/k/v GEMM, gradients written into the masters, chunked
-    /// LM head + cross-entropy) equals `forward` + `cross_entropy` through plain autograd:
-    /// loss, L1 term and every parameter's gradient after two accumulated micro-batches, with
-    /// tied and untied embeddings.
-    #[test]
-    fn training_forward_equals_the_unfused_forward_and_loss() {
-        for tie in [false, true] {
-            let cfg = ModelConfig {
-                tie_embeddings: tie,
-                ..ModelConfig::tiny()
-            };
-            let (vs_a, a) = seeded_model(4, &cfg);
-            let (vs_b, b) = seeded_model(4, &cfg);
-            let paths = [FfnPath::Dense; 2];
-            let w = a.compute_weights();
-            for micro in 0..2 {
-                let data = Tensor::randint(50, [3, 8], (Kind::Int64, Device::Cpu));
-                let (inputs, targets) = (data.narrow(1, 0, 7), data.narrow(1, 1, 7));
-                let fused = a.training_forward(&w, &inputs, &targets, &paths);
-                let plain = b.forward(&inputs, &paths);
-                let ce = cross_entropy(&plain.logits, &targets, tch::Reduction::Sum);
-                let (la, lb) = (
-                    &fused.ce_sum + &fused.l1_sum * 0.3,
-                    &ce + &plain.l1_sum * 0.3,
-                );
-                assert!(
-                    fused.ce_sum.allclose(&ce, 1e-5, 1e-5, false),
-                    "tie {tie} micro {micro}: ce {} vs {}",
-                    fused.ce_sum.double_value(&[]),
-                    ce.double_value(&[])
-                );
-                assert!(fused.l1_sum.allclose(&plain.l1_sum, 1e-5, 1e-5, false));
-                la.backward();
-                lb.backward();
-            }
-            let (va, vb) = (vs_a.variables(), vs_b.variables());
-            for (name, pa) in &va {
-                let (ga, gb) = (pa.grad(), vb[name].grad());
-                let err = (&ga - &gb).abs().max().double_value(&[]);
-                let scale = gb.abs().max().double_value(&[]);
-                assert!(
-                    err <= 1e-5 * scale.max(1e-3),
-                    "tie {tie}: {name} gradient off by {err:e} of {scale:e}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn forward_shapes_and_hf_parameter_names() {
-        let cfg = ModelConfig::tiny();
-        let (vs, m) = seeded_model(0, &cfg);
-        let tokens = Tensor::randint(50, [3, 7], (Kind::Int64, Device::Cpu));
-        let out = m.forward(&tokens, &[FfnPath::Dense; 2]);
-        assert_eq!(out.logits.size(), [3, 7, 50]);
-        assert_eq!(out.layers.len(), 2);
-        assert_eq!(out.layers[0].active_per_token.size(), [21]);
-        assert_eq!(out.layers[0].active_per_unit.size(), [24]);
-        let vars = vs.variables();
-        for name in [
-            "model.embed_tokens.weight",
-            "model.layers.1.self_attn.k_proj.weight",
-            "model.layers.0.mlp.down_proj.weight_t",
-            "model.norm.weight",
-            "lm_head.weight",
-        ] {
-            assert!(vars.contains_key(name), "missing {name}");
-        }
-        assert_eq!(
-            vars["model.layers.1.self_attn.k_proj.weight"].size(),
-            [8, 16]
-        );
-        assert_eq!(
-            vars.values().map(|t| t.numel()).sum::<usize>(),
-            cfg.num_params()
-        );
-    }
-
-    #[test]
-    fn l1_and_l0_statistics_on_a_hand_made_ffn() {
-        // x = [[1, 0], [0, 1]]; g = x Wg^T, u = x Wu^T with Wg, Wu: [3, 2].
-        let x = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).view([2, 2]);
-        let wg = Tensor::from_slice(&[1.0f32, -1.0, -2.0, 3.0, 0.5, 0.5]).view([3, 2]);
-        let wu = Tensor::from_slice(&[2.0f32, 1.0, -1.0, -4.0, 0.0, 1.0]).view([3, 2]);
-        let wd = Tensor::ones([3, 2], (Kind::Float, Device::Cpu));
-        // token 0: g = [1, -2, 0.5] -> relu [1, 0, 0.5]; u = [2, -1, 0] -> h = [2, 0, 0]
-        // token 1: g = [-1, 3, 0.5] -> relu [0, 3, 0.5]; u = [1, -4, 1] -> h = [0, -12, 0.5]
-        let w = sparse_kernels::FfnWeights {
-            gate: &wg,
-            up: &wu,
-            down_t: &wd,
-        };
-        let out = sparse_kernels::sparse_ffn(&x, &w, FfnPath::Dense);
-        assert_eq!(out.l1_sum.double_value(&[]), 2.0 + 12.0 + 0.5);
-        assert_eq!(Vec::<i64>::try_from(&out.active_per_token).unwrap(), [1, 2]);
-        assert_eq!(
-            Vec::<i64>::try_from(&out.active_per_unit).unwrap(),
-            [1, 1, 1]
-        );
-        assert_eq!(
-            Vec::<f32>::try_from(out.y.reshape([-1])).unwrap(),
-            [2.0, 2.0, -11.5, -11.5]
-        );
-    }
-
-    /// Rank r of 2 holds exactly block r (per `split_of`) of the full model's draws.
-    #[test]
-    fn blocks_are_the_full_models_slices_named_by_split_of() {
-        let cfg = ModelConfig {
-            max_seq_len: 8,
-            ..ModelConfig::tiny()
-        };
-        let full_vs = VarStore::new(Device::Cpu);
-        tch::manual_seed(3);
-        let _full = Llama::new(&full_vs, &cfg);
-        let full = full_vs.variables();
-        for rank in 0..2 {
-            let tp = TensorParallel::detached(rank, 2);
-            let vs = VarStore::new(Device::Cpu);
-            tch::manual_seed(3);
-            let _m = Llama::new_parallel(&vs, &cfg, Some(tp.clone()));
-            let local = vs.variables();
-            assert_eq!(local.len(), full.len());
-            let mut split = 0;
-            for (name, f) in &full {
-                let s = split_of(name);
-                split += usize::from(s != Split::Replicated);
-                let want = tp.local(f, s);
-                assert!(local[name].equal(&want), "{name} on rank {rank}");
-            }
-            assert_eq!(split, 2 * 7, "q, k, v, o, gate, up, down per layer");
-        }
-    }
-}
+mod tests;

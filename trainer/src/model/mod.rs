@@ -1,7 +1,8 @@
 //! The model: a Llama-style decoder with the ReLU-gated sparse FFN, written for one device
-//! ([`llama`]), its attention core and KV cache, the sampler, the fused inference forward
-//! ([`inference`]), the captured static-cache decoder ([`decoder`]) and the eager generation loop it is checked against ([`generate`]),
-//! and the tensor-parallel primitives that split it over a group of ranks ([`parallel`]).
+//! ([`llama`]), its activation recompute (`recompute`), its attention core and KV cache, the
+//! sampler, the fused inference forward ([`inference`]), the captured static-cache decoder
+//! ([`decoder`]) and the eager generation loop it is checked against ([`generate`]), and the
+//! tensor-parallel primitives that split it over a group of ranks ([`parallel`]).
 mod attention;
 pub mod decoder;
 pub mod generate;
@@ -9,6 +10,7 @@ pub mod inference;
 pub mod kv_cache;
 pub mod llama;
 pub mod parallel;
+mod recompute;
 pub mod sampler;
 
 pub use decoder::{DecodeRun, Decoder};

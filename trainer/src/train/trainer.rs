@@ -156,6 +156,7 @@ impl<'w> Trainer<'w> {
         if bf16 {
             model.compute = Kind::BFloat16;
         }
+        model.recompute = t.recompute;
         let mut opt = AdamW::new(vs.variables().into_iter().collect(), t);
         let tp_size = groups.tensor.as_ref().map_or(1, |tp| tp.size);
         if tp_size > 1 {

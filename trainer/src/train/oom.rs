@@ -116,7 +116,14 @@ fn allocator_report(text: &str) -> String {
         .min()
         .unwrap_or(0);
     let report = &text[start..];
-    let line = report.lines().next().unwrap_or(report);
+    // A line ends at a newline, or at one written as `\n` (tch's error, debug-formatted),
+    // before libtorch's backtrace.
+    let end = ["\n", "\\n", "Exception raised from"]
+        .iter()
+        .filter_map(|t| report.find(t))
+        .min()
+        .unwrap_or(report.len());
+    let line = report[..end].trim_end();
     line.strip_suffix("\")").unwrap_or(line).to_string()
 }
 
@@ -159,6 +166,14 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("Exception raised"), "{err}");
+        // As tch's error reaches the panic: debug-formatted, its newlines written as `\n`.
+        let escaped = format!("{:?}", "CUDA out of memory. Tried to allocate 5.50 GiB.\nException raised from malloc\nframe #0");
+        let err = catch(|| -> () { panic!("Torch({escaped})") }).unwrap_err();
+        assert!(
+            err.starts_with("CUDA out of memory. Tried to allocate 5.50 GiB."),
+            "{err}"
+        );
+        assert!(!err.contains("frame") && !err.contains("\\n"), "{err}");
         assert!(is_out_of_memory(
             "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
         ));

@@ -8,7 +8,6 @@
 use super::attention::{attend, attend_rotated, rope_tables};
 use super::kv_cache::KvCache;
 use super::parallel::{Split, TensorParallel};
-use super::recompute;
 use crate::config::{ModelConfig, Recompute};
 use sparse_kernels::cuda_runtime::grad_mode_enabled;
 use sparse_kernels::fused::linear_cross_entropy::{linear_cross_entropy, DEFAULT_CHUNK};
@@ -20,6 +19,8 @@ use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use std::rc::Rc;
 use tch::nn::{Init, Path, VarStore};
 use tch::{Kind, Tensor};
+
+mod recomputed;
 
 pub struct Block {
     pub input_norm: Tensor,
@@ -460,7 +461,7 @@ impl Llama {
             };
             let out = match (recompute, compute) {
                 (Recompute::Full, Some(w)) => {
-                    recompute::block(self, blk, w, (&x, pending.as_ref()), mode)
+                    self.recomputed_block(blk, w, (&x, pending.as_ref()), mode)
                 }
                 _ => self.layer(blk, compute, (&x, pending.as_ref()), (pos, kv), mode),
             };
@@ -540,7 +541,7 @@ impl Llama {
         let (residual, hx) = self.add_norm(&residual, Some(&a), &blk.post_norm, fused);
         let hx = self.enter_split(hx);
         let out = match compute {
-            Some(w) if mode.recompute_ffn => recompute::ffn(self, blk, w, &hx, mode),
+            Some(w) if mode.recompute_ffn => self.recomputed_ffn(blk, w, &hx, mode),
             _ => self.ffn(blk, &hx, mode.path, mode.statistics, compute),
         };
         let delta = self.leave_split(out.y.view([b, t, -1]));

@@ -10,9 +10,9 @@
 //! ops run in the same order, so losses, statistics and gradients are the un-recomputed
 //! run's (on the CPU bit for bit, as `tests` checks). With tensor parallelism the
 //! re-run repeats the region's collectives in the backward, in the same order on every rank.
-use super::llama::{Block, BlockCompute, LayerMode, LayerOutput, Llama};
+//! The layer forms (`Llama::recomputed_ffn`, `Llama::recomputed_block`) are in `llama/recomputed.rs`.
 use sparse_kernels::torch::function::{apply_function, backward_with_grads, BackwardFn};
-use sparse_kernels::{FfnOutput, FfnPath};
+use sparse_kernels::FfnPath;
 use std::rc::Rc;
 use tch::{Device, Tensor};
 
@@ -22,117 +22,20 @@ thread_local! {
     static RERUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// A region: its inputs to its outputs, in the grad mode of its caller.
-type Region = Rc<dyn Fn(&[Tensor]) -> Vec<Tensor>>;
-
-/// One layer held by handle: the region's backward outlives the forward's borrows.
-struct LayerHandles {
-    model: Llama,
-    block: Block,
-    compute: BlockCompute,
-}
-
-impl LayerHandles {
-    fn of(model: &Llama, block: &Block, compute: &BlockCompute) -> Rc<LayerHandles> {
-        Rc::new(LayerHandles {
-            model: model.without_blocks(),
-            block: block.shallow_clone(),
-            compute: compute.shallow_clone(),
-        })
-    }
-}
-
 /// Whether the region's forward must run with grad on to pick the arm its re-run will: on
 /// CUDA the TwELL path runs the inference kernels when no gradient is needed (no L1 term)
 /// and the dense fallback when one is. Its graph is dropped with the forward.
-fn forward_needs_grad(path: FfnPath, device: Device) -> bool {
+pub(super) fn forward_needs_grad(path: FfnPath, device: Device) -> bool {
     path == FfnPath::Twell && device.is_cuda()
 }
 
-/// The FFN of `blk` on `hx: [B, T, D]` (this rank's split input), as [`Llama::ffn`] over the
-/// compute copies `compute`, keeping only `hx` for the backward.
-pub(super) fn ffn(
-    model: &Llama,
-    blk: &Block,
-    compute: &BlockCompute,
-    hx: &Tensor,
-    mode: LayerMode,
-) -> FfnOutput {
-    let layer = LayerHandles::of(model, blk, compute);
-    let region: Region = Rc::new(move |inputs: &[Tensor]| {
-        let out = layer.model.ffn(
-            &layer.block,
-            &inputs[0],
-            mode.path,
-            mode.statistics,
-            Some(&layer.compute),
-        );
-        vec![
-            out.y,
-            out.l1_sum,
-            out.active_per_token,
-            out.active_per_unit,
-            out.overflow_rows,
-        ]
-    });
-    let with_grad = forward_needs_grad(mode.path, hx.device());
-    let [y, l1_sum, active_per_token, active_per_unit, overflow_rows] =
-        checkpoint(&[hx], with_grad, region);
-    FfnOutput {
-        y,
-        l1_sum,
-        active_per_token,
-        active_per_unit,
-        overflow_rows,
-    }
-}
-
-/// The decoder block `blk` (attention and FFN, as [`Llama::layer`] over the compute copies
-/// `compute`, from position 0) on the residual stream `x` and the previous FFN's output
-/// `pending`, keeping only those two for the backward.
-pub(super) fn block(
-    model: &Llama,
-    blk: &Block,
-    compute: &BlockCompute,
-    (x, pending): (&Tensor, Option<&Tensor>),
-    mode: LayerMode,
-) -> LayerOutput {
-    let layer = LayerHandles::of(model, blk, compute);
-    let has_pending = pending.is_some();
-    let mode = LayerMode {
-        recompute_ffn: false,
-        ..mode
-    };
-    let region: Region = Rc::new(move |inputs: &[Tensor]| {
-        let stream = (&inputs[0], has_pending.then(|| &inputs[1]));
-        let out = layer
-            .model
-            .layer(&layer.block, Some(&layer.compute), stream, (0, None), mode);
-        vec![
-            out.residual,
-            out.delta,
-            out.l1_sum,
-            out.active_per_token,
-            out.active_per_unit,
-        ]
-    });
-    let inputs: Vec<&Tensor> = std::iter::once(x).chain(pending).collect();
-    let with_grad = forward_needs_grad(mode.path, x.device());
-    let [residual, delta, l1_sum, active_per_token, active_per_unit] =
-        checkpoint(&inputs, with_grad, region);
-    LayerOutput {
-        residual,
-        delta,
-        l1_sum,
-        active_per_token,
-        active_per_unit,
-    }
-}
+/// A region: its inputs to its outputs, in the grad mode of its caller.
+pub(super) type Region = Rc<dyn Fn(&[Tensor]) -> Vec<Tensor>>;
 
 /// Runs `region` on `inputs` as one autograd node that keeps only the inputs (see the module
 /// docs); `N` outputs. Its forward runs without grad, or with grad and the graph dropped when
 /// `forward_with_grad`. Outputs of integer dtype carry no gradient.
-fn checkpoint<const N: usize>(
+pub(super) fn checkpoint<const N: usize>(
     inputs: &[&Tensor],
     forward_with_grad: bool,
     region: Region,

@@ -12,20 +12,21 @@ use crate::config::{Config, DeviceChoice, Precision};
 use crate::data::manifest::{self, ShardManifest};
 use crate::data::{DataLoader, TokenSource};
 use crate::model::parallel::{split_of, ParallelGroups, Split};
-use crate::model::{cross_entropy, LayerStats, Llama};
+use crate::model::{cross_entropy, Llama};
 use crate::optim::{learning_rate, AdamW, Zero1};
 use crate::sparsity::activity::LayerActivity;
 use crate::sparsity::dead_units::reinit_dead_gates;
 use crate::sparsity::paths::{l1_coeff, PathScheduler};
 use crate::sparsity::repack;
 use anyhow::{bail, Context, Result};
-use sparse_kernels::cuda::DeferredChecks;
 use sparse_kernels::torch::profiler::range;
 use sparse_kernels::FfnPath;
 use sparse_launch::{stable_hash, World};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Reduction, Tensor};
+
+mod micro_batches;
 
 /// Command-line overrides of the config.
 #[derive(Clone, Debug, Default)]
@@ -41,10 +42,6 @@ pub struct RunOptions {
 }
 
 /// bf16 peak of the GPU for MFU (H100 SXM dense bf16), overridable by SPARSE_TRAIN_PEAK_TFLOPS.
-/// Runs of one step's micro-batches before an overflowing hybrid pool is an error (each
-/// overflow grows the pool to what the kernels asked for, with headroom).
-const MAX_POOL_ATTEMPTS: usize = 4;
-
 fn peak_flops() -> f64 {
     std::env::var("SPARSE_TRAIN_PEAK_TFLOPS")
         .ok()
@@ -442,88 +439,6 @@ impl<'w> Trainer<'w> {
             lr,
             grad_norm,
         }))
-    }
-
-    /// Forward and backward of this rank's micro-batches of the step (the gradients
-    /// accumulated into the masters' `.grad`, the activity statistics recorded); returns the
-    /// summed cross-entropy and L1 terms (device scalars). On CUDA the hybrid FFN's pool checks
-    /// wait for the end of the micro-batches ([`DeferredChecks`]): when any rank's pool
-    /// overflowed, the gradients are dropped, the pools grow and the micro-batches run again.
-    fn micro_batches(&mut self, step: usize, lambda: f64) -> Result<(Tensor, Tensor)> {
-        let device = self.device;
-        for attempt in 1.. {
-            let checks = device
-                .is_cuda()
-                .then(|| DeferredChecks::begin(device))
-                .transpose()?;
-            let (ce, l1, layers) = self.run_micro_batches(lambda)?;
-            // Every rank has the same kind of device: all of them take this branch or none.
-            let (any_rank, grown) = match checks {
-                Some(c) => {
-                    let overflowed = c.overflow_flag()?.double_value(&[]) != 0.0;
-                    let any_rank = self.world.collective().any_rank_flag(overflowed);
-                    (any_rank, c.settle(overflowed)?)
-                }
-                None => (false, 0),
-            };
-            if !any_rank {
-                for stats in &layers {
-                    self.activity.add(stats);
-                }
-                return Ok((ce, l1));
-            }
-            self.opt.zero_grad();
-            self.pool_reruns += 1;
-            if attempt >= MAX_POOL_ATTEMPTS {
-                bail!("step {step}: the hybrid FFN's active pool overflowed {attempt} times in a row (it grows each time): report this with the config");
-            }
-            self.log.line(&format!(
-                "step {step}: a hybrid FFN pool overflowed ({grown} shapes grew on this rank); step re-run ({} re-runs so far)",
-                self.pool_reruns
-            ));
-        }
-        unreachable!("the loop returns or fails")
-    }
-
-    /// One pass over this rank's micro-batches: summed cross-entropy and L1 terms, and each
-    /// micro-batch's per-layer statistics.
-    fn run_micro_batches(&mut self, lambda: f64) -> Result<(Tensor, Tensor, Vec<Vec<LayerStats>>)> {
-        let t = &self.cfg.train;
-        let dp = self.groups.data();
-        let device = self.device;
-        let paths = self.sched.paths().to_vec();
-        let mut ce_acc = Tensor::zeros([], (Kind::Float, device));
-        let mut l1_acc = Tensor::zeros([], (Kind::Float, device));
-        let mut layers = Vec::with_capacity(self.accum);
-        // The step's compute-dtype weights: one cast per optimizer update, not per micro-batch.
-        let weights = self.model.compute_weights();
-        for micro in 0..self.accum {
-            // Rank r's micro-batches are its own contiguous block of the global batch.
-            let first =
-                self.cursor + ((dp.rank() * self.accum + micro) * t.micro_batch_size) as u64;
-            let batch = self
-                .loader
-                .sequences(first, t.micro_batch_size)?
-                .to_device(device);
-            let inputs = batch.narrow(1, 0, t.seq_len as i64);
-            let targets = batch.narrow(1, 1, t.seq_len as i64);
-            let forward = range(c"micro_batch.forward");
-            let out = self
-                .model
-                .training_forward(&weights, &inputs, &targets, &paths);
-            let ce_sum = out.ce_sum;
-            // Sums over this micro-batch divided by the global token count: the gradients
-            // accumulate to the exact global mean, whatever the accumulation or world size.
-            let loss = (&ce_sum + &out.l1_sum * lambda) / self.step_tokens as f64;
-            drop(forward);
-            let backward = range(c"micro_batch.backward");
-            loss.backward();
-            drop(backward);
-            ce_acc += ce_sum.detach();
-            l1_acc += out.l1_sum.detach();
-            layers.push(out.layers);
-        }
-        Ok((ce_acc, l1_acc, layers))
     }
 
     /// Removes the dead FFN units after step `step` (see [`repack`]).

@@ -40,12 +40,18 @@ pub(crate) fn read_err(err: &[c_char; ERR_LEN]) -> String {
         .into_owned()
 }
 
+/// The text of a panic payload (`panic!` gives a `&str` or a `String`), if it has one.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> Option<&str> {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+}
+
 /// The message of a caught panic.
-pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic without a message".into())
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    panic_text(p.as_ref())
+        .unwrap_or("panic without a message")
+        .to_string()
 }
 
 /// Hands a tensor's handle over to C++ (which frees it).

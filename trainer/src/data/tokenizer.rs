@@ -7,6 +7,7 @@
 //! document.
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
+use sparse_kernels::torch::panic_message;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -74,11 +75,7 @@ impl Tokenizer {
             .map_err(|e| anyhow!("not a valid Hugging Face tokenizer.json: {e}"))?;
         let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&json))
             .map_err(|p| {
-                let why = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let why = panic_message(p);
                 anyhow!("not a valid Hugging Face tokenizer.json: {why}")
             })?;
         let inner = parsed.map_err(|e| anyhow!("not a valid Hugging Face tokenizer.json: {e}"))?;

@@ -14,7 +14,7 @@
 //! so a test can show no checkpoint of the half-updated state is written. Unset in real runs.
 use crate::config::TrainConfig;
 use anyhow::{bail, Result};
-use std::any::Any;
+use sparse_kernels::torch::panic_text;
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Once;
@@ -67,14 +67,6 @@ thread_local! {
     static CATCHING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// The text of a panic payload (`panic!` gives a `&str` or a `String`).
-fn payload_text(payload: &(dyn Any + Send)) -> Option<&str> {
-    payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-}
-
 /// Chains, once, the hook that keeps out-of-memory panics inside [`catch`] quiet (and, under
 /// MPI, from aborting the job before they become an error).
 fn install_hook() {
@@ -83,7 +75,7 @@ fn install_hook() {
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
             let caught = CATCHING.with(Cell::get)
-                && payload_text(info.payload()).is_some_and(is_out_of_memory);
+                && panic_text(info.payload()).is_some_and(is_out_of_memory);
             if !caught {
                 previous(info);
             }
@@ -100,7 +92,7 @@ pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     CATCHING.with(|c| c.set(outer));
     match result {
         Ok(value) => Ok(value),
-        Err(payload) => match payload_text(payload.as_ref()).filter(|t| is_out_of_memory(t)) {
+        Err(payload) => match panic_text(payload.as_ref()).filter(|t| is_out_of_memory(t)) {
             Some(text) => Err(allocator_report(text)),
             None => panic::resume_unwind(payload),
         },
@@ -199,7 +191,7 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(
-            payload_text(payload.as_ref()),
+            panic_text(payload.as_ref()),
             Some("index 7 out of range for a dimension of size 4")
         );
         assert_eq!(catch(|| 5), Ok(5));

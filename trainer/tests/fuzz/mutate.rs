@@ -120,11 +120,7 @@ pub fn run(
         match r {
             Ok(ok) => accepted += usize::from(ok),
             Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let msg = sparse_kernels::torch::panic_message(p);
                 let head: Vec<u8> = input.iter().take(96).copied().collect();
                 panic!(
                     "{name}: input {i} ({} bytes) panicked: {msg}\nfirst bytes: {:?}",

@@ -16,6 +16,7 @@
 //!
 //! The residual stream is f32 (the norms' weights are kept in f32 for the fused kernel);
 //! matrix products, the KV cache and attention run in the model's compute dtype.
+use super::attention::attend_rotated;
 use super::inference::{InferenceBlock, InferenceWeights};
 use super::kv_cache::KvCache;
 use super::llama::Llama;
@@ -300,18 +301,9 @@ impl<'m> Decoder<'m> {
             if !prefill {
                 return Ok(decode_attention(&q, (kc, vc), &self.pos)?.view([b, 1, nh * hd]));
             }
-            Ok(Tensor::scaled_dot_product_attention(
-                &q,
-                &kc.narrow(2, 0, t),
-                &vc.narrow(2, 0, t),
-                None::<&Tensor>,
-                0.0,
-                t > 1,
-                None,
-                nh != nkv,
-            )
-            .transpose(1, 2)
-            .reshape([b, t, nh * hd]))
+            // The prompt from position 0: causal attention over the keys just written.
+            let y = attend_rotated(&q, &kc.narrow(2, 0, t), &vc.narrow(2, 0, t), 0, None);
+            Ok(y.transpose(1, 2).reshape([b, t, nh * hd]))
         };
         let ffn = |l: usize, blk: &InferenceBlock, x: &Tensor| self.ffn(blk, x, self.paths[l]);
         let last = self.weights.blocks_forward(m, tokens, attend, ffn)?;

@@ -7,6 +7,7 @@
 //! Per block: the residual add fused with RMSNorm, one GEMM for q, k and v, the caller's
 //! attention (RoPE fused with the head split, then SDPA or the decoder's cache kernels), the
 //! output GEMM, add + RMSNorm, the FFN on its path. The residual stream is f32.
+use super::attention::attend_rotated;
 use super::llama::Llama;
 use anyhow::Result;
 use sparse_kernels::fused::norm::add_rms_norm;
@@ -110,18 +111,8 @@ impl InferenceWeights {
         let hd = model.cfg.head_dim() as i64;
         let attend = |_: usize, qkv: &Tensor| -> Result<Tensor> {
             let [q, k, v] = rope_qkv(qkv, (&model.cos, &model.sin), nh, nkv, 0)?;
-            Ok(Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<&Tensor>,
-                0.0,
-                t > 1,
-                None,
-                nh != nkv,
-            )
-            .transpose(1, 2)
-            .reshape([b, t, nh * hd]))
+            let y = attend_rotated(&q, &k, &v, 0, None);
+            Ok(y.transpose(1, 2).reshape([b, t, nh * hd]))
         };
         let config = SparseFfnConfig {
             statistics: false,

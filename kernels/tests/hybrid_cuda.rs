@@ -155,8 +155,8 @@ fn hybrid_under_autocast_returns_autocast_dtype() {
 
 /// Deferred status checks (`cuda::DeferredChecks`): a shape of known sizes runs without its
 /// host read and gives the synchronous forward's values and gradients bit for bit; a denser
-/// layer of the same shape overflows the kept pool, which raises the step's flag (not an
-/// error); `settle` grows the sizes, and the rerun equals the synchronous run bit for bit.
+/// layer of the same shape overflows the kept pool, which `finish` reports (not an error)
+/// while growing the sizes, and the rerun equals the synchronous run bit for bit.
 #[test]
 fn deferred_checks_flag_an_overflow_and_the_rerun_is_exact() {
     use sparse_kernels::cuda::DeferredChecks;
@@ -177,28 +177,27 @@ fn deferred_checks_flag_an_overflow_and_the_rerun_is_exact() {
             assert!(g.equal(h), "{label}: a gradient differs");
         }
     };
-    let flag = |c: &DeferredChecks| c.overflow_flag().unwrap().double_value(&[]);
-
     let synchronous = run(Some(FfnPath::Hybrid), &sparse, &r);
     let checks = DeferredChecks::begin(dev).unwrap();
     let deferred = run(Some(FfnPath::Hybrid), &sparse, &r);
-    assert_eq!(flag(&checks), 0.0, "a pool that fits raised the flag");
-    assert_eq!(checks.settle(false).unwrap(), 0);
+    let settled = checks.finish().unwrap();
+    assert!(!settled.overflowed, "a pool that fits reported an overflow");
+    assert_eq!(settled.grown, 0);
     same("deferred at 99.5 %", &deferred, &synchronous);
 
     let checks = DeferredChecks::begin(dev).unwrap();
     let _overflowed = run(Some(FfnPath::Hybrid), &dense, &r);
-    assert_eq!(
-        flag(&checks),
-        1.0,
+    let settled = checks.finish().unwrap();
+    assert!(
+        settled.overflowed,
         "a pool of 99.5 % sizes held a 90 % layer"
     );
-    assert_eq!(checks.settle(true).unwrap(), 1, "the shape's sizes grow");
+    assert_eq!(settled.grown, 1, "the shape's sizes grow");
 
     let checks = DeferredChecks::begin(dev).unwrap();
     let rerun = run(Some(FfnPath::Hybrid), &dense, &r);
-    assert_eq!(flag(&checks), 0.0, "the grown pool still overflows");
-    drop(checks);
+    let settled = checks.finish().unwrap();
+    assert!(!settled.overflowed, "the grown pool still overflows");
     let synchronous = run(Some(FfnPath::Hybrid), &dense, &r);
     same("rerun at 90 %", &rerun, &synchronous);
     let (want, _) = run(None, &dense, &r);

@@ -5,15 +5,15 @@
 //! and grows and reruns until it fits, as `hybrid_forward` always did; the sizes that sufficed
 //! (with headroom) are kept per (device, N, D, H). While a [`DeferredChecks`] is open on a
 //! device, later forwards of a known shape do not synchronise: each folds its status word
-//! into a per-shape accumulator on the device, and the owner of the checks reads one flag
-//! after the step. On an overflow the step's results are wrong (the kernels leave their
+//! into a per-shape accumulator on the device, and the owner of the checks reads them all
+//! once after the step. On an overflow the step's results are wrong (the kernels leave their
 //! outputs unwritten past the status, never writing out of bounds): the owner discards the
-//! step, [`DeferredChecks::settle`] grows the sizes to what the kernels asked for, and the
+//! step, [`DeferredChecks::finish`] grows the sizes to what the kernels asked for, and the
 //! step runs again. A training step thus waits on the host once, not once per layer.
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::consts::{HC_GSPILL, HC_NNZ, HC_STATUS, ST_GATE_SPILL, ST_NNZ_OVER};
 use super::launch::cuda_ordinal;
@@ -111,8 +111,8 @@ pub(super) fn record(key: SizeKey, hctrl: &Tensor) -> Result<()> {
 }
 
 /// Hybrid forwards on `device` that check their status on the device while this lives
-/// (see the module's text). Open one per step, read [`DeferredChecks::overflow_flag`] with
-/// the step's other values, then [`DeferredChecks::settle`].
+/// (see the module's text). Open one per step and [`DeferredChecks::finish`] it after the
+/// step's micro-batches.
 pub struct DeferredChecks {
     ordinal: usize,
 }
@@ -125,53 +125,44 @@ impl DeferredChecks {
         Ok(DeferredChecks { ordinal })
     }
 
-    /// `1.0` (f32 scalar on the device) when a forward since [`DeferredChecks::begin`]
-    /// overflowed, else `0.0`; no sync.
-    pub fn overflow_flag(&self) -> Result<Tensor> {
-        let device = Device::Cuda(self.ordinal);
-        let mut flag = Tensor::f_zeros([], (Kind::Float, device))?;
-        let reg = registry();
-        for acc in reg
-            .deferred
-            .get(&self.ordinal)
-            .into_iter()
-            .flat_map(|m| m.values())
-        {
-            let hit = acc
-                .f_narrow(0, HC_STATUS, 1)?
-                .f_ne(0)?
-                .f_to_kind(Kind::Float)?;
-            flag = flag.f_maximum(&hit.f_reshape([])?)?;
-        }
-        Ok(flag)
-    }
-
-    /// Closes the checks. When the step `overflowed` (its flag, read by the caller), grows
-    /// every shape's sizes to what its forwards asked for (one read per shape) and returns
-    /// how many shapes grew.
-    pub fn settle(self, overflowed: bool) -> Result<usize> {
+    /// Closes the checks: the status words of the step's forwards, every shape's at once
+    /// (one sync). On an overflow, grows each overflowing shape's sizes to what its forwards
+    /// asked for; the caller then discards the step and runs it again.
+    pub fn finish(self) -> Result<Settled> {
         let per_shape = registry()
             .deferred
             .remove(&self.ordinal)
             .unwrap_or_default();
-        if !overflowed {
-            return Ok(0);
+        let mut settled = Settled::default();
+        if per_shape.is_empty() {
+            return Ok(settled);
         }
-        let mut grown = 0;
-        for (key, acc) in per_shape {
-            let w = Vec::<i32>::try_from(acc.f_to_device(Device::Cpu)?)?;
+        let (keys, accs): (Vec<SizeKey>, Vec<Tensor>) = per_shape.into_iter().unzip();
+        let words = Tensor::f_stack(&accs, 0)?.f_view([-1])?;
+        let words = Vec::<i32>::try_from(words.f_to_device(Device::Cpu)?)?;
+        let mut reg = registry();
+        for (key, w) in keys.iter().zip(words.chunks(3)) {
             let (st, nnz, gspill) = (w[0] as i64, w[1] as i64, w[2] as i64);
             if st == 0 {
                 continue;
             }
-            let mut reg = registry();
-            if let Some((sizes, max_spill)) = reg.sizes.get_mut(&key) {
+            settled.overflowed = true;
+            if let Some((sizes, max_spill)) = reg.sizes.get_mut(key) {
                 *sizes = sizes.grown(st, nnz, gspill, *max_spill);
-                grown += 1;
+                settled.grown += 1;
             }
         }
-        Ok(grown)
+        Ok(settled)
     }
+}
+
+/// What [`DeferredChecks::finish`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Settled {
+    /// A forward since [`DeferredChecks::begin`] overflowed: its step's results are wrong.
+    pub overflowed: bool,
+    /// Shapes whose sizes grew.
+    pub grown: usize,
 }
 
 impl Drop for DeferredChecks {
@@ -201,5 +192,53 @@ mod tests {
         assert_eq!(g.cap, 6400);
         assert!(g.spill_cap >= 300 && g.spill_cap <= 400);
         assert_eq!(s.grown(0, 1 << 20, 1 << 20, 400), s);
+    }
+
+    /// The checks' bookkeeping on CPU tensors (an ordinal no device has): statuses OR'ed and
+    /// sizes maxed over a shape's forwards, every shape read at `finish`, only the shapes that
+    /// overflowed grown, and no deferral once closed.
+    #[test]
+    fn finish_reads_every_shape_and_grows_what_overflowed() {
+        let ordinal = 1000;
+        let (fits, over) = ((ordinal, 10, 64, 256), (ordinal, 20, 64, 256));
+        let kept = PoolSizes {
+            cap: 100,
+            spill_cap: 8,
+        };
+        keep_sizes(fits, kept, 40);
+        keep_sizes(over, kept, 80);
+        // Control words as the kernels leave them (longer than the three read).
+        let words =
+            |st: i64, nnz: i32, spill: i32| Tensor::from_slice(&[st as i32, nnz, spill, 7, 7]);
+        let open = || {
+            registry().deferred.insert(ordinal, HashMap::new());
+            DeferredChecks { ordinal }
+        };
+
+        let checks = open();
+        assert!(defers(fits) && defers(over));
+        record(fits, &words(0, 90, 2)).unwrap();
+        record(over, &words(0, 90, 2)).unwrap();
+        assert_eq!(checks.finish().unwrap(), Settled::default());
+        assert!(!defers(over), "closed checks still defer");
+
+        let checks = open();
+        record(fits, &words(0, 90, 2)).unwrap();
+        record(over, &words(0, 90, 2)).unwrap();
+        record(over, &words(ST_NNZ_OVER, 500, 3)).unwrap();
+        record(over, &words(0, 120, 1)).unwrap();
+        let settled = checks.finish().unwrap();
+        assert_eq!(
+            settled,
+            Settled {
+                overflowed: true,
+                grown: 1
+            }
+        );
+        assert_eq!(known_sizes(fits), Some(kept));
+        // Grown from the largest count any of its forwards asked for, not the last one's.
+        let want = kept.grown(ST_NNZ_OVER, 500, 3, 80);
+        assert_eq!(known_sizes(over), Some(want));
+        assert_ne!(want, kept.grown(ST_NNZ_OVER, 120, 1, 80));
     }
 }

@@ -194,9 +194,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                         }
                         drop(weights);
                         let Some(c) = checks else { break };
-                        let overflowed = c.overflow_flag()?.double_value(&[]) != 0.0;
-                        c.settle(overflowed)?;
-                        if !overflowed {
+                        if !c.finish()?.overflowed {
                             break;
                         }
                         opt.zero_grad();

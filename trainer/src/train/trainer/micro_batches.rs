@@ -29,9 +29,9 @@ impl Trainer<'_> {
             // Every rank has the same kind of device: all of them take this branch or none.
             let (any_rank, grown) = match checks {
                 Some(c) => {
-                    let overflowed = c.overflow_flag()?.double_value(&[]) != 0.0;
-                    let any_rank = self.world.collective().any_rank_flag(overflowed);
-                    (any_rank, c.settle(overflowed)?)
+                    let settled = c.finish()?;
+                    let any_rank = self.world.collective().any_rank_flag(settled.overflowed);
+                    (any_rank, settled.grown)
                 }
                 None => (false, 0),
             };

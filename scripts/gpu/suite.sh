@@ -14,6 +14,8 @@
 #                 1,32) and torch_anchor.py's eager and CUDA-graph decode, in one job, per
 #                 shape of SHAPES (default 1.5b)
 #   study         the sparsity study: 125m-dense and 125m on the real corpus (docs/study)
+#   sweep         the lambda sweep at 125m on the real corpus (ARMS, STEPS, BENCH_ARMS: see
+#                 case_sweep), each arm's metrics as $OUT/sweep-LAMBDA.tar.gz
 #   hybrid-train  125m with the lambda ramp, every FFN dense vs the auto path (STEPS, 300)
 #   generate      125m trained on the real corpus (STEPS, 300), then `generate` from its
 #                 checkpoint, dense vs TwELL, batch 1 and 32
@@ -29,7 +31,7 @@
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|hybrid-train|generate|anchors|profile|train-step|ab|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -138,6 +140,48 @@ case_study() {
   done
 }
 
+# The lambda sweep of docs/study: configs/125m.yaml on the real corpus, one arm per lambda of
+# ARMS (in order), each STEPS optimizer steps of 64 x 1024 tokens (default 1526: 100.0 M
+# tokens), evaluated on the whole BBC set every 256 steps and at the end. An arm starts only
+# while the job is younger than ARM_START_BY_S seconds (default 300). Each arm's metrics,
+# TensorBoard events and log come back as $OUT/sweep-LAMBDA.tar.gz. Then, while the job is
+# younger than BENCH_BY_S (default 480): bench infer / train / generate on the checkpoint of
+# each arm of BENCH_ARMS (its learned sparsity, inputs from the validation shards).
+case_sweep() {
+  gpu_info
+  local t0=$SECONDS lam dir
+  prepare_corpus || return 1
+  echo "corpus ready after $((SECONDS - t0)) s"
+  for lam in ${ARMS:?ARMS=lambda values}; do
+    if ((SECONDS - t0 > ${ARM_START_BY_S:-300})); then
+      echo "arm $lam not started: the job is $((SECONDS - t0)) s old"
+      failed=1
+      continue
+    fi
+    dir=/tmp/sweep/$lam
+    rm -rf "$dir"
+    train_logged "sweep-$lam.log" --config configs/125m.yaml --quiet \
+      --max-steps "${STEPS:-1526}" --set sparsity.l1_coeff="$lam" \
+      --set train.eval_every=256 --set train.eval_batches=100000 --set train.log_every=32 \
+      --set checkpoint.every=0 --set checkpoint.keep_last=1 --out-dir "$dir"
+    cp "$OUT/sweep-$lam.log" "$dir/train.log"
+    tar -C "$dir" --exclude=checkpoints -czf "$OUT/sweep-$lam.tar.gz" .
+    echo "arm $lam done after $((SECONDS - t0)) s"
+  done
+  for lam in ${BENCH_ARMS:-}; do
+    dir=/tmp/sweep/$lam
+    if ((SECONDS - t0 > ${BENCH_BY_S:-480})); then
+      echo "bench of arm $lam not started: the job is $((SECONDS - t0)) s old"
+      continue
+    fi
+    {
+      run bench infer --checkpoint "$dir" --steps 5 --warmup 2
+      run bench train --checkpoint "$dir" --steps 4 --warmup 1 --batch 32 --accum 2
+      run bench generate --checkpoint "$dir" --steps 3 --warmup 1 --gen-batch 1,32
+    } 2>&1 | tee -a "$OUT/sweep-bench.log"
+  done
+}
+
 case_hybrid_train() {
   prepare_corpus || return 1
   local path
@@ -226,6 +270,7 @@ case $NAME in
   benches) case_benches ;;
   decode) case_decode ;;
   study) case_study ;;
+  sweep) case_sweep ;;
   hybrid-train) case_hybrid_train ;;
   generate) case_generate ;;
   anchors) case_anchors ;;
@@ -234,7 +279,7 @@ case $NAME in
   ab) case_ab ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, hybrid-train, generate, anchors, profile, train-step, ab, corpus" >&2
+    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, ab, corpus" >&2
     exit 2
     ;;
 esac

@@ -372,6 +372,26 @@ impl Config {
         Ok(cfg)
     }
 
+    /// This config with `section.field=value` overrides applied and validated again (a
+    /// checkpoint's stored config, adjusted for a bench); `origin` names it in errors.
+    pub fn with_overrides(
+        &self,
+        overrides: &[String],
+        origin: &Path,
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            file: origin.to_path_buf(),
+            message,
+        };
+        let mut tree = serde_json::to_value(self).map_err(|e| parse_err(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut tree, o).map_err(|m| parse_err(format!("--set {o}: {m}")))?;
+        }
+        let cfg: Config = serde_json::from_value(tree).map_err(|e| parse_err(e.to_string()))?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
     /// Parses and validates YAML text; `file` is used in error messages only.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         Config::parse_with_overrides(text, file, &[])

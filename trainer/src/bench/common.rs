@@ -35,8 +35,17 @@ pub enum Mode {
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchE2eArgs {
     /// Run config (YAML): the model shape, micro-batch, seq_len, optimizer and lambda.
+    #[arg(long, required_unless_present = "checkpoint")]
+    pub config: Option<PathBuf>,
+    /// A trained checkpoint (or a run directory: its latest) instead of `--config`: its
+    /// config and weights, with the sparsity it learned (nothing is imposed; `--sparsity` is
+    /// ignored). Inputs come from `--data`, else the checkpoint's validation shards.
+    #[arg(long, conflicts_with = "config")]
+    pub checkpoint: Option<PathBuf>,
+    /// Token shards to take the inputs (and generate's prompts) from, the first windows in
+    /// the loader's seeded order, instead of uniform random ids.
     #[arg(long)]
-    pub config: PathBuf,
+    pub data: Option<PathBuf>,
     /// Override a config value: `--set train.micro_batch_size=2` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,

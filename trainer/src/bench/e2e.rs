@@ -2,7 +2,8 @@
 //! config's shape,
 //! sparse FFN against dense, side by side in one process, on the same weights.
 //!
-//! The model's sparsity is imposed ([`super::common::impose_sparsity`]).
+//! The model's sparsity is imposed ([`super::common::impose_sparsity`]) on the config's init,
+//! or is the one a checkpoint learned (`--checkpoint`, inputs from its validation shards).
 //!
 //! **infer**: decoder forward without the LM head (as the paper's benchmark), bf16 weights,
 //! no grad, the fused inference forward (`model::inference`); dense = the `Dense` FFN path
@@ -18,10 +19,12 @@
 use super::common::{impose_sparsity, layer_means, summary, Energy, GIB};
 pub use super::common::{BenchE2eArgs, Mode};
 use super::generate::run_generate;
+use crate::checkpoint::load;
 use crate::config::Config;
+use crate::data::DataLoader;
 use crate::model::{synchronize, InferenceWeights, Llama};
 use crate::optim::AdamW;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use sparse_kernels::cuda::DeferredChecks;
 use sparse_kernels::cuda_runtime;
 use sparse_kernels::torch::profiler;
@@ -44,7 +47,24 @@ struct Row {
 
 /// Runs `sparse-train bench train` or `bench infer`.
 pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
-    let cfg = Config::load_with_overrides(&args.config, &args.overrides)?;
+    let device = Device::Cuda(args.device);
+    if !tch::Cuda::is_available() {
+        bail!("bench train/infer/generate needs a CUDA device (tch sees none)");
+    }
+    // The model: the checkpoint's trained weights, or the config's init (sparsity imposed below).
+    let (cfg, origin, loaded) = match (&args.checkpoint, &args.config) {
+        (Some(dir), _) => {
+            let loaded = load::load(dir, device)?;
+            let cfg = loaded.config.with_overrides(&args.overrides, dir)?;
+            (cfg, format!("checkpoint {}", dir.display()), Some(loaded))
+        }
+        (None, Some(file)) => (
+            Config::load_with_overrides(file, &args.overrides)?,
+            format!("config {}", file.display()),
+            None,
+        ),
+        (None, None) => bail!("give --config FILE or --checkpoint DIR"),
+    };
     if !(0.0..1.0).contains(&args.sparsity) {
         bail!("--sparsity {} must be in [0, 1)", args.sparsity);
     }
@@ -54,10 +74,6 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     if args.accum == 0 {
         bail!("--accum must be >= 1 (micro-batches per training step)");
     }
-    if !tch::Cuda::is_available() {
-        bail!("bench train/infer needs a CUDA device (tch sees none)");
-    }
-    let device = Device::Cuda(args.device);
     let m = &cfg.model;
     let seq = cfg.train.seq_len as i64;
     let batch = args.batch.unwrap_or(match mode {
@@ -85,9 +101,8 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
     let h = m.intermediate_size as f64;
     let target = (1.0 - args.sparsity) * h;
     println!(
-        "bench {}: GPU {gpu}, config {} (L {}, D {}, H {}, heads {}/{}, vocab {}, {:.2}B params), {} x {} x {} = {} tokens/iter, {}",
+        "bench {}: GPU {gpu}, {origin} (L {}, D {}, H {}, heads {}/{}, vocab {}, {:.2}B params), {} x {} x {} = {} tokens/iter, {}",
         match mode { Mode::Train => "train", Mode::Infer => "infer", Mode::Generate => "generate" },
-        args.config.display(),
         m.num_layers,
         m.hidden_size,
         m.intermediate_size,
@@ -105,38 +120,64 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
             Mode::Generate => "bf16 weights, KV cache, greedy decoding (timed rows below; the tokens/iter figure is calibration only)".into(),
         }
     );
-    tch::manual_seed(cfg.train.seed as i64);
-    tch::Cuda::manual_seed_all(cfg.train.seed);
-    let mut vs = VarStore::new(device);
-    let mut model = Llama::new(&vs, m);
+    let (mut vs, mut model) = match loaded {
+        Some(l) => (l.vs, l.model),
+        None => {
+            tch::manual_seed(cfg.train.seed as i64);
+            tch::Cuda::manual_seed_all(cfg.train.seed);
+            let vs = VarStore::new(device);
+            let model = Llama::new(&vs, m);
+            (vs, model)
+        }
+    };
+    if mode == Mode::Train {
+        vs.unfreeze();
+    } else {
+        vs.bfloat16();
+    }
     model.compute = Kind::BFloat16;
     // The trainer's activation recompute (`--set train.recompute=ffn|full`), for its memory.
     model.recompute = cfg.train.recompute;
-    if mode != Mode::Train {
-        vs.bfloat16();
-    }
-    tch::manual_seed(0);
-    let data = Tensor::randint(m.vocab_size as i64, [batch, seq + 1], (Kind::Int64, device));
-    let inputs = data.narrow(1, 0, seq);
-    let targets = data.narrow(1, 1, seq).contiguous();
+    let data = bench_tokens(
+        args,
+        &cfg,
+        batch.max(max_gen_batch(args, mode)),
+        seq + 1,
+        device,
+    )?;
+    let inputs = data.narrow(0, 0, batch).narrow(1, 0, seq);
+    let targets = data.narrow(0, 0, batch).narrow(1, 1, seq).contiguous();
     let calib = inputs.narrow(0, 0, batch.min(2));
     let dense_paths = vec![FfnPath::Dense; m.num_layers];
-    let t0 = Instant::now();
-    let nnz = impose_sparsity(&model, target, 24, || {
+    let measure_nnz = || {
         tch::no_grad(|| {
             let out = model.forward(&calib, &dense_paths);
             layer_means(&out.layers)
         })
-    });
-    println!(
-        "imposed sparsity: target {:.2} % = {target:.1} active units/token of {h}; measured (dense, {} calibration tokens) {}; calibration {:.1} s",
-        args.sparsity * 100.0,
-        calib.numel(),
-        summary(&nnz),
-        t0.elapsed().as_secs_f64()
-    );
+    };
+    let nnz = if args.checkpoint.is_some() {
+        let nnz = measure_nnz();
+        println!(
+            "trained sparsity (nothing imposed): active units/token of {h} per layer, dense path, {} tokens: {}",
+            calib.numel(),
+            summary(&nnz)
+        );
+        nnz
+    } else {
+        let t0 = Instant::now();
+        let nnz = impose_sparsity(&model, target, 24, measure_nnz);
+        println!(
+            "imposed sparsity: target {:.2} % = {target:.1} active units/token of {h}; measured (dense, {} calibration tokens) {}; calibration {:.1} s",
+            args.sparsity * 100.0,
+            calib.numel(),
+            summary(&nnz),
+            t0.elapsed().as_secs_f64()
+        );
+        nnz
+    };
     if mode == Mode::Generate {
-        return run_generate(args, &model, &paths, &energy);
+        let live = nnz.iter().sum::<f64>() / nnz.len().max(1) as f64;
+        return run_generate(args, &model, &paths, &energy, &data, live);
     }
     // The calibrated weights, restored before each training path.
     let snapshot: Option<HashMap<String, Tensor>> = (mode == Mode::Train).then(|| {
@@ -320,4 +361,53 @@ fn print_row(r: &Row, dense: Option<&Row>, steps: usize, tokens_per_iter: f64) {
         r.ms,
         r.tokens_per_s
     );
+}
+
+/// The largest batch `bench generate` decodes (its prompts are rows of the bench's tokens).
+fn max_gen_batch(args: &BenchE2eArgs, mode: Mode) -> i64 {
+    match mode {
+        Mode::Generate => args.gen_batch.iter().copied().max().unwrap_or(1) as i64,
+        Mode::Train | Mode::Infer => 1,
+    }
+}
+
+/// `rows` token windows of `len` tokens: from `--data` (or, for a checkpoint, its validation
+/// then training shards), the first windows in the loader's seeded order; else uniform
+/// random ids (seed 0).
+fn bench_tokens(
+    args: &BenchE2eArgs,
+    cfg: &Config,
+    rows: i64,
+    len: i64,
+    device: Device,
+) -> Result<Tensor> {
+    let shards = args.data.clone().or_else(|| {
+        args.checkpoint
+            .as_ref()
+            .and(cfg.data.val.clone().or_else(|| cfg.data.train.clone()))
+    });
+    let Some(path) = shards else {
+        tch::manual_seed(0);
+        let v = cfg.model.vocab_size as i64;
+        return Ok(Tensor::randint(v, [rows, len], (Kind::Int64, device)));
+    };
+    let mut loader = DataLoader::from_shards(&path, len as usize - 1, cfg.train.seed)
+        .with_context(|| format!("--data {}: opening the token shards", path.display()))?;
+    if loader.vocab_size() > cfg.model.vocab_size {
+        bail!(
+            "--data {}: tokenizer vocabulary {} exceeds the model's vocab_size {}",
+            path.display(),
+            loader.vocab_size(),
+            cfg.model.vocab_size
+        );
+    }
+    let tokens = loader
+        .sequences(0, rows as usize)
+        .with_context(|| format!("--data {}: reading {rows} windows", path.display()))?;
+    println!(
+        "inputs: {rows} windows of {} tokens from {}",
+        len - 1,
+        path.display()
+    );
+    Ok(tokens.to_device(device))
 }

@@ -45,6 +45,8 @@ pub(super) fn run_generate(
     model: &Llama,
     paths: &[FfnPath],
     energy: &Energy,
+    tokens: &Tensor,
+    live: f64,
 ) -> Result<()> {
     let m = &model.cfg;
     let device = model.embed.device();
@@ -62,20 +64,24 @@ pub(super) fn run_generate(
     if args.gen_batch.contains(&0) {
         bail!("--gen-batch: batch sizes must be >= 1");
     }
+    if args.prompt_len as i64 > tokens.size()[1] {
+        bail!(
+            "--prompt-len {} exceeds the bench's windows of {} tokens (train.seq_len + 1)",
+            args.prompt_len,
+            tokens.size()[1]
+        );
+    }
     println!(
-        "generate: prompt {} random tokens, {} new tokens per sequence (greedy, no early stop), captured decode step (CUDA graph), {} warm-up + {} timed generations per path (median)",
+        "generate: prompt {} tokens (the bench's inputs), {} new tokens per sequence (greedy, no early stop), captured decode step (CUDA graph), {} warm-up + {} timed generations per path (median)",
         args.prompt_len, args.new_tokens, args.warmup.max(1), args.steps.max(1)
     );
-    let live = (1.0 - args.sparsity) * m.intermediate_size as f64;
     let capacity = (args.prompt_len + args.new_tokens) as i64;
     for &b in &args.gen_batch {
         let b = b as i64;
-        tch::manual_seed(1);
-        let prompt = Tensor::randint(
-            m.vocab_size as i64,
-            [b, args.prompt_len as i64],
-            (Kind::Int64, device),
-        );
+        let prompt = tokens
+            .narrow(0, 0, b)
+            .narrow(1, 0, args.prompt_len as i64)
+            .contiguous();
         let mut dense_out: Option<(Tensor, f64)> = None;
         for &path in paths {
             let layer_paths = vec![path; m.num_layers];
@@ -166,7 +172,7 @@ pub(super) fn run_generate(
             );
             // Where a decode step goes: layer 0's FFN alone on b tokens (synchronised, median
             // of 50), times the layer count, against the whole step. Its input is the normed
-            // embedding of the last prompt token (it carries the imposed-sparsity channel).
+            // embedding of the last prompt token (it carries an imposed sparsity's channel).
             let blk = &model.blocks[0];
             let x = tch::no_grad(|| {
                 let e = Tensor::embedding(

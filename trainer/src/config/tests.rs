@@ -191,3 +191,30 @@ fn shipped_configs_are_valid() {
     }
     assert!(n >= 6, "expected the six shipped configs, found {n}");
 }
+
+#[test]
+fn overrides_on_a_loaded_config_apply_and_revalidate() {
+    let c = Config::parse(BASE, Path::new("cfg.yaml")).unwrap();
+    let origin = Path::new("ckpt/step-10");
+    let d = c
+        .with_overrides(&["train.micro_batch_size=4".into()], origin)
+        .unwrap();
+    assert_eq!(d.train.micro_batch_size, 4);
+    assert_eq!(d.model, c.model);
+    let e = c
+        .with_overrides(&["train.micro_batch_size=3".into()], origin)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ckpt/step-10") && e.contains("micro_batch_size"),
+        "{e}"
+    );
+    let e = c
+        .with_overrides(&["train.nope=1".into()], origin)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--set train.nope=1") || e.contains("nope"),
+        "{e}"
+    );
+}

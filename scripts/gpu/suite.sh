@@ -143,41 +143,47 @@ case_study() {
 # The lambda sweep of docs/study: configs/125m.yaml on the real corpus, one arm per lambda of
 # ARMS (in order), each STEPS optimizer steps of 64 x 1024 tokens (default 1526: 100.0 M
 # tokens), evaluated on the whole BBC set every 256 steps and at the end. An arm starts only
-# while the job is younger than ARM_START_BY_S seconds (default 300). Each arm's metrics,
-# TensorBoard events and log come back as $OUT/sweep-LAMBDA.tar.gz. Then, while the job is
-# younger than BENCH_BY_S (default 480): bench infer / train / generate on the checkpoint of
-# each arm of BENCH_ARMS (its learned sparsity, inputs from the validation shards).
+# when it is expected to end JOB_LIMIT_S seconds (default 570) into the job at the latest:
+# expected to take as long as the arm before it (ARM_EST_S, default 280, for the first).
+# Each arm's metrics, TensorBoard events and log come back as $OUT/sweep-LAMBDA.tar.gz.
+# Then, for each arm of BENCH_ARMS while time is left (BENCH_EST_S, default 70, each):
+# bench infer / train / generate on its checkpoint (its learned sparsity, inputs from the
+# validation shards); lambda 0's on the dense path alone.
 case_sweep() {
   gpu_info
-  local t0=$SECONDS lam dir
+  local t0=$SECONDS lam dir start took=${ARM_EST_S:-280} limit=${JOB_LIMIT_S:-570} paths
   prepare_corpus || return 1
   echo "corpus ready after $((SECONDS - t0)) s"
   for lam in ${ARMS:?ARMS=lambda values}; do
-    if ((SECONDS - t0 > ${ARM_START_BY_S:-300})); then
-      echo "arm $lam not started: the job is $((SECONDS - t0)) s old"
+    if ((SECONDS - t0 + took > limit)); then
+      echo "arm $lam not started: $((SECONDS - t0)) s into the job, an arm takes ~$took s"
       failed=1
       continue
     fi
     dir=/tmp/sweep/$lam
     rm -rf "$dir"
+    start=$SECONDS
     train_logged "sweep-$lam.log" --config configs/125m.yaml --quiet \
       --max-steps "${STEPS:-1526}" --set sparsity.l1_coeff="$lam" \
       --set train.eval_every=256 --set train.eval_batches=100000 --set train.log_every=32 \
       --set checkpoint.every=0 --set checkpoint.keep_last=1 --out-dir "$dir"
+    took=$((SECONDS - start))
     cp "$OUT/sweep-$lam.log" "$dir/train.log"
     tar -C "$dir" --exclude=checkpoints -czf "$OUT/sweep-$lam.tar.gz" .
-    echo "arm $lam done after $((SECONDS - t0)) s"
+    echo "arm $lam done in $took s, $((SECONDS - t0)) s into the job"
   done
   for lam in ${BENCH_ARMS:-}; do
     dir=/tmp/sweep/$lam
-    if ((SECONDS - t0 > ${BENCH_BY_S:-480})); then
-      echo "bench of arm $lam not started: the job is $((SECONDS - t0)) s old"
+    if ((SECONDS - t0 + ${BENCH_EST_S:-70} > limit)) || [ ! -d "$dir/checkpoints" ]; then
+      echo "bench of arm $lam not started ($((SECONDS - t0)) s into the job)"
       continue
     fi
+    paths=()
+    [ "$lam" = 0 ] && paths=(--paths dense)
     {
-      run bench infer --checkpoint "$dir" --steps 5 --warmup 2
-      run bench train --checkpoint "$dir" --steps 4 --warmup 1 --batch 32 --accum 2
-      run bench generate --checkpoint "$dir" --steps 3 --warmup 1 --gen-batch 1,32
+      run bench infer --checkpoint "$dir" --steps 5 --warmup 2 "${paths[@]}"
+      run bench train --checkpoint "$dir" --steps 4 --warmup 1 --batch 32 --accum 2 "${paths[@]}"
+      run bench generate --checkpoint "$dir" --steps 3 --warmup 1 --gen-batch 1,32 "${paths[@]}"
     } 2>&1 | tee -a "$OUT/sweep-bench.log"
   done
 }

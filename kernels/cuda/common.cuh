@@ -92,6 +92,10 @@ typedef unsigned long long uint64_t;
 #define ATTN_THREADS 256
 // Cross-entropy over logit rows (cross_entropy.cu): threads per row's block.
 #define CE_THREADS 1024
+// The dense FFN's gating (gating.cu): threads per block, and token rows per forward block (<= 255:
+// the per-block unit counts are bytes).
+#define GATING_THREADS 256
+#define GATING_ROWS 16
 // END SHARED CONSTANTS
 
 // A tile's spill-slot word when the spill buffer was full.

@@ -146,6 +146,7 @@ case_study() {
 # when it is expected to end JOB_LIMIT_S seconds (default 570) into the job at the latest:
 # expected to take as long as the arm before it (ARM_EST_S, default 280, for the first).
 # Each arm's metrics, TensorBoard events and log come back as $OUT/sweep-LAMBDA.tar.gz.
+# An arm LAMBDA:reinit also redraws dead units (sparsity.reinit_dead), named LAMBDA-reinit.
 # Then, for each arm of BENCH_ARMS while time is left (BENCH_EST_S, default 70, each):
 # bench infer / train / generate on its checkpoint (its learned sparsity, inputs from the
 # validation shards); lambda 0's on the dense path alone.
@@ -154,17 +155,27 @@ case_sweep() {
   local t0=$SECONDS lam dir start took=${ARM_EST_S:-280} limit=${JOB_LIMIT_S:-570} paths
   prepare_corpus || return 1
   echo "corpus ready after $((SECONDS - t0)) s"
-  for lam in ${ARMS:?ARMS=lambda values}; do
+  local arm extra
+  for arm in ${ARMS:?ARMS=lambda values}; do
     if ((SECONDS - t0 + took > limit)); then
-      echo "arm $lam not started: $((SECONDS - t0)) s into the job, an arm takes ~$took s"
+      echo "arm $arm not started: $((SECONDS - t0)) s into the job, an arm takes ~$took s"
       failed=1
       continue
+    fi
+    # LAMBDA:reinit redraws dead units' gate rows (sparsity.reinit_dead); the arm is named
+    # LAMBDA-reinit.
+    lam=${arm%%:*}
+    extra=()
+    if [ "$arm" != "$lam" ]; then
+      [ "${arm#*:}" = reinit ] || { echo "arm $arm: only LAMBDA or LAMBDA:reinit"; failed=1; continue; }
+      extra=(--set sparsity.reinit_dead=true)
+      lam=$lam-reinit
     fi
     dir=/tmp/sweep/$lam
     rm -rf "$dir"
     start=$SECONDS
     train_logged "sweep-$lam.log" --config configs/125m.yaml --quiet \
-      --max-steps "${STEPS:-1526}" --set sparsity.l1_coeff="$lam" \
+      --max-steps "${STEPS:-1526}" --set sparsity.l1_coeff="${arm%%:*}" "${extra[@]}" \
       --set train.eval_every=256 --set train.eval_batches=100000 --set train.log_every=32 \
       --set checkpoint.every=0 --set checkpoint.keep_last=1 --out-dir "$dir"
     took=$((SECONDS - start))

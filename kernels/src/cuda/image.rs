@@ -64,13 +64,14 @@ pub fn has_embedded_cubins() -> bool {
 }
 
 /// The kernel files, for run-time compilation with NVRTC.
-pub const KERNEL_FILES: [(&str, &str); 6] = [
+pub const KERNEL_FILES: [(&str, &str); 7] = [
     ("twell", include_str!("../../cuda/twell.cu")),
     ("hybrid", include_str!("../../cuda/hybrid.cu")),
     ("rope", include_str!("../../cuda/rope.cu")),
     ("norm", include_str!("../../cuda/norm.cu")),
     ("attention", include_str!("../../cuda/attention.cu")),
     ("cross_entropy", include_str!("../../cuda/cross_entropy.cu")),
+    ("gating", include_str!("../../cuda/gating.cu")),
 ];
 
 /// Kernel file `stem` as NVRTC compiles it: `common.cuh` in place of its `#include` line
@@ -184,7 +185,7 @@ pub(super) fn load_image(
     Ok((ctx.load_module(ptx)?, loaded))
 }
 
-/// Compiles kernel file `stem` (`twell`, `hybrid`, `rope` or `norm`) from its embedded source ([`nvrtc_source`]) with NVRTC for
+/// Compiles kernel file `stem` (one of [`KERNEL_FILES`]) from its embedded source ([`nvrtc_source`]) with NVRTC for
 /// `arch` (e.g. `compute_90a`), finding the CUDA headers as [`cuda_include_dirs`] does.
 /// Needs libnvrtc, not a GPU.
 pub fn nvrtc_compile(stem: &str, arch: &str) -> Result<cudarc::nvrtc::Ptx> {

@@ -269,6 +269,14 @@ kernels! {
     /// cross_entropy.cu: per-row loss and bf16 `softmax - onehot` of fp32 logit rows.
     cross_entropy_rows ["cross_entropy_rows_smem", "cross_entropy_rows_global"]
         (logits: DevPtr, targets: DevPtr, g: DevPtr, loss: DevPtr, v: i32);
+    /// gating.cu: the dense FFN's `relu(g) u`, its per-token L1 and the activity counts.
+    gating_fwd ["gating_fwd"]
+        (g: DevPtr, u: DevPtr, h: DevPtr, l1_row: DevPtr, row_cnt: DevPtr, blk_cnt: DevPtr,
+         n: i32, hdim: i32);
+    /// gating.cu: its backward with the L1 gradient, and `h` again.
+    gating_bwd ["gating_bwd"]
+        (g: DevPtr, u: DevPtr, dh: DevPtr, dl1: DevPtr, dg: DevPtr, du: DevPtr, h: DevPtr,
+         granules: i64);
     /// norm.cu: the residual add and RMSNorm, bf16 out.
     add_rms_norm_fwd ["add_rms_norm_fwd"]
         (x: DevPtr, delta: DevPtr, w: DevPtr, x_new: DevPtr, y: DevPtr, rstd: DevPtr, n: i32,

@@ -95,3 +95,67 @@ pub(super) fn hybrid_backward(
         dwd.f_to_kind(t.down_t.kind())?,
     ])
 }
+
+/// What the dense training arm keeps for its backward: the two pre-activations (`h` is
+/// recomputed there from them, bit for bit).
+pub(super) struct DenseState {
+    g: Tensor,
+    u: Tensor,
+}
+
+/// The dense training arm's forward: cuBLAS for the three products, one gating kernel
+/// between them for `h = relu(g) u`, its L1 and the counts (no ATen passes over `[N, H]`).
+/// `y` in x's dtype (autocast's under autocast), `l1_sum` f32.
+pub(super) fn dense_forward(t: &Inputs) -> Result<([Tensor; 5], DenseState), FfnError> {
+    let _guard = tch::no_grad_guard();
+    let x = bf16(t.x)?;
+    let g = x.f_mm(&bf16(t.gate)?.f_tr()?)?;
+    let u = x.f_mm(&bf16(t.up)?.f_tr()?)?;
+    let f = cuda::gating::gating_forward(&g, &u)?;
+    let y = f.h.f_mm(&bf16(t.down_t)?)?;
+    let kind = crate::torch::cuda_runtime::cuda_autocast_kind().unwrap_or(t.x.kind());
+    let outs = [
+        y.f_to_kind(kind)?,
+        f.l1_row.f_sum(Kind::Float)?,
+        f.active_per_token,
+        f.active_per_unit,
+        Tensor::f_zeros([2], (Kind::Int64, t.x.device()))?,
+    ];
+    Ok((outs, DenseState { g, u }))
+}
+
+/// `[dx, dWg, dWu, dWd^T]` of the dense training arm, in the dtypes of x and the weights.
+pub(super) fn dense_backward(
+    state: &DenseState,
+    t: &Inputs,
+    dy: &Tensor,
+    dl1: &Tensor,
+) -> Result<[Tensor; 4], FfnError> {
+    let _guard = tch::no_grad_guard();
+    let (x, gate, up, down_t, dy) = (
+        bf16(t.x)?,
+        bf16(t.gate)?,
+        bf16(t.up)?,
+        bf16(t.down_t)?,
+        bf16(dy)?,
+    );
+    let dl1 = dl1.f_to_kind(Kind::Float)?.f_reshape([1])?.f_contiguous()?;
+    let dh = dy.f_mm(&down_t.f_tr()?)?;
+    let (dg, du, h) = cuda::gating::gating_backward(&state.g, &state.u, &dh, &dl1)?;
+    drop(dh);
+    // f32 results, rounded once to the operands' dtype: bf16 outputs would let cuBLAS
+    // reduce split-K partial sums in bf16 (the long token sums of the weight gradients).
+    let f32 = Kind::Float;
+    let dx = du
+        .f_mm_dtype(&up, f32)?
+        .f_add_(&dg.f_mm_dtype(&gate, f32)?)?;
+    let dwg = dg.f_tr()?.f_mm_dtype(&x, f32)?;
+    let dwu = du.f_tr()?.f_mm_dtype(&x, f32)?;
+    let dwd = h.f_tr()?.f_mm_dtype(&dy, f32)?;
+    Ok([
+        dx.f_to_kind(t.x.kind())?,
+        dwg.f_to_kind(t.gate.kind())?,
+        dwu.f_to_kind(t.up.kind())?,
+        dwd.f_to_kind(t.down_t.kind())?,
+    ])
+}

@@ -5,6 +5,7 @@
 //!
 //! | path   | device | gradient needed | arm                                                  |
 //! |--------|--------|-----------------|------------------------------------------------------|
+//! | dense  | CUDA   | yes             | `SparseFfn`, cuBLAS products around the gating kernels (`cuda::dense_forward`) when the products run in bf16 and H is a multiple of 8, else as below |
 //! | dense  | any    | any             | tch ops and tch autograd ([`dense::dense_ffn`]); without statistics and gradient the lean [`dense::dense_ffn_inference`] |
 //! | twell  | CPU    | any             | `SparseFfn` autograd function, `cpu` reference on TwELL |
 //! | hybrid | CPU    | any             | `SparseFfn`, `cpu` reference on the ELL + tail format |
@@ -23,6 +24,7 @@
 //! inference kernels run (they never form `|h|`).
 use tch::{Device, Kind, Tensor};
 
+use crate::cuda::gating::gating_supports;
 use crate::cuda::HybridKernels;
 use crate::types::{FfnError, FfnOutput, FfnPath, FfnWeights, SparseFfnConfig};
 
@@ -43,6 +45,8 @@ enum CpuFormat {
 enum Kernel {
     Cpu(CpuFormat),
     CudaHybrid,
+    /// The dense FFN on CUDA with the gating kernels between its products (training).
+    CudaDense,
     DenseFallback,
 }
 
@@ -94,6 +98,14 @@ fn choose_arm(
     config: &SparseFfnConfig,
 ) -> Result<Arm, FfnError> {
     if path == FfnPath::Dense {
+        if grad_needed(x, w)
+            && x.device().is_cuda()
+            && gating_supports(w.gate.size()[0])
+            && computes_in_bf16(x, w)
+        {
+            validate(x, w)?;
+            return Ok(Arm::Autograd(Kernel::CudaDense));
+        }
         return Ok(if config.statistics || grad_needed(x, w) {
             Arm::DenseOracle
         } else {
@@ -126,6 +138,15 @@ fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
         .iter()
         .any(|t| t.requires_grad())
         && crate::torch::cuda_runtime::grad_mode_enabled()
+}
+
+/// Whether the dense FFN's products run in bf16 anyway (bf16 operands, or bf16 autocast), so
+/// that the bf16 gating kernels change no precision (f32 stays on the f32 tch ops).
+fn computes_in_bf16(x: &Tensor, w: &FfnWeights) -> bool {
+    crate::torch::cuda_runtime::cuda_autocast_kind() == Some(Kind::BFloat16)
+        || [x, w.gate, w.up, w.down_t]
+            .iter()
+            .all(|t| t.kind() == Kind::BFloat16)
 }
 
 fn check_kind(name: &'static str, t: &Tensor) -> Result<(), FfnError> {
@@ -199,6 +220,8 @@ enum Saved {
     Dense,
     /// The hybrid kernels' packed actives (CSR + transpose).
     CudaHybrid(Box<crate::cuda::HybridState>),
+    /// The dense arm's pre-activations.
+    CudaDense(cuda::DenseState),
 }
 
 /// The forward of `kernel` inside the autograd function: `[y, l1_sum, active_per_token,
@@ -221,6 +244,10 @@ fn forward(
             let (outs, state) = cuda::hybrid_forward(t)?;
             Ok((outs, Saved::CudaHybrid(Box::new(state))))
         }
+        Kernel::CudaDense => {
+            let (outs, state) = cuda::dense_forward(t)?;
+            Ok((outs, Saved::CudaDense(state)))
+        }
         Kernel::DenseFallback => Ok((dense::forward(t), Saved::Dense)),
     }
 }
@@ -231,5 +258,6 @@ fn backward(saved: &Saved, t: &Inputs, dy: &Tensor, dl1: &Tensor) -> Result<[Ten
         Saved::Cpu { config, pattern } => cpu::backward(config, pattern, t, dy, dl1),
         Saved::Dense => Ok(dense::backward(t, dy, dl1)),
         Saved::CudaHybrid(state) => cuda::hybrid_backward(state, t, dy, dl1),
+        Saved::CudaDense(state) => cuda::dense_backward(state, t, dy, dl1),
     }
 }

@@ -2,7 +2,8 @@
 
 Each arm is a run folder docs/study/sweep/lambda-<LAMBDA>/ (metrics.jsonl, TensorBoard events,
 train.log), unpacked from the $OUT/sweep-<LAMBDA>.tar.gz of `scripts/gpu/suite.sh sweep`;
-docs/study/sweep/runs.json names, per arm, the GPU job (commit, GPU, command) that made it.
+docs/study/sweep/runs.json names, per arm, the GPU job (commit, GPU, command) that made it; an
+arm's folder is lambda-<arm> (arm: the lambda, or e.g. 3.5e-3-reinit with reinit_dead).
 
     ~/.cache/sparse-train/venv/bin/python docs/study/sweep.py
 
@@ -47,7 +48,9 @@ def summarize(run, job):
     spans.insert(0, (logs[0]["log_step"], logs[0]["tokens_per_s"]))
     seconds = sum(n * tokens_per_step / tps for n, tps in spans if tps > 0)
     return {
+        "arm": job.get("arm", job["lambda"]),
         "lambda": job["lambda"],
+        "reinit_dead": job.get("reinit_dead", False),
         "steps": len(steps),
         "tokens": len(steps) * tokens_per_step,
         "val_ce": evals[-1]["val_ce"],
@@ -71,10 +74,10 @@ def main():
     jobs = json.loads((SWEEP / "runs.json").read_text())
     arms = []
     for job in jobs:
-        run = SWEEP / f"lambda-{job['lambda']}"
+        run = SWEEP / f"lambda-{job.get('arm', job['lambda'])}"
         if (run / "metrics.jsonl").exists():
             arms.append(summarize(run, job))
-    arms.sort(key=lambda a: float(a["lambda"]))
+    arms.sort(key=lambda a: (float(a["lambda"]), a["reinit_dead"]))
     dense = next((a for a in arms if float(a["lambda"]) == 0.0), None)
     for a in arms:
         a["val_ce_rel_dense"] = a["val_ce"] / dense["val_ce"] - 1.0 if dense else None
@@ -82,7 +85,7 @@ def main():
     for a in arms:
         rel = a["val_ce_rel_dense"]
         print(
-            f"lambda {a['lambda']:>7}: {a['tokens'] / 1e6:6.1f} M tokens, val CE {a['val_ce']:.4f}"
+            f"{a['arm']:>13}: {a['tokens'] / 1e6:6.1f} M tokens, val CE {a['val_ce']:.4f}"
             f" ({'' if rel is None else f'{rel * 100:+.2f} %'}), sparsity {a['sparsity'] * 100:.2f} %,"
             f" {a['nnz_per_token']:.1f} nnz/token, {a['dead_units']} dead, {a['tokens_per_s'] / 1e3:.0f}k tok/s,"
             f" paths {a['ffn_path']}"
@@ -94,7 +97,7 @@ def main():
     for a in arms:
         rel = (a["val_ce_rel_dense"] or 0.0) * 100
         ax.scatter(a["sparsity"] * 100, rel, s=40)
-        ax.annotate(f"λ={a['lambda']}", (a["sparsity"] * 100, rel), textcoords="offset points", xytext=(5, 5))
+        ax.annotate(f"λ={a['arm']}", (a["sparsity"] * 100, rel), textcoords="offset points", xytext=(5, 5))
     ax.axvline(99.5, color="grey", ls="--", lw=0.8)
     ax.axhline(1.0, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("FFN sparsity at the end (%)")
@@ -106,7 +109,7 @@ def main():
     fig, ax = plt.subplots(figsize=(7, 5))
     for a in arms:
         ys = a["nnz_per_token_by_layer"]
-        ax.plot(range(len(ys)), ys, marker="o", label=f"λ={a['lambda']}")
+        ax.plot(range(len(ys)), ys, marker="o", label=f"λ={a['arm']}")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("non-zeros per token (of 2048), final interval")
@@ -116,12 +119,12 @@ def main():
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for a in arms:
-        run = SWEEP / f"lambda-{a['lambda']}"
+        run = SWEEP / f"lambda-{a['arm']}"
         _, logs = load(run)
         xs = [d["log_step"] * 65536 / 1e6 for d in logs]
-        a2.plot(xs, [d["sparsity"] * 100 for d in logs], label=f"λ={a['lambda']}")
+        a2.plot(xs, [d["sparsity"] * 100 for d in logs], label=f"λ={a['arm']}")
         ev = a["val_ce_curve"]
-        a1.plot([t / 1e6 for t, _ in ev], [v for _, v in ev], marker="o", label=f"λ={a['lambda']}")
+        a1.plot([t / 1e6 for t, _ in ev], [v for _, v in ev], marker="o", label=f"λ={a['arm']}")
     a1.set_xlabel("tokens (M)")
     a1.set_ylabel("validation CE (whole BBC set)")
     a2.set_xlabel("tokens (M)")

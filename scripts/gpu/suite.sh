@@ -19,6 +19,8 @@
 #   hybrid-train  125m with the lambda ramp, every FFN dense vs the auto path (STEPS, 300)
 #   generate      125m trained on the real corpus (STEPS, 300), then `generate` from its
 #                 checkpoint, dense vs TwELL, batch 1 and 32
+#   sizes         gains against model size: the training step and the forward at 0.5b, 1b,
+#                 1.5b, 2b (SHAPES), each beside the anchor's compiled one (docs/study/sizes.py)
 #   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
 #   ab            CARRY/bin/sparse-train-before against CARRY/bin/sparse-train, dense 1.5b
 #   train-step    the training step against PyTorch's best, in one job, per shape of SHAPES
@@ -31,7 +33,7 @@
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|ab|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -273,6 +275,31 @@ case_train_step() {
   done
 }
 
+# Gains against model size (docs/study/sizes.py): per shape of SHAPES (default
+# "0.5b 1b 1.5b 2b"; about 3 minutes a shape, so two jobs), the training step (dense, and hybrid
+# at 99.5 % imposed sparsity; the anchor's 4 x 4 x 2048) and the forward (dense and TwELL,
+# 64 x 2048), each beside torch_anchor.py's compiled step and forward at the same shape; 2b at
+# the anchor's 36 layers. Logs: $OUT/sizes-{train,infer}-SHAPE.log, $OUT/anchor-{train,infer}-SHAPE.jsonl.
+case_sizes() {
+  gpu_info
+  [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; failed=1; return; }
+  local shape extra
+  for shape in ${SHAPES:-0.5b 1b 1.5b 2b}; do
+    extra=()
+    [ "$shape" = 2b ] && extra=(--set model.num_layers=36)
+    run bench train --config "configs/$shape.yaml" "${extra[@]}" --steps 4 --warmup 1 --batch 4 \
+      --accum 4 | tee "$OUT/sizes-train-$shape.log"
+    echo "+ torch_anchor.py train --shape $shape --modes compile"
+    python3 "$CARRY/torch_anchor.py" train --shape "$shape" --modes compile |
+      tee "$OUT/anchor-train-$shape.jsonl" || failed=1
+    run bench infer --config "configs/$shape.yaml" "${extra[@]}" --steps 5 --warmup 2 |
+      tee "$OUT/sizes-infer-$shape.log"
+    echo "+ torch_anchor.py infer --shape $shape --modes compile"
+    python3 "$CARRY/torch_anchor.py" infer --shape "$shape" --modes compile |
+      tee "$OUT/anchor-infer-$shape.jsonl" || failed=1
+  done
+}
+
 case_anchors() {
   [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; return 1; }
   local mode
@@ -293,10 +320,11 @@ case $NAME in
   anchors) case_anchors ;;
   profile) case_profile ;;
   train-step) case_train_step ;;
+  sizes) case_sizes ;;
   ab) case_ab ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, ab, corpus" >&2
+    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, ab, corpus" >&2
     exit 2
     ;;
 esac

@@ -96,6 +96,52 @@ fn hybrid_path_gives_the_dense_path_losses() {
     assert_within_reassociation_bound(&dense, &hybrid, 0, 512, "dense vs hybrid");
 }
 
+/// `sparsity.l1_layer_weights` acts on the loss and on nothing else: weights of 2 on every
+/// layer train as twice the lambda, and weights of 0 as lambda 0, bit for bit (scaling by 2 and
+/// by 0 is exact), into the L1 ramp (from step 10).
+#[test]
+fn l1_layer_weights_scale_each_layers_penalty() {
+    let steps = 12;
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let sets: [&[&str]; 4] = [
+        &["--set", "sparsity.l1_layer_weights=[2, 2, 2, 2]"],
+        &["--set", "sparsity.l1_coeff=0.1"],
+        &["--set", "sparsity.l1_layer_weights=[0, 0, 0, 0]"],
+        &["--set", "sparsity.l1_coeff=0"],
+    ];
+    for (d, set) in dirs.iter().zip(sets) {
+        train_tiny(d.path(), steps, set);
+    }
+    let field = |d: &Path, key: &str| -> Vec<serde_json::Value> {
+        step_records(d).iter().map(|r| r[key].clone()).collect()
+    };
+    let [doubled, twice_lambda, zeroed, no_lambda] = [0, 1, 2, 3].map(|i| dirs[i].path());
+    assert_eq!(losses(doubled).len(), steps);
+    assert_eq!(
+        losses(doubled),
+        losses(twice_lambda),
+        "weights 2 against lambda x 2"
+    );
+    assert_eq!(
+        field(doubled, "grad_norm"),
+        field(twice_lambda, "grad_norm")
+    );
+    assert_eq!(
+        field(zeroed, "ce"),
+        field(no_lambda, "ce"),
+        "weights 0 against lambda 0"
+    );
+    assert_eq!(field(zeroed, "grad_norm"), field(no_lambda, "grad_norm"));
+    // The penalty is on from step 10, so the weighted runs differ from the unweighted one.
+    let plain = tempfile::tempdir().unwrap();
+    train_tiny(plain.path(), steps, &[]);
+    assert_ne!(
+        losses(plain.path()),
+        losses(doubled),
+        "the weights changed nothing"
+    );
+}
+
 /// Activation recompute changes what the backward keeps, not what it computes: `full` (each
 /// block run again in the backward) gives the losses and gradient norms of `none` bit for bit,
 /// into the L1 ramp (from step 10).

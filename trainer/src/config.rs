@@ -225,6 +225,9 @@ pub struct SparsityConfig {
     pub l1_start_step: usize,
     /// ...and ramps linearly to `l1_coeff` at this step (== start: constant from start).
     pub l1_end_step: usize,
+    /// Per-layer weights of the L1 term, one per layer (empty: every layer 1). The term is
+    /// then the mean over layers of `w_l L1_l`: lambda heavier or lighter on some layers.
+    pub l1_layer_weights: Vec<f64>,
     /// FFN path: `dense`, `twell`, `hybrid`, or `auto` (per layer, from measured non-zeros).
     pub ffn_path: String,
     /// In `auto`, a layer runs sparse when its mean active units per token is below this.
@@ -245,6 +248,7 @@ impl Default for SparsityConfig {
             l1_coeff: 0.0,
             l1_start_step: 0,
             l1_end_step: 0,
+            l1_layer_weights: Vec::new(),
             ffn_path: "dense".into(),
             l0_cutoff: 50.0,
             switch_period: 20,
@@ -542,6 +546,27 @@ impl Config {
                     "{} is before sparsity.l1_start_step = {}",
                     s.l1_end_step, s.l1_start_step
                 ),
+            ));
+        }
+        if !s.l1_layer_weights.is_empty() && s.l1_layer_weights.len() != self.model.num_layers {
+            return Err(bad(
+                "sparsity.l1_layer_weights",
+                format!(
+                    "{} weights for model.num_layers = {}: give one per layer, or none",
+                    s.l1_layer_weights.len(),
+                    self.model.num_layers
+                ),
+            ));
+        }
+        if let Some((l, w)) = s
+            .l1_layer_weights
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(**w >= 0.0 && w.is_finite()))
+        {
+            return Err(bad(
+                "sparsity.l1_layer_weights",
+                format!("layer {l}: {w} must be a finite number >= 0"),
             ));
         }
         if s.ffn_path != "auto" && s.ffn_path.parse::<sparse_kernels::FfnPath>().is_err() {

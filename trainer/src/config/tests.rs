@@ -67,6 +67,14 @@ fn invalid_values_name_their_field() {
             "sparsity.l1_end_step",
         ),
         (
+            format!("{BASE}sparsity: {{l1_layer_weights: [1.0, 1.0, 1.0]}}\n"),
+            "sparsity.l1_layer_weights",
+        ),
+        (
+            format!("{BASE}sparsity: {{l1_layer_weights: [1.0, -0.5]}}\n"),
+            "sparsity.l1_layer_weights",
+        ),
+        (
             format!("{BASE}parallel: {{tensor: 3}}\n"),
             "parallel.tensor",
         ),

@@ -133,6 +133,9 @@ pub struct Llama {
     /// What the training forward recomputes in the backward instead of keeping
     /// (`train.recompute`; `None` from the constructors).
     pub recompute: Recompute,
+    /// Weight of each layer's L1 in the loss term (`sparsity.l1_layer_weights`; empty from
+    /// the constructors: every layer 1).
+    pub l1_layer_weights: Vec<f64>,
 }
 
 /// A `[out_dim, in_dim]` weight drawn N(0, std) at full size (the same draws whatever the
@@ -218,6 +221,7 @@ impl Llama {
             compute: Kind::Float,
             tp,
             recompute: Recompute::None,
+            l1_layer_weights: Vec::new(),
         }
     }
 
@@ -235,6 +239,7 @@ impl Llama {
             compute: self.compute,
             tp: self.tp.clone(),
             recompute: Recompute::None,
+            l1_layer_weights: Vec::new(),
         }
     }
 
@@ -484,9 +489,13 @@ impl Llama {
                 active_per_token,
                 active_per_unit: out.active_per_unit,
             });
+            let term = match self.l1_layer_weights.get(l) {
+                Some(&w) if w != 1.0 => out.l1_sum * w,
+                _ => out.l1_sum,
+            };
             l1_total = Some(match l1_total {
-                None => out.l1_sum,
-                Some(acc) => acc + out.l1_sum,
+                None => term,
+                Some(acc) => acc + term,
             });
         }
         if let Some(c) = cache {

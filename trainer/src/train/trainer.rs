@@ -154,6 +154,7 @@ impl<'w> Trainer<'w> {
             model.compute = Kind::BFloat16;
         }
         model.recompute = t.recompute;
+        model.l1_layer_weights = cfg.sparsity.l1_layer_weights.clone();
         let mut opt = AdamW::new(vs.variables().into_iter().collect(), t);
         let tp_size = groups.tensor.as_ref().map_or(1, |tp| tp.size);
         if tp_size > 1 {

@@ -148,7 +148,8 @@ case_study() {
 # when it is expected to end JOB_LIMIT_S seconds (default 570) into the job at the latest:
 # expected to take as long as the arm before it (ARM_EST_S, default 280, for the first).
 # Each arm's metrics, TensorBoard events and log come back as $OUT/sweep-LAMBDA.tar.gz.
-# An arm LAMBDA:reinit also redraws dead units (sparsity.reinit_dead), named LAMBDA-reinit.
+# An arm LAMBDA:reinit also redraws dead units (sparsity.reinit_dead), named LAMBDA-reinit;
+# LAMBDA:edges=K weighs the first and last layers' L1 K times, named LAMBDA-edgesK.
 # Then, for each arm of BENCH_ARMS while time is left (BENCH_EST_S, default 70, each):
 # bench infer / train / generate on its checkpoint (its learned sparsity, inputs from the
 # validation shards); lambda 0's on the dense path alone.
@@ -164,15 +165,28 @@ case_sweep() {
       failed=1
       continue
     fi
-    # LAMBDA:reinit redraws dead units' gate rows (sparsity.reinit_dead); the arm is named
-    # LAMBDA-reinit.
+    # LAMBDA:reinit redraws dead units' gate rows (sparsity.reinit_dead), arm LAMBDA-reinit;
+    # LAMBDA:edges=K weighs the L1 of the first and last of the 12 layers K times
+    # (sparsity.l1_layer_weights), arm LAMBDA-edgesK.
     lam=${arm%%:*}
     extra=()
-    if [ "$arm" != "$lam" ]; then
-      [ "${arm#*:}" = reinit ] || { echo "arm $arm: only LAMBDA or LAMBDA:reinit"; failed=1; continue; }
-      extra=(--set sparsity.reinit_dead=true)
-      lam=$lam-reinit
-    fi
+    case ${arm#"$lam"} in
+      "") ;;
+      :reinit)
+        extra=(--set sparsity.reinit_dead=true)
+        lam=$lam-reinit
+        ;;
+      :edges=*)
+        local k=${arm#*:edges=}
+        extra=(--set "sparsity.l1_layer_weights=[$k, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, $k]")
+        lam=$lam-edges$k
+        ;;
+      *)
+        echo "arm $arm: LAMBDA, LAMBDA:reinit or LAMBDA:edges=K"
+        failed=1
+        continue
+        ;;
+    esac
     dir=/tmp/sweep/$lam
     rm -rf "$dir"
     start=$SECONDS

@@ -21,6 +21,8 @@
 #                 checkpoint, dense vs TwELL, batch 1 and 32
 #   sizes         gains against model size: the training step and the forward at 0.5b, 1b,
 #                 1.5b, 2b (SHAPES), each beside the anchor's compiled one (docs/study/sizes.py)
+#   microbatch    the training step at micro-batches of MICROS sequences (16 a step), ours and
+#                 the anchor's compiled one, per shape of SHAPES (default 1.5b)
 #   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
 #   ab            CARRY/bin/sparse-train-before against CARRY/bin/sparse-train, dense 1.5b
 #   train-step    the training step against PyTorch's best, in one job, per shape of SHAPES
@@ -33,7 +35,7 @@
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|ab|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|microbatch|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -314,6 +316,25 @@ case_sizes() {
   done
 }
 
+# The micro-batch that maximises tokens/s: per shape of SHAPES (default 1.5b) and micro-batch
+# of MICROS (sequences, default "2 4 8 16"), the same 16 sequences a step as accumulation, our
+# training step (dense and hybrid at 99.5 % imposed) beside the anchor's compiled step at the
+# same micro-batch. Logs: $OUT/micro-SHAPE-M.log, $OUT/anchor-micro-SHAPE-M.jsonl.
+case_microbatch() {
+  gpu_info
+  [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; failed=1; return; }
+  local shape m
+  for shape in ${SHAPES:-1.5b}; do
+    for m in ${MICROS:-2 4 8 16}; do
+      run bench train --config "configs/$shape.yaml" --steps 4 --warmup 1 --batch "$m" \
+        --accum $((16 / m)) | tee "$OUT/micro-$shape-$m.log"
+      echo "+ torch_anchor.py train --shape $shape --modes compile --micro $m --accum $((16 / m))"
+      python3 "$CARRY/torch_anchor.py" train --shape "$shape" --modes compile --micro "$m" \
+        --accum $((16 / m)) | tee "$OUT/anchor-micro-$shape-$m.jsonl" || failed=1
+    done
+  done
+}
+
 case_anchors() {
   [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; return 1; }
   local mode
@@ -335,10 +356,11 @@ case $NAME in
   profile) case_profile ;;
   train-step) case_train_step ;;
   sizes) case_sizes ;;
+  microbatch) case_microbatch ;;
   ab) case_ab ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, ab, corpus" >&2
+    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, ab, corpus" >&2
     exit 2
     ;;
 esac

@@ -261,3 +261,21 @@ fn backward(saved: &Saved, t: &Inputs, dy: &Tensor, dl1: &Tensor) -> Result<[Ten
         Saved::CudaDense(state) => cuda::dense_backward(state, t, dy, dl1),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dense CUDA arm takes only products that run in bf16 anyway: all four operands
+    /// bf16 (or bf16 autocast, off here); an f32 operand keeps the f32 tch ops.
+    #[test]
+    fn the_gating_arm_takes_only_bf16_products() {
+        let t = |kind| Tensor::zeros([4, 8], (kind, Device::Cpu));
+        let (b, f) = (t(Kind::BFloat16), t(Kind::Float));
+        let w = |gate, up, down_t| FfnWeights { gate, up, down_t };
+        assert!(computes_in_bf16(&b, &w(&b, &b, &b)));
+        assert!(!computes_in_bf16(&f, &w(&f, &f, &f)));
+        assert!(!computes_in_bf16(&b, &w(&b, &f, &b)));
+        assert!(!computes_in_bf16(&f, &w(&b, &b, &b)));
+    }
+}

@@ -51,6 +51,7 @@ def summarize(run, job):
         "arm": job.get("arm", job["lambda"]),
         "lambda": job["lambda"],
         "reinit_dead": job.get("reinit_dead", False),
+        "l1_layer_weights": job.get("l1_layer_weights"),
         "steps": len(steps),
         "tokens": len(steps) * tokens_per_step,
         "val_ce": evals[-1]["val_ce"],

@@ -25,6 +25,8 @@
 #                 the anchor's compiled one, per shape of SHAPES (default 1.5b)
 #   anchors       CARRY/torch_anchor.py: PyTorch eager and torch.compile at 1.5b
 #   ab            CARRY/bin/sparse-train-before against CARRY/bin/sparse-train, dense 1.5b
+#   curve         the same two binaries on the 125m corpus run at lambda 0 (CURVE_S seconds
+#                 each): training CE side by side at every log step
 #   train-step    the training step against PyTorch's best, in one job, per shape of SHAPES
 #                 (default 1.5b): `bench train` (dense and hybrid at 99.5 % imposed sparsity,
 #                 the anchor's micro-batches, the trainer's step) and torch_anchor.py's eager
@@ -35,7 +37,7 @@
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|microbatch|ab|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|microbatch|curve|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -335,6 +337,36 @@ case_microbatch() {
   done
 }
 
+# Same losses from two binaries: CARRY/bin/sparse-train-before and CARRY/bin/sparse-train each
+# train configs/125m.yaml at lambda 0 on the real corpus with the sweep's schedule (1526 steps,
+# so the same learning-rate curve), stopped by SIGINT after CURVE_S seconds (default 60);
+# then the training CE of both at every common log step and the validation CE at step 256.
+case_curve() {
+  gpu_info
+  prepare_corpus || return 1
+  local b
+  for b in sparse-train-before sparse-train; do
+    [ -x "$CARRY/bin/$b" ] || { echo "no $CARRY/bin/$b"; failed=1; return; }
+    rm -rf "/tmp/curve-$b"
+    timeout -s INT "${CURVE_S:-60}" "$CARRY/bin/$b" --config configs/125m.yaml --quiet \
+      --max-steps 1526 --set sparsity.l1_coeff=0 --set train.eval_every=256 \
+      --set train.eval_batches=100000 --set train.log_every=32 --set checkpoint.every=0 \
+      --set checkpoint.keep_last=1 --out-dir "/tmp/curve-$b" 2>&1 | grep -v autocast >"$OUT/curve-$b.log"
+    cp "/tmp/curve-$b/metrics.jsonl" "$OUT/curve-$b.jsonl" || failed=1
+  done
+  python3 - "$OUT/curve-sparse-train-before.jsonl" "$OUT/curve-sparse-train.jsonl" <<'PY'
+import json, sys
+def logs(p):
+    return {d["log_step"]: d for d in map(json.loads, open(p)) if "log_step" in d}
+a, b = logs(sys.argv[1]), logs(sys.argv[2])
+for s in sorted(set(a) & set(b)):
+    va, vb = a[s].get("val_ce"), b[s].get("val_ce")
+    val = f" | val {va:.4f} {vb:.4f}" if va is not None and vb is not None else ""
+    print(f"step {s:5d} ce {a[s]['ce']:.4f} {b[s]['ce']:.4f} diff {b[s]['ce'] - a[s]['ce']:+.4f}"
+          f" | tok/s {a[s]['tokens_per_s']:.0f} {b[s]['tokens_per_s']:.0f}{val}")
+PY
+}
+
 case_anchors() {
   [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; return 1; }
   local mode
@@ -357,10 +389,11 @@ case $NAME in
   train-step) case_train_step ;;
   sizes) case_sizes ;;
   microbatch) case_microbatch ;;
+  curve) case_curve ;;
   ab) case_ab ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, ab, corpus" >&2
+    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, curve, ab, corpus" >&2
     exit 2
     ;;
 esac

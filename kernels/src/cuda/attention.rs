@@ -9,7 +9,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::consts::ATTN_THREADS;
 use super::image::load_image;
-use super::launch::{check_tensor, decode_attention, load_once, ptr, LaunchShape, PerDevice};
+use super::launch::{
+    check_tensor, decode_attention, load_once, ptr, LaunchShape, PerDevice, TUNED_SMS,
+};
 use super::twell::TwellKernels;
 use super::{CudaKernelError, Result};
 
@@ -37,9 +39,6 @@ impl AttentionKernels {
         load_once(&LOADED, device, AttentionKernels::load)
     }
 }
-
-/// SMs of the card the launch shape is tuned for (H100/H200: 132).
-const SPREAD_SMS: i64 = 132;
 
 /// Whether the kernel takes heads of width `head_dim` with `heads` query heads over
 /// `kv_heads` key/value heads.
@@ -95,7 +94,7 @@ pub fn decode_attention_into(
     // Full blocks while there are few (batch 1: 32 blocks, each over up to 256 keys a
     // pass); past about two blocks an SM, two warps a block (measured at batch 32, 1024
     // blocks: 45 us a layer with full blocks, which fit one an SM).
-    let threads = if b * nh < 2 * SPREAD_SMS {
+    let threads = if b * nh < 2 * TUNED_SMS {
         ATTN_THREADS
     } else {
         64

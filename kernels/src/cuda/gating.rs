@@ -9,7 +9,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::consts::{GATING_ROWS, GATING_THREADS};
 use super::image::load_image;
-use super::launch::{check_tensor, gating_bwd, gating_fwd, load_once, ptr, LaunchShape, PerDevice};
+use super::launch::{
+    check_device_scalar, check_tensor, gating_bwd, gating_fwd, load_once, ptr, LaunchShape,
+    PerDevice, TUNED_SMS,
+};
 use super::twell::TwellKernels;
 use super::{CudaKernelError, Result};
 
@@ -158,15 +161,7 @@ pub fn gating_backward_into(
     for (name, t) in [("dh", dh), ("dg", dg), ("du", du), ("h", hv)] {
         check_tensor(&format!("gating {name}"), t, Kind::BFloat16, &[n, h], dev)?;
     }
-    if dl1.numel() != 1 || dl1.kind() != Kind::Float || dl1.device() != dev || !dl1.is_contiguous()
-    {
-        return Err(CudaKernelError::Shape(format!(
-            "gating dl1: {:?} {:?} on {:?}, want one contiguous f32 on {dev:?}",
-            dl1.size(),
-            dl1.kind(),
-            dl1.device()
-        )));
-    }
+    check_device_scalar("gating dl1", dl1, dev)?;
     let granules = n * h / 8;
     if granules == 0 {
         return Ok(());
@@ -174,7 +169,7 @@ pub fn gating_backward_into(
     let k = GatingKernels::for_device(dev)?;
     let stream = k.tw.bind(dev)?;
     // A few waves of resident blocks; the kernel strides over the rest.
-    let blocks = ((granules + GATING_THREADS - 1) / GATING_THREADS).min(132 * 16);
+    let blocks = ((granules + GATING_THREADS - 1) / GATING_THREADS).min(TUNED_SMS * 16);
     let launch = LaunchShape::on(stream)((blocks as u32, 1), GATING_THREADS, 0);
     // SAFETY: every tensor checked above ([N, H] bf16 contiguous, H % 8 == 0, dl1 one f32
     // on the device).

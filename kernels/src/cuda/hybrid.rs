@@ -31,9 +31,9 @@ use super::consts::{
 use super::hybrid_sizes::{self, PoolSizes};
 use super::image::load_image;
 use super::launch::{
-    check_tensor, cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill, hyb_fwd, hyb_l1,
-    hyb_scan, hyb_segscan, hyb_unitscan, load_functions, load_once, ptr, row_kernel_max_d,
-    LaunchShape, PerDevice,
+    check_device_scalar, check_tensor, cuda_ordinal, hyb_bwd_tok, hyb_bwd_w, hyb_count, hyb_fill,
+    hyb_fwd, hyb_l1, hyb_scan, hyb_segscan, hyb_unitscan, load_functions, load_once, ptr,
+    row_kernel_max_d, LaunchShape, PerDevice,
 };
 use super::twell::{TwellKernels, TwellWorkspace};
 use super::{CudaKernelError, Result};
@@ -407,15 +407,7 @@ pub fn hybrid_backward(
     for (name, w) in [("Wg", wg), ("Wu", wu), ("Wd^T", wdt)] {
         check_tensor(name, w, Kind::BFloat16, &[h, d], device)?;
     }
-    if dl1.numel() != 1
-        || dl1.kind() != Kind::Float
-        || dl1.device() != device
-        || !dl1.is_contiguous()
-    {
-        return Err(CudaKernelError::Shape(
-            "dl1: want one f32 on the device".into(),
-        ));
-    }
+    check_device_scalar("dl1", dl1, device)?;
     if s.row_ptr.device() != device {
         return Err(CudaKernelError::Shape(format!(
             "hybrid state on {:?}, tensors on {device:?}",

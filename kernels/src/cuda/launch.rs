@@ -44,6 +44,23 @@ pub(super) fn check_tensor(
     )))
 }
 
+/// Checks that `t` is one contiguous f32 on `device` (a scalar the kernel reads there, such
+/// as the L1 gradient: no host synchronisation).
+pub(super) fn check_device_scalar(name: &str, t: &Tensor, device: Device) -> Result<()> {
+    if t.numel() == 1 && t.kind() == Kind::Float && t.device() == device && t.is_contiguous() {
+        return Ok(());
+    }
+    Err(CudaKernelError::Shape(format!(
+        "{name}: {:?} {:?} on {:?}, want one contiguous f32 on {device:?}",
+        t.size(),
+        t.kind(),
+        t.device()
+    )))
+}
+
+/// SMs of the card the launch shapes are tuned for (H100/H200: 132).
+pub(super) const TUNED_SMS: i64 = 132;
+
 /// Kernels loaded once per process and device.
 pub(super) type PerDevice<K> = OnceLock<Mutex<HashMap<usize, Arc<K>>>>;
 

@@ -51,12 +51,23 @@ fn bf16(t: &Tensor) -> Result<Tensor, TchError> {
     t.f_to_kind(Kind::BFloat16)?.f_contiguous()
 }
 
+/// `[x, Wg, Wu, Wd^T]` as the kernels take them: bf16 contiguous.
+fn bf16_operands(t: &Inputs) -> Result<[Tensor; 4], TchError> {
+    Ok([bf16(t.x)?, bf16(t.gate)?, bf16(t.up)?, bf16(t.down_t)?])
+}
+
+/// The gradient of `l1_sum` as the kernels read it: one contiguous f32 on the device.
+fn device_dl1(dl1: &Tensor) -> Result<Tensor, TchError> {
+    dl1.f_to_kind(Kind::Float)?.f_reshape([1])?.f_contiguous()
+}
+
 /// The hybrid forward (the caller checked [`cuda::HybridKernels::supports`]): `y` in
 /// autocast's dtype under autocast, else x's; `l1_sum` f32; the counts are the kernels' (no
 /// host sync beyond the forward's one status read).
 pub(super) fn hybrid_forward(t: &Inputs) -> Result<([Tensor; 5], HybridState), FfnError> {
     let _guard = tch::no_grad_guard();
-    let f = cuda::hybrid_forward(&bf16(t.x)?, &bf16(t.gate)?, &bf16(t.up)?, &bf16(t.down_t)?)?;
+    let [x, gate, up, down_t] = bf16_operands(t)?;
+    let f = cuda::hybrid_forward(&x, &gate, &up, &down_t)?;
     // Under autocast y takes autocast's dtype, as the dense path's matmuls would give; else
     // x's (the trainer casts explicitly and leaves autocast off).
     let kind = crate::torch::cuda_runtime::cuda_autocast_kind().unwrap_or(t.x.kind());
@@ -78,15 +89,15 @@ pub(super) fn hybrid_backward(
     dl1: &Tensor,
 ) -> Result<[Tensor; 4], FfnError> {
     let _guard = tch::no_grad_guard();
-    let dl1 = dl1.f_to_kind(Kind::Float)?.f_reshape([1])?.f_contiguous()?;
+    let [x, gate, up, down_t] = bf16_operands(t)?;
     let [dx, dwg, dwu, dwd] = cuda::hybrid_backward(
         state,
-        &bf16(t.x)?,
-        &bf16(t.gate)?,
-        &bf16(t.up)?,
-        &bf16(t.down_t)?,
+        &x,
+        &gate,
+        &up,
+        &down_t,
         &bf16(dy)?,
-        &dl1,
+        &device_dl1(dl1)?,
     )?;
     Ok([
         dx.f_to_kind(t.x.kind())?,
@@ -108,11 +119,11 @@ pub(super) struct DenseState {
 /// `y` in x's dtype (autocast's under autocast), `l1_sum` f32.
 pub(super) fn dense_forward(t: &Inputs) -> Result<([Tensor; 5], DenseState), FfnError> {
     let _guard = tch::no_grad_guard();
-    let x = bf16(t.x)?;
-    let g = x.f_mm(&bf16(t.gate)?.f_tr()?)?;
-    let u = x.f_mm(&bf16(t.up)?.f_tr()?)?;
+    let [x, gate, up, down_t] = bf16_operands(t)?;
+    let g = x.f_mm(&gate.f_tr()?)?;
+    let u = x.f_mm(&up.f_tr()?)?;
     let f = cuda::gating::gating_forward(&g, &u)?;
-    let y = f.h.f_mm(&bf16(t.down_t)?)?;
+    let y = f.h.f_mm(&down_t)?;
     let kind = crate::torch::cuda_runtime::cuda_autocast_kind().unwrap_or(t.x.kind());
     let outs = [
         y.f_to_kind(kind)?,
@@ -132,16 +143,10 @@ pub(super) fn dense_backward(
     dl1: &Tensor,
 ) -> Result<[Tensor; 4], FfnError> {
     let _guard = tch::no_grad_guard();
-    let (x, gate, up, down_t, dy) = (
-        bf16(t.x)?,
-        bf16(t.gate)?,
-        bf16(t.up)?,
-        bf16(t.down_t)?,
-        bf16(dy)?,
-    );
-    let dl1 = dl1.f_to_kind(Kind::Float)?.f_reshape([1])?.f_contiguous()?;
+    let [x, gate, up, down_t] = bf16_operands(t)?;
+    let dy = bf16(dy)?;
     let dh = dy.f_mm(&down_t.f_tr()?)?;
-    let (dg, du, h) = cuda::gating::gating_backward(&state.g, &state.u, &dh, &dl1)?;
+    let (dg, du, h) = cuda::gating::gating_backward(&state.g, &state.u, &dh, &device_dl1(dl1)?)?;
     drop(dh);
     // f32 results, rounded once to the operands' dtype: bf16 outputs would let cuBLAS
     // reduce split-K partial sums in bf16 (the long token sums of the weight gradients).

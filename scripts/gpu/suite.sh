@@ -55,6 +55,11 @@ run() {
 # Runs sparse-train ARGS with its whole output in $OUT/LOG, showing the model and step lines.
 # The dense trainer at the 1.5b shape on random tokens, 16 x 2048 tokens a step (the
 # anchor's batch): the runs of benches, profile and ab.
+# The lambda sweep's 125m run on the real corpus (docs/study): the whole BBC set every 256
+# steps, a log line every 32, one checkpoint at the end: the runs of sweep and curve.
+SWEEP_125M=(--config configs/125m.yaml --quiet --set train.eval_every=256
+  --set train.eval_batches=100000 --set train.log_every=32 --set checkpoint.every=0
+  --set checkpoint.keep_last=1)
 DENSE_1P5B=(--config configs/1.5b.yaml --quiet --synthetic-data --set train.batch_size=16
   --set sparsity.ffn_path=dense)
 
@@ -194,10 +199,8 @@ case_sweep() {
     dir=/tmp/sweep/$lam
     rm -rf "$dir"
     start=$SECONDS
-    train_logged "sweep-$lam.log" --config configs/125m.yaml --quiet \
-      --max-steps "${STEPS:-1526}" --set sparsity.l1_coeff="${arm%%:*}" "${extra[@]}" \
-      --set train.eval_every=256 --set train.eval_batches=100000 --set train.log_every=32 \
-      --set checkpoint.every=0 --set checkpoint.keep_last=1 --out-dir "$dir"
+    train_logged "sweep-$lam.log" "${SWEEP_125M[@]}" --max-steps "${STEPS:-1526}" \
+      --set sparsity.l1_coeff="${arm%%:*}" "${extra[@]}" --out-dir "$dir"
     took=$((SECONDS - start))
     cp "$OUT/sweep-$lam.log" "$dir/train.log"
     tar -C "$dir" --exclude=checkpoints -czf "$OUT/sweep-$lam.tar.gz" .
@@ -348,10 +351,8 @@ case_curve() {
   for b in sparse-train-before sparse-train; do
     [ -x "$CARRY/bin/$b" ] || { echo "no $CARRY/bin/$b"; failed=1; return; }
     rm -rf "/tmp/curve-$b"
-    timeout -s INT "${CURVE_S:-60}" "$CARRY/bin/$b" --config configs/125m.yaml --quiet \
-      --max-steps 1526 --set sparsity.l1_coeff=0 --set train.eval_every=256 \
-      --set train.eval_batches=100000 --set train.log_every=32 --set checkpoint.every=0 \
-      --set checkpoint.keep_last=1 --out-dir "/tmp/curve-$b" 2>&1 | grep -v autocast >"$OUT/curve-$b.log"
+    timeout -s INT "${CURVE_S:-60}" "$CARRY/bin/$b" "${SWEEP_125M[@]}" --max-steps 1526 \
+      --set sparsity.l1_coeff=0 --out-dir "/tmp/curve-$b" 2>&1 | grep -v autocast >"$OUT/curve-$b.log"
     cp "/tmp/curve-$b/metrics.jsonl" "$OUT/curve-$b.jsonl" || failed=1
   done
   python3 - "$OUT/curve-sparse-train-before.jsonl" "$OUT/curve-sparse-train.jsonl" <<'PY'

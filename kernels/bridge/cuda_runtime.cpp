@@ -48,6 +48,17 @@ int32_t sparse_cuda_reset_peak(int32_t device) {
   }
 }
 
+// Returns the caching allocator's unused cached blocks to the driver (so a later peak of
+// reserved bytes counts what that work holds, not an earlier one's cache).
+int32_t sparse_cuda_empty_cache() {
+  try {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 void* sparse_cuda_current_stream(int32_t device) {
   try {
     return static_cast<void*>(c10::cuda::getCurrentCUDAStream(device).stream());

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the build machine: fills the carry folder that scripts/gpu/suite.sh reads on the GPU
 # machine. Builds the release binary and the kernel crate's test binaries, strips them into
-# CARRY/bin/sparse-train and CARRY/tests/<test name>, and copies the PyTorch anchor
+# CARRY/bin/sparse-train and CARRY/tests/<test name> (the kernel crate's tests and the trainer's
+# GPU test), and copies the PyTorch anchor
 # (SPARSE_TRAIN_TORCH_ANCHOR, default ../shared/bench/torch_anchor.py next to the checkout)
 # to CARRY/torch_anchor.py when it exists. The corpus pack is separate:
 # corpus/pack_for_device.sh data/corpus CARRY/corpus.tar.xz.
@@ -14,8 +15,12 @@ source scripts/env.sh
 cargo build --release -p sparse-train
 mkdir -p "$CARRY/bin" "$CARRY/tests"
 strip -o "$CARRY/bin/sparse-train" target/release/sparse-train
-# Each test target's executable, as cargo reports it: "name path" per line.
-cargo test --release -p sparse-kernels --no-run --message-format=json |
+# Each GPU test target's executable, as cargo reports it: "name path" per line (every test
+# of the kernel crate; the trainer's GPU test).
+{
+  cargo test --release -p sparse-kernels --no-run --message-format=json
+  cargo test --release -p sparse-train --test cuda_graph_train --no-run --message-format=json
+} |
   python3 -c '
 import json, sys
 for line in sys.stdin:

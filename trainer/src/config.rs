@@ -182,6 +182,10 @@ pub struct TrainConfig {
     /// Activation recompute: `none`, `ffn` or `full` (see [`Recompute`]); losses and
     /// gradients are the same whichever is chosen.
     pub recompute: Recompute,
+    /// On CUDA, capture a micro-batch's forward and backward once as a CUDA graph and replay
+    /// it for the others (one launch instead of thousands; the same losses and gradients).
+    /// Captured again when a layer changes path, a hybrid pool grows or the model is repacked.
+    pub cuda_graph: bool,
     /// Where runs write logs, TensorBoard files and checkpoints.
     pub out_dir: PathBuf,
 }
@@ -209,6 +213,7 @@ impl Default for TrainConfig {
             eval_batches: 8,
             max_skipped_steps: 10,
             recompute: Recompute::None,
+            cuda_graph: false,
             out_dir: PathBuf::from("runs/default"),
         }
     }
@@ -531,6 +536,21 @@ impl Config {
         }
         if t.max_skipped_steps == 0 {
             return Err(bad("train.max_skipped_steps", "must be > 0".into()));
+        }
+        if t.cuda_graph && t.device == DeviceChoice::Cpu {
+            return Err(bad(
+                "train.cuda_graph",
+                "CUDA graphs need train.device `cuda` (or `auto` on a GPU machine): set it false for CPU runs".into(),
+            ));
+        }
+        if t.cuda_graph && self.parallel.tensor > 1 {
+            return Err(bad(
+                "train.cuda_graph",
+                format!(
+                    "is not supported with parallel.tensor = {} (its collectives run inside the micro-batch): set it false",
+                    self.parallel.tensor
+                ),
+            ));
         }
         let s = &self.sparsity;
         if !(s.l1_coeff >= 0.0 && s.l1_coeff.is_finite()) {

@@ -10,6 +10,11 @@
 //! outputs unwritten past the status, never writing out of bounds): the owner discards the
 //! step, [`DeferredChecks::finish`] grows the sizes to what the kernels asked for, and the
 //! step runs again. A training step thus waits on the host once, not once per layer.
+//!
+//! The accumulators outlive the checks: [`DeferredChecks::begin`] zeroes those of earlier
+//! steps in place rather than making new ones, so a captured step (a CUDA graph replays the
+//! folds into the addresses it recorded, without running this code) reports into the
+//! accumulators the owner reads.
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -58,8 +63,18 @@ impl PoolSizes {
 #[derive(Default)]
 struct Registry {
     sizes: HashMap<SizeKey, (PoolSizes, i64)>,
-    /// Per device with open checks: per shape, `[status OR, nnz max, spill max]` int32.
-    deferred: HashMap<usize, HashMap<SizeKey, Tensor>>,
+    /// Bumped whenever a shape's sizes are kept or grow (a captured step records the sizes
+    /// of its time: see [`sizes_generation`]).
+    generation: u64,
+    /// Per device: whether checks are open, and per shape `[status OR, nnz max, spill max]`
+    /// int32 (kept across steps).
+    deferred: HashMap<usize, DeviceChecks>,
+}
+
+#[derive(Default)]
+struct DeviceChecks {
+    open: bool,
+    per_shape: HashMap<SizeKey, Tensor>,
 }
 
 fn registry() -> MutexGuard<'static, Registry> {
@@ -76,37 +91,45 @@ pub(super) fn known_sizes(key: SizeKey) -> Option<PoolSizes> {
 
 /// Keeps `sizes` for `key` (`max_spill`: the bound on its spill slots).
 pub(super) fn keep_sizes(key: SizeKey, sizes: PoolSizes, max_spill: i64) {
-    registry().sizes.insert(key, (sizes, max_spill));
+    let mut reg = registry();
+    reg.sizes.insert(key, (sizes, max_spill));
+    reg.generation += 1;
+}
+
+/// A counter that changes whenever any shape's pool sizes are kept or grow: a CUDA graph
+/// captured at one value runs kernels sized for that time, and must be captured again
+/// once the value moves on.
+pub fn sizes_generation() -> u64 {
+    registry().generation
 }
 
 /// Whether forwards of `key` may skip their host read: checks are open on its device and
 /// its sizes are known.
 pub(super) fn defers(key: SizeKey) -> bool {
     let reg = registry();
-    reg.deferred.contains_key(&key.0) && reg.sizes.contains_key(&key)
+    reg.deferred.get(&key.0).is_some_and(|d| d.open) && reg.sizes.contains_key(&key)
 }
 
 /// Folds a forward's control words `hctrl` into the open checks of its shape (device ops,
-/// no sync).
+/// no sync). A shape's first fold makes its accumulator (zeros, then the fold).
 pub(super) fn record(key: SizeKey, hctrl: &Tensor) -> Result<()> {
     let mut reg = registry();
-    let Some(per_shape) = reg.deferred.get_mut(&key.0) else {
+    let Some(checks) = reg.deferred.get_mut(&key.0).filter(|d| d.open) else {
         return Ok(());
     };
     let words = hctrl.f_narrow(0, 0, 3)?;
-    match per_shape.get(&key) {
-        Some(acc) => {
-            let mut status = acc.f_narrow(0, HC_STATUS, 1)?;
-            let _ = status.f_bitwise_or_tensor_(&words.f_narrow(0, HC_STATUS, 1)?)?;
-            let mut sizes = acc.f_narrow(0, HC_NNZ, 2)?;
-            sizes.f_copy_(&sizes.f_maximum(&words.f_narrow(0, HC_NNZ, 2)?)?)?;
-        }
+    let acc = match checks.per_shape.get(&key) {
+        Some(acc) => acc.shallow_clone(),
         None => {
-            let mut acc = words.f_zeros_like()?;
-            acc.f_copy_(&words)?;
-            per_shape.insert(key, acc);
+            let acc = words.f_zeros_like()?;
+            checks.per_shape.insert(key, acc.shallow_clone());
+            acc
         }
-    }
+    };
+    let mut status = acc.f_narrow(0, HC_STATUS, 1)?;
+    let _ = status.f_bitwise_or_tensor_(&words.f_narrow(0, HC_STATUS, 1)?)?;
+    let mut sizes = acc.f_narrow(0, HC_NNZ, 2)?;
+    sizes.f_copy_(&sizes.f_maximum(&words.f_narrow(0, HC_NNZ, 2)?)?)?;
     Ok(())
 }
 
@@ -118,10 +141,11 @@ pub struct DeferredChecks {
 }
 
 impl DeferredChecks {
-    /// Opens the checks of `device` (a CUDA device), replacing any left open.
+    /// Opens the checks of `device` (a CUDA device), replacing any left open: the
+    /// accumulators of earlier steps are zeroed in place (one small kernel per shape).
     pub fn begin(device: Device) -> Result<DeferredChecks> {
         let ordinal = cuda_ordinal(device)?;
-        registry().deferred.insert(ordinal, HashMap::new());
+        open(ordinal)?;
         Ok(DeferredChecks { ordinal })
     }
 
@@ -129,15 +153,22 @@ impl DeferredChecks {
     /// (one sync). On an overflow, grows each overflowing shape's sizes to what its forwards
     /// asked for; the caller then discards the step and runs it again.
     pub fn finish(self) -> Result<Settled> {
-        let per_shape = registry()
-            .deferred
-            .remove(&self.ordinal)
-            .unwrap_or_default();
+        let (keys, accs): (Vec<SizeKey>, Vec<Tensor>) = {
+            let mut reg = registry();
+            let Some(checks) = reg.deferred.get_mut(&self.ordinal) else {
+                return Ok(Settled::default());
+            };
+            checks.open = false;
+            checks
+                .per_shape
+                .iter()
+                .map(|(k, t)| (*k, t.shallow_clone()))
+                .unzip()
+        };
         let mut settled = Settled::default();
-        if per_shape.is_empty() {
+        if keys.is_empty() {
             return Ok(settled);
         }
-        let (keys, accs): (Vec<SizeKey>, Vec<Tensor>) = per_shape.into_iter().unzip();
         let words = Tensor::f_stack(&accs, 0)?.f_view([-1])?;
         let words = Vec::<i32>::try_from(words.f_to_device(Device::Cpu)?)?;
         let mut reg = registry();
@@ -151,6 +182,9 @@ impl DeferredChecks {
                 *sizes = sizes.grown(st, nnz, gspill, *max_spill);
                 settled.grown += 1;
             }
+        }
+        if settled.grown > 0 {
+            reg.generation += 1;
         }
         Ok(settled)
     }
@@ -167,8 +201,21 @@ pub struct Settled {
 
 impl Drop for DeferredChecks {
     fn drop(&mut self) {
-        registry().deferred.remove(&self.ordinal);
+        if let Some(checks) = registry().deferred.get_mut(&self.ordinal) {
+            checks.open = false;
+        }
     }
+}
+
+/// Opens the checks of device `ordinal`, zeroing the accumulators it already has.
+fn open(ordinal: usize) -> Result<()> {
+    let mut reg = registry();
+    let checks = reg.deferred.entry(ordinal).or_default();
+    for acc in checks.per_shape.values_mut() {
+        let _ = acc.f_zero_()?;
+    }
+    checks.open = true;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -210,19 +257,19 @@ mod tests {
         // Control words as the kernels leave them (longer than the three read).
         let words =
             |st: i64, nnz: i32, spill: i32| Tensor::from_slice(&[st as i32, nnz, spill, 7, 7]);
-        let open = || {
-            registry().deferred.insert(ordinal, HashMap::new());
+        let begin = || {
+            open(ordinal).unwrap();
             DeferredChecks { ordinal }
         };
 
-        let checks = open();
+        let checks = begin();
         assert!(defers(fits) && defers(over));
         record(fits, &words(0, 90, 2)).unwrap();
         record(over, &words(0, 90, 2)).unwrap();
         assert_eq!(checks.finish().unwrap(), Settled::default());
         assert!(!defers(over), "closed checks still defer");
 
-        let checks = open();
+        let checks = begin();
         record(fits, &words(0, 90, 2)).unwrap();
         record(over, &words(0, 90, 2)).unwrap();
         record(over, &words(ST_NNZ_OVER, 500, 3)).unwrap();
@@ -240,5 +287,22 @@ mod tests {
         let want = kept.grown(ST_NNZ_OVER, 500, 3, 80);
         assert_eq!(known_sizes(over), Some(want));
         assert_ne!(want, kept.grown(ST_NNZ_OVER, 120, 1, 80));
+
+        // The next step's checks start from zero in the same accumulators: a fold into the
+        // accumulator itself (what a replayed CUDA graph does, without calling `record`) is
+        // what `finish` reads.
+        let acc = registry().deferred[&ordinal].per_shape[&fits].shallow_clone();
+        let generation = sizes_generation();
+        let checks = begin();
+        assert_eq!(Vec::<i32>::try_from(&acc).unwrap(), vec![0, 0, 0]);
+        acc.narrow(0, 0, 3)
+            .copy_(&Tensor::from_slice(&[ST_NNZ_OVER as i32, 700, 0]));
+        let settled = checks.finish().unwrap();
+        assert!(settled.overflowed && settled.grown == 1);
+        assert!(known_sizes(fits).unwrap().cap >= 700);
+        assert!(
+            sizes_generation() > generation,
+            "growth leaves the generation unchanged"
+        );
     }
 }

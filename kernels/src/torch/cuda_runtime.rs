@@ -7,6 +7,7 @@ extern "C" {
     fn sparse_cuda_peak_reserved_bytes(device: i32) -> i64;
     fn sparse_cuda_allocated_bytes(device: i32) -> i64;
     fn sparse_cuda_reset_peak(device: i32) -> i32;
+    fn sparse_cuda_empty_cache() -> i32;
     fn sparse_cuda_current_stream(device: i32) -> *mut std::ffi::c_void;
     fn sparse_cuda_autocast_dtype() -> i32;
     fn sparse_grad_mode_enabled() -> i32;
@@ -45,6 +46,13 @@ pub fn peak_reserved_bytes(device: Device) -> Option<u64> {
     // SAFETY: as above.
     let v = cuda_index(device).map(|d| unsafe { sparse_cuda_peak_reserved_bytes(d) })?;
     u64::try_from(v).ok()
+}
+
+/// Hands the caching allocator's unused blocks back to the driver (a no-op without CUDA, or
+/// before CUDA is initialised: returns false then).
+pub fn empty_cache() -> bool {
+    // SAFETY: catches every exception on the C++ side.
+    tch::Cuda::is_available() && unsafe { sparse_cuda_empty_cache() == 0 }
 }
 
 /// Starts a new peak-memory window on `device` (no-op off CUDA). Returns false when the

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::data::DataLoader;
 use crate::model::{synchronize, InferenceWeights, Llama};
 use crate::optim::AdamW;
+use crate::train::micro_batch::MicroBatchRunner;
 use anyhow::{bail, Context, Result};
 use sparse_kernels::cuda::DeferredChecks;
 use sparse_kernels::cuda_runtime;
@@ -40,6 +41,9 @@ struct Row {
     ms: f64,
     tokens_per_s: f64,
     peak: Option<u64>,
+    /// The caching allocator's peak reserved bytes (what a captured graph's private pool
+    /// holds shows here, not in `peak`).
+    reserved: Option<u64>,
     used_end: Option<u64>,
     energy_j: Option<f64>,
     nnz: Option<Vec<f64>>,
@@ -146,7 +150,6 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         device,
     )?;
     let inputs = data.narrow(0, 0, batch).narrow(1, 0, seq);
-    let targets = data.narrow(0, 0, batch).narrow(1, 1, seq).contiguous();
     let calib = inputs.narrow(0, 0, batch.min(2));
     let dense_paths = vec![FfnPath::Dense; m.num_layers];
     let measure_nnz = || {
@@ -197,6 +200,7 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
             });
         }
         synchronize(device);
+        cuda_runtime::empty_cache();
         cuda_runtime::reset_peak(device);
         let row = match mode {
             Mode::Infer => {
@@ -215,6 +219,9 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                 let lambda = cfg.sparsity.l1_coeff;
                 let mut last = None;
                 let mut reruns = 0;
+                // The trainer's runner: eager, or captured with `--set train.cuda_graph=true`.
+                let mut runner = MicroBatchRunner::new(cfg.train.cuda_graph);
+                let micro_batch = data.narrow(0, 0, batch);
                 let mut iter = |i, keep| -> Result<()> {
                     // The trainer's step: one set of compute weights, `accum` micro-batches
                     // (the same tokens each time), the global-mean loss, clip, fused AdamW;
@@ -223,17 +230,18 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                     loop {
                         let checks = device.is_cuda().then(|| DeferredChecks::begin(device));
                         let checks = checks.transpose()?;
-                        let weights = model.compute_weights();
+                        runner.begin_step(&model, lambda);
                         for micro in 0..accum {
-                            let out =
-                                model.training_forward(&weights, &inputs, &targets, &layer_paths);
-                            let loss = (&out.ce_sum + &out.l1_sum * lambda) / tokens_per_iter;
-                            loss.backward();
+                            let out = runner.run(
+                                &model,
+                                &micro_batch,
+                                &layer_paths,
+                                tokens_per_iter as u64,
+                            )?;
                             if keep && micro + 1 == accum {
                                 last = Some(layer_means(&out.layers));
                             }
                         }
-                        drop(weights);
                         let Some(c) = checks else { break };
                         if !c.finish()?.overflowed {
                             break;
@@ -253,9 +261,13 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
                 profile_one(args, mode, path, device, || {
                     iter(args.warmup + args.steps, false)
                 })?;
+                let name = path.name();
                 if reruns > 0 {
-                    let name = path.name();
                     println!("{name}: {reruns} step(s) re-run after a hybrid pool overflow");
+                }
+                if cfg.train.cuda_graph {
+                    let n = runner.captures();
+                    println!("{name}: the micro-batch was captured {n} time(s) as a CUDA graph");
                 }
                 row.nnz = last;
                 row
@@ -330,6 +342,7 @@ fn measure(
         ms: s * 1e3 / args.steps as f64,
         tokens_per_s: tokens_per_iter * args.steps as f64 / s,
         peak: cuda_runtime::peak_allocated_bytes(device),
+        reserved: cuda_runtime::peak_reserved_bytes(device),
         used_end: energy.used_bytes(),
         energy_j: e0.zip(e1).map(|(a, b)| (b - a) as f64 / 1e3),
         nnz: None,
@@ -348,7 +361,11 @@ fn print_row(r: &Row, dense: Option<&Row>, steps: usize, tokens_per_iter: f64) {
         )
     });
     let mem = match (r.peak, r.used_end) {
-        (Some(p), _) if p > 0 => format!("peak alloc {:.2} GiB", p as f64 / GIB),
+        (Some(p), _) if p > 0 => format!(
+            "peak alloc {:.2} GiB (reserved {:.2})",
+            p as f64 / GIB,
+            r.reserved.unwrap_or(0) as f64 / GIB
+        ),
         (_, Some(u)) => format!("peak n/a, NVML used {:.2} GiB", u as f64 / GIB),
         _ => String::from("memory n/a"),
     };

@@ -360,6 +360,53 @@ impl Llama {
         })
     }
 
+    /// Casts the masters into the copies `w` (made by [`Llama::compute_weights`] for this
+    /// model's shapes) in place: the same values as new copies, at the same addresses (a
+    /// captured micro-batch reads them there). Copies that are the masters themselves (f32)
+    /// are left alone.
+    pub fn refresh_compute_weights(&self, w: &ComputeWeights) {
+        tch::no_grad(|| {
+            let refresh = |copy: &Tensor, master: &Tensor| {
+                if copy.data_ptr() != master.data_ptr() {
+                    copy.shallow_clone().copy_(master);
+                }
+            };
+            for (c, b) in w.blocks.iter().zip(&self.blocks) {
+                let mut row = 0;
+                for m in [&b.q, &b.k, &b.v] {
+                    let rows = m.size()[0];
+                    c.qkv.narrow(0, row, rows).copy_(m);
+                    row += rows;
+                }
+                refresh(&c.o, &b.o);
+                refresh(&c.gate, &b.gate);
+                refresh(&c.up, &b.up);
+                refresh(&c.down_t, &b.down_t);
+            }
+            refresh(&w.head, self.head());
+        })
+    }
+
+    /// Every parameter, in a fixed order (the tied head once).
+    pub fn parameters(&self) -> Vec<&Tensor> {
+        let mut all = vec![&self.embed, &self.norm];
+        all.extend(self.lm_head.as_ref());
+        for b in &self.blocks {
+            all.extend([
+                &b.input_norm,
+                &b.q,
+                &b.k,
+                &b.v,
+                &b.o,
+                &b.post_norm,
+                &b.gate,
+                &b.up,
+                &b.down_t,
+            ]);
+        }
+        all
+    }
+
     /// The training forward of one micro-batch, `tokens, targets: [B, T]` (int64), over the
     /// copies `w` (from [`Llama::compute_weights`]): one GEMM for q, k and v, no weight cast,
     /// and the LM head fused with the cross-entropy in row chunks (the `[B T, V]` logits
@@ -652,10 +699,22 @@ pub enum CachedOutput {
 /// A model on the CPU drawn after seeding torch with `seed`, for the unit tests.
 #[cfg(test)]
 pub(crate) fn seeded_model(seed: i64, cfg: &ModelConfig) -> (VarStore, Llama) {
+    seeded(seed, || {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let model = Llama::new(&vs, cfg);
+        (vs, model)
+    })
+}
+
+/// `init` run right after seeding the global generator with `seed`, one such call at a
+/// time: tests run in parallel threads over that one generator, and two seeded inits must
+/// not interleave their draws.
+#[cfg(test)]
+pub(crate) fn seeded<T>(seed: i64, init: impl FnOnce() -> T) -> T {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
-    let vs = VarStore::new(tch::Device::Cpu);
-    let model = Llama::new(&vs, cfg);
-    (vs, model)
+    init()
 }
 
 /// Casts a model to bf16 for inference: the weights, and the dtype its matrix products run

@@ -2,6 +2,7 @@
 //! line, `metrics.jsonl`, TensorBoard), the graceful stop on signals, out-of-memory steps by
 //! name, and `--profile-steps`.
 pub mod log;
+pub mod micro_batch;
 pub mod oom;
 pub mod profile;
 pub mod stop;

@@ -2,6 +2,7 @@
 //! guard against non-finite values, clip, update, repack; every `log_every` steps summarise
 //! and log the interval; checkpoint periodically, at the end, and on a stop signal.
 use super::log::{peak_rss_bytes, IntervalReport, RunLog, StepValues, Window};
+use super::micro_batch::MicroBatchRunner;
 use super::oom::{self, OutOfMemory};
 use super::profile::{ProfileSteps, StepProfiler};
 use super::stop::StopSignal;
@@ -97,6 +98,8 @@ pub struct Trainer<'w> {
     skipped_in_a_row: usize,
     /// Steps run again because a hybrid FFN pool overflowed (see `micro_batches`).
     pool_reruns: usize,
+    /// Runs each micro-batch, eagerly or as a replayed CUDA graph.
+    runner: MicroBatchRunner,
     /// Micro-batches per rank and step.
     accum: usize,
     /// Tokens of one global batch.
@@ -139,6 +142,9 @@ impl<'w> Trainer<'w> {
         };
         if t.device == DeviceChoice::Cuda && !device.is_cuda() {
             bail!("config train.device is `cuda` but no CUDA device is available");
+        }
+        if t.cuda_graph && !device.is_cuda() {
+            bail!("config train.cuda_graph is true but the run is on {device:?}: CUDA graphs need a GPU (set it false)");
         }
         // Mixed precision: bf16 matrix products over fp32 master weights (explicit casts in
         // the model rather than libtorch's autocast, whose weight-cast cache is not ours to
@@ -273,6 +279,7 @@ impl<'w> Trainer<'w> {
             state,
             skipped_in_a_row: 0,
             pool_reruns: 0,
+            runner: MicroBatchRunner::new(cfg.train.cuda_graph),
             accum,
             step_tokens,
             window: Window::start(),

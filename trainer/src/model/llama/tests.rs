@@ -1,6 +1,5 @@
 //! Unit tests of the decoder: the fused training forward against the plain one, shapes and
-//! names, the FFN statistics, the tensor-parallel layout.
-use super::super::parallel::split_of;
+//! names, the FFN statistics, the compute copies (the tensor-parallel layout: tests/tensor_parallel_init.rs).
 use super::*;
 use tch::Device;
 
@@ -144,31 +143,51 @@ fn l1_and_l0_statistics_on_a_hand_made_ffn() {
     );
 }
 
-/// Rank r of 2 holds exactly block r (per `split_of`) of the full model's draws.
+/// Copies refreshed in place after the masters changed equal copies made anew, bit for bit,
+/// at the addresses they had (bf16 copies of f32 masters, tied and untied heads).
 #[test]
-fn blocks_are_the_full_models_slices_named_by_split_of() {
-    let cfg = ModelConfig {
-        max_seq_len: 8,
-        ..ModelConfig::tiny()
-    };
-    let full_vs = VarStore::new(Device::Cpu);
-    tch::manual_seed(3);
-    let _full = Llama::new(&full_vs, &cfg);
-    let full = full_vs.variables();
-    for rank in 0..2 {
-        let tp = TensorParallel::detached(rank, 2);
-        let vs = VarStore::new(Device::Cpu);
-        tch::manual_seed(3);
-        let _m = Llama::new_parallel(&vs, &cfg, Some(tp.clone()));
-        let local = vs.variables();
-        assert_eq!(local.len(), full.len());
-        let mut split = 0;
-        for (name, f) in &full {
-            let s = split_of(name);
-            split += usize::from(s != Split::Replicated);
-            let want = tp.local(f, s);
-            assert!(local[name].equal(&want), "{name} on rank {rank}");
+fn refreshed_compute_weights_equal_new_ones_in_place() {
+    for tie in [false, true] {
+        let cfg = ModelConfig {
+            tie_embeddings: tie,
+            ..ModelConfig::tiny()
+        };
+        let (_vs, mut model) = seeded_model(9, &cfg);
+        model.compute = Kind::BFloat16;
+        let w = model.compute_weights();
+        let at = |w: &ComputeWeights| -> Vec<usize> {
+            w.blocks
+                .iter()
+                .flat_map(|b| [&b.qkv, &b.o, &b.gate, &b.up, &b.down_t])
+                .chain([&w.head])
+                .map(|t| t.data_ptr() as usize)
+                .collect()
+        };
+        let before = at(&w);
+        // A deterministic change (no draws from the generator other tests seed).
+        tch::no_grad(|| {
+            for p in model.parameters() {
+                let _ = p.shallow_clone().g_mul_scalar_(1.37).g_add_scalar_(0.01);
+            }
+        });
+        model.refresh_compute_weights(&w);
+        assert_eq!(at(&w), before, "the copies moved");
+        let fresh = model.compute_weights();
+        for (a, b) in w.blocks.iter().zip(&fresh.blocks) {
+            for (x, y) in [
+                (&a.qkv, &b.qkv),
+                (&a.o, &b.o),
+                (&a.gate, &b.gate),
+                (&a.up, &b.up),
+                (&a.down_t, &b.down_t),
+            ] {
+                assert!(x.equal(y), "a refreshed copy differs from a new one");
+            }
         }
-        assert_eq!(split, 2 * 7, "q, k, v, o, gate, up, down per layer");
+        assert!(w.head.equal(&fresh.head));
+        assert_eq!(
+            model.parameters().len(),
+            if tie { 2 } else { 3 } + 9 * cfg.num_layers
+        );
     }
 }

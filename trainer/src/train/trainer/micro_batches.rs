@@ -5,7 +5,6 @@ use super::Trainer;
 use crate::model::LayerStats;
 use anyhow::{bail, Result};
 use sparse_kernels::cuda::DeferredChecks;
-use sparse_kernels::torch::profiler::range;
 use tch::{Kind, Tensor};
 
 /// Runs of one step's micro-batches before an overflowing hybrid pool is an error (each
@@ -65,32 +64,25 @@ impl Trainer<'_> {
         let mut l1_acc = Tensor::zeros([], (Kind::Float, device));
         let mut layers = Vec::with_capacity(self.accum);
         // The step's compute-dtype weights: one cast per optimizer update, not per micro-batch.
-        let weights = self.model.compute_weights();
+        self.runner.begin_step(&self.model, lambda);
+        let captures = self.runner.captures();
         for micro in 0..self.accum {
             // Rank r's micro-batches are its own contiguous block of the global batch.
             let first =
                 self.cursor + ((dp.rank() * self.accum + micro) * t.micro_batch_size) as u64;
-            let batch = self
-                .loader
-                .sequences(first, t.micro_batch_size)?
-                .to_device(device);
-            let inputs = batch.narrow(1, 0, t.seq_len as i64);
-            let targets = batch.narrow(1, 1, t.seq_len as i64);
-            let forward = range(c"micro_batch.forward");
+            let batch = self.loader.sequences(first, t.micro_batch_size)?;
             let out = self
-                .model
-                .training_forward(&weights, &inputs, &targets, &paths);
-            let ce_sum = out.ce_sum;
-            // Sums over this micro-batch divided by the global token count: the gradients
-            // accumulate to the exact global mean, whatever the accumulation or world size.
-            let loss = (&ce_sum + &out.l1_sum * lambda) / self.step_tokens as f64;
-            drop(forward);
-            let backward = range(c"micro_batch.backward");
-            loss.backward();
-            drop(backward);
-            ce_acc += ce_sum.detach();
-            l1_acc += out.l1_sum.detach();
+                .runner
+                .run(&self.model, &batch, &paths, self.step_tokens)?;
+            ce_acc += out.ce_sum;
+            l1_acc += out.l1_sum;
             layers.push(out.layers);
+        }
+        if self.runner.captures() > captures {
+            self.log.line(&format!(
+                "the micro-batch was captured as a CUDA graph ({} captures so far)",
+                self.runner.captures()
+            ));
         }
         Ok((ce_acc, l1_acc, layers))
     }

@@ -31,13 +31,16 @@
 #                 (default 1.5b): `bench train` (dense and hybrid at 99.5 % imposed sparsity,
 #                 the anchor's micro-batches, the trainer's step) and torch_anchor.py's eager
 #                 and compile steps
+#   graphs        train.cuda_graph: the trainer's GPU test (captured micro-batches train as
+#                 eager ones), then per shape of SHAPES (default "1.5b 125m") `bench train`
+#                 eager and captured, beside torch_anchor.py's compiled step
 #   profile       a Chrome trace of one dense 1.5b training step and where its time goes
 #                 (scripts/profile_summary.py), then the anchor's 1.5b training step
 #                 (PROFILE_ANCHOR=0: without it)
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|microbatch|curve|ab|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|graphs|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|microbatch|curve|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -296,6 +299,29 @@ case_train_step() {
   done
 }
 
+# Captured micro-batches (train.cuda_graph). Logs: $OUT/graph-test.log,
+# $OUT/graphs-SHAPE-{eager,captured}.log, $OUT/anchor-train-SHAPE.jsonl.
+case_graphs() {
+  gpu_info
+  [ -f "$CARRY/torch_anchor.py" ] || { echo "no $CARRY/torch_anchor.py"; failed=1; return; }
+  echo "+ cuda_graph_train"
+  SPARSE_TRAIN_REQUIRE_GPU=1 LD_PRELOAD="$TL/libtorch_cuda.so" "$CARRY/tests/cuda_graph_train" \
+    --test-threads 1 --nocapture 2>&1 | tee "$OUT/graph-test.log" | grep -E "^step|^test |test result|panicked|rror" | tail -30
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+  local shape micro accum
+  for shape in ${SHAPES:-1.5b 125m}; do
+    micro=4 accum=4
+    [ "$shape" = 125m ] && micro=32 accum=2
+    run bench train --config "configs/$shape.yaml" --steps "${STEPS:-4}" --warmup 1 \
+      --batch "$micro" --accum "$accum" | tee "$OUT/graphs-$shape-eager.log"
+    run bench train --config "configs/$shape.yaml" --steps "${STEPS:-4}" --warmup 1 \
+      --batch "$micro" --accum "$accum" --set train.cuda_graph=true | tee "$OUT/graphs-$shape-captured.log"
+    echo "+ torch_anchor.py train --shape $shape --modes compile"
+    python3 "$CARRY/torch_anchor.py" train --shape "$shape" --modes compile |
+      tee "$OUT/anchor-train-$shape.jsonl" || failed=1
+  done
+}
+
 # Gains against model size (docs/study/sizes.py): per shape of SHAPES (default
 # "0.5b 1b 1.5b 2b"; about 3 minutes a shape, so two jobs), the training step (dense, and hybrid
 # at 99.5 % imposed sparsity; the anchor's 4 x 4 x 2048) and the forward (dense and TwELL,
@@ -388,13 +414,14 @@ case $NAME in
   anchors) case_anchors ;;
   profile) case_profile ;;
   train-step) case_train_step ;;
+  graphs) case_graphs ;;
   sizes) case_sizes ;;
   microbatch) case_microbatch ;;
   curve) case_curve ;;
   ab) case_ab ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, curve, ab, corpus" >&2
+    echo "unknown suite $NAME: tests, graphs, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, curve, ab, corpus" >&2
     exit 2
     ;;
 esac

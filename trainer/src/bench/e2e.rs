@@ -182,11 +182,13 @@ pub fn run(args: &BenchE2eArgs, mode: Mode) -> Result<()> {
         let live = nnz.iter().sum::<f64>() / nnz.len().max(1) as f64;
         return run_generate(args, &model, &paths, &energy, &data, live);
     }
-    // The calibrated weights, restored before each training path.
+    // The calibrated weights, restored before each training path (detached: a copy with a
+    // grad_fn would keep the parameters' gradient accumulators alive on this stream, which
+    // a captured micro-batch's backward cannot wait on).
     let snapshot: Option<HashMap<String, Tensor>> = (mode == Mode::Train).then(|| {
         vs.variables()
             .into_iter()
-            .map(|(k, v)| (k, v.to_device(Device::Cpu)))
+            .map(|(k, v)| (k, v.detach().to_device(Device::Cpu)))
             .collect()
     });
     let mut rows = Vec::new();

@@ -11,11 +11,12 @@
 //! accumulators that outlive each step (`DeferredChecks`). The graph is captured again
 //! whenever what it baked in changes: a layer's FFN path, the hybrid pools' sizes
 //! (`sizes_generation`), the batch shape, or the address or shape of any parameter or
-//! gradient (a repack, a resume). The micro-batch that precedes a capture runs eagerly, as
-//! the step's real work; the capture itself executes nothing.
+//! gradient (a repack, a resume). The micro-batch that precedes a capture runs eagerly (on
+//! the graph's stream), as the step's real work; the capture itself executes nothing.
 use crate::model::{ComputeWeights, LayerStats, Llama, TrainingForward};
 use anyhow::{anyhow, Result};
 use sparse_kernels::cuda::sizes_generation;
+use sparse_kernels::cuda_runtime;
 use sparse_kernels::torch::cuda_graph::CudaGraph;
 use sparse_kernels::torch::profiler::range;
 use sparse_kernels::FfnPath;
@@ -142,13 +143,23 @@ impl MicroBatchRunner {
         // The runner's own buffer (never an alias of the caller's tensor).
         let mut buffer = Tensor::empty(batch.size(), (batch.kind(), device));
         tch::no_grad(|| buffer.copy_(batch));
-        // On the device's own stream, so that its caching-allocator blocks serve the later
-        // eager work; it also loads every kernel and sets up the libraries' handles.
-        let first = self.eager(model, &buffer, paths, step_tokens);
+        let mut first = None;
         let mut recorded = None;
+        // The eager run on the graph's stream: the autograd nodes it creates (the leaves'
+        // gradient accumulators, which outlive a backward) then sit on the stream the capture
+        // records, which must not wait on another; it also loads every kernel and sets up the
+        // libraries' handles there. Its cached blocks go back to the driver before the
+        // capture allocates the graph's own pool.
         let graph = CudaGraph::capture(
             device,
-            || Ok::<(), String>(()),
+            || {
+                let run = catch_unwind(AssertUnwindSafe(|| {
+                    self.eager(model, &buffer, paths, step_tokens)
+                }));
+                first = Some(run.map_err(panic_text)?);
+                cuda_runtime::empty_cache();
+                Ok::<(), String>(())
+            },
             || {
                 let run = catch_unwind(AssertUnwindSafe(|| {
                     self.eager(model, &buffer, paths, step_tokens)
@@ -160,6 +171,7 @@ impl MicroBatchRunner {
         .map_err(|e| {
             anyhow!("{e} (train.cuda_graph: the micro-batch could not be captured; set it false to train eagerly)")
         })?;
+        let first = first.expect("the warm-up ran the micro-batch");
         let out = recorded.expect("a successful capture recorded the micro-batch");
         // After the first micro-batch every gradient exists: the key holds their addresses.
         let key = self.key(model, batch, paths, step_tokens);
@@ -197,10 +209,19 @@ impl MicroBatchRunner {
         let backward = range(c"micro_batch.backward");
         loss.backward();
         drop(backward);
+        // Detached, the statistics hold no autograd graph alive past the backward.
         TrainingForward {
             ce_sum: out.ce_sum.detach(),
             l1_sum: out.l1_sum.detach(),
-            layers: out.layers,
+            layers: out
+                .layers
+                .into_iter()
+                .map(|s| LayerStats {
+                    l1_sum: s.l1_sum.detach(),
+                    active_per_token: s.active_per_token.detach(),
+                    active_per_unit: s.active_per_unit.detach(),
+                })
+                .collect(),
         }
     }
 

@@ -108,6 +108,20 @@ fn invalid_values_name_their_field() {
             ),
             "train.recompute",
         ),
+        (
+            BASE.replace(
+                "size: 2, seq_len: 16}",
+                "size: 2, seq_len: 16, device: cpu, cuda_graph: true}",
+            ),
+            "train.cuda_graph",
+        ),
+        (
+            BASE.replace(
+                "size: 2, seq_len: 16}",
+                "size: 2, seq_len: 16, cuda_graph: true}\nparallel: {tensor: 2}",
+            ),
+            "train.cuda_graph",
+        ),
     ];
     for (text, field) in cases {
         let e = err(&text);

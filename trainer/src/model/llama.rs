@@ -341,23 +341,31 @@ impl Llama {
     /// Compute-dtype copies of the weights for [`Llama::training_forward`]; make them after
     /// each optimizer update (they are stale once the masters change).
     pub fn compute_weights(&self) -> ComputeWeights {
-        tch::no_grad(|| {
-            let c = |t: &Tensor| t.to_kind(self.compute);
-            ComputeWeights {
-                blocks: self
-                    .blocks
-                    .iter()
-                    .map(|b| BlockCompute {
-                        qkv: Tensor::cat(&[&b.q, &b.k, &b.v], 0).to_kind(self.compute),
-                        o: c(&b.o),
-                        gate: c(&b.gate),
-                        up: c(&b.up),
-                        down_t: c(&b.down_t),
-                    })
-                    .collect(),
-                head: c(self.head()),
-            }
-        })
+        // Buffers of the compute dtype, filled by the one cast (`refresh_compute_weights`);
+        // a master already in that dtype is its own copy.
+        let copy = |t: &Tensor| match t.kind() == self.compute {
+            true => t.shallow_clone(),
+            false => Tensor::empty(t.size(), (self.compute, t.device())),
+        };
+        let w = ComputeWeights {
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| {
+                    let rows = [&b.q, &b.k, &b.v].iter().map(|m| m.size()[0]).sum::<i64>();
+                    BlockCompute {
+                        qkv: Tensor::empty([rows, b.q.size()[1]], (self.compute, b.q.device())),
+                        o: copy(&b.o),
+                        gate: copy(&b.gate),
+                        up: copy(&b.up),
+                        down_t: copy(&b.down_t),
+                    }
+                })
+                .collect(),
+            head: copy(self.head()),
+        };
+        self.refresh_compute_weights(&w);
+        w
     }
 
     /// Casts the masters into the copies `w` (made by [`Llama::compute_weights`] for this

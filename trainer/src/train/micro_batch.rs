@@ -18,6 +18,7 @@ use anyhow::{anyhow, Result};
 use sparse_kernels::cuda::sizes_generation;
 use sparse_kernels::cuda_runtime;
 use sparse_kernels::torch::cuda_graph::CudaGraph;
+use sparse_kernels::torch::panic_message;
 use sparse_kernels::torch::profiler::range;
 use sparse_kernels::FfnPath;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -124,7 +125,8 @@ impl MicroBatchRunner {
             let replay = range(c"micro_batch.replay");
             c.graph.replay()?;
             drop(replay);
-            return Ok(copied(&c.out));
+            // Copies: the next replay rewrites the graph's own outputs.
+            return Ok(each_output(&c.out, Tensor::copy));
         }
         self.captured = None;
         self.capture(model, batch, paths, step_tokens, device)
@@ -143,6 +145,13 @@ impl MicroBatchRunner {
         // The runner's own buffer (never an alias of the caller's tensor).
         let mut buffer = Tensor::empty(batch.size(), (batch.kind(), device));
         tch::no_grad(|| buffer.copy_(batch));
+        // The micro-batch with its panics caught: a capture must end, whatever the step does.
+        let run = || {
+            catch_unwind(AssertUnwindSafe(|| {
+                self.eager(model, &buffer, paths, step_tokens)
+            }))
+            .map_err(panic_message)
+        };
         let mut first = None;
         let mut recorded = None;
         // The eager run on the graph's stream: the autograd nodes it creates (the leaves'
@@ -153,18 +162,12 @@ impl MicroBatchRunner {
         let graph = CudaGraph::capture(
             device,
             || {
-                let run = catch_unwind(AssertUnwindSafe(|| {
-                    self.eager(model, &buffer, paths, step_tokens)
-                }));
-                first = Some(run.map_err(panic_text)?);
+                first = Some(run()?);
                 cuda_runtime::empty_cache();
                 Ok::<(), String>(())
             },
             || {
-                let run = catch_unwind(AssertUnwindSafe(|| {
-                    self.eager(model, &buffer, paths, step_tokens)
-                }));
-                recorded = Some(run.map_err(panic_text)?);
+                recorded = Some(run()?);
                 Ok(())
             },
         )
@@ -210,19 +213,7 @@ impl MicroBatchRunner {
         loss.backward();
         drop(backward);
         // Detached, the statistics hold no autograd graph alive past the backward.
-        TrainingForward {
-            ce_sum: out.ce_sum.detach(),
-            l1_sum: out.l1_sum.detach(),
-            layers: out
-                .layers
-                .into_iter()
-                .map(|s| LayerStats {
-                    l1_sum: s.l1_sum.detach(),
-                    active_per_token: s.active_per_token.detach(),
-                    active_per_unit: s.active_per_unit.detach(),
-                })
-                .collect(),
-        }
+        each_output(&out, Tensor::detach)
     }
 
     fn key(
@@ -249,26 +240,19 @@ impl MicroBatchRunner {
     }
 }
 
-/// Copies of a replay's outputs (the next replay rewrites the originals).
-fn copied(out: &TrainingForward) -> TrainingForward {
+/// `f` applied to every tensor of a micro-batch's outputs.
+fn each_output(out: &TrainingForward, f: impl Fn(&Tensor) -> Tensor) -> TrainingForward {
     TrainingForward {
-        ce_sum: out.ce_sum.copy(),
-        l1_sum: out.l1_sum.copy(),
+        ce_sum: f(&out.ce_sum),
+        l1_sum: f(&out.l1_sum),
         layers: out
             .layers
             .iter()
             .map(|s| LayerStats {
-                l1_sum: s.l1_sum.copy(),
-                active_per_token: s.active_per_token.copy(),
-                active_per_unit: s.active_per_unit.copy(),
+                l1_sum: f(&s.l1_sum),
+                active_per_token: f(&s.active_per_token),
+                active_per_unit: f(&s.active_per_unit),
             })
             .collect(),
     }
-}
-
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic without a message".into())
 }

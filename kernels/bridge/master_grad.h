@@ -16,10 +16,9 @@ inline torch::Tensor& master_grad(const torch::Tensor& master) {
   return g;
 }
 
-// master.grad += alpha * a @ b, with a: [rows, N], b: [N, in] in the compute dtype.
-inline void accumulate_product(const torch::Tensor& master, const torch::Tensor& a,
-                               const torch::Tensor& b, double alpha = 1.0) {
-  torch::Tensor& g = master_grad(master);
+// g += alpha * a @ b, with a: [rows, N], b: [N, in] in the compute dtype.
+inline void add_product(torch::Tensor& g, const torch::Tensor& a, const torch::Tensor& b,
+                        double alpha = 1.0) {
   if (a.is_cuda() && a.scalar_type() != g.scalar_type() && g.is_contiguous()) {
     at::addmm_out(g, g, a, b, g.scalar_type(), 1.0, alpha);
   } else if (a.scalar_type() == g.scalar_type()) {
@@ -28,6 +27,12 @@ inline void accumulate_product(const torch::Tensor& master, const torch::Tensor&
   } else {
     g.add_(at::mm(a, b).to(g.scalar_type()), alpha);
   }
+}
+
+// master.grad += alpha * a @ b (add_product into the master's gradient buffer).
+inline void accumulate_product(const torch::Tensor& master, const torch::Tensor& a,
+                               const torch::Tensor& b, double alpha = 1.0) {
+  add_product(master_grad(master), a, b, alpha);
 }
 
 // master.grad += alpha * d (d in any floating dtype; the add reads it once).

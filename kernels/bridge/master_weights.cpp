@@ -92,4 +92,11 @@ int sparse_cached_weight(torch::Tensor* master, torch::Tensor* cached, torch::Te
   });
 }
 
+// g += a @ b (add_product: on CUDA one GEMM with an fp32 output and beta = 1).
+int sparse_add_product(torch::Tensor* g, torch::Tensor* a, torch::Tensor* b, char* err,
+                       size_t err_len) {
+  return sparse_bridge::catch_into_err(err, err_len,
+                                       [&] { sparse_bridge::add_product(*g, *a, *b); });
+}
+
 }  // extern "C"

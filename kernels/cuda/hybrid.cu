@@ -21,7 +21,7 @@
 // Kernels (extern "C"), launch order:
 //   forward : twell gate -> hyb_count -> hyb_segscan -> hyb_unitscan -> hyb_scan -> hyb_fill
 //             -> hyb_fwd[_wide] -> hyb_l1
-//   backward: hyb_bwd_tok[_wide] (dh, du, dg per entry + dx) -> hyb_bwd_w (dWg, dWu, dWdT)
+//   backward: hyb_bwd_tok[_wide] (dh, du, dg per entry + dx) -> hyb_bwd_w[_acc] (dWg, dWu, dWdT)
 // Shapes: x, dy [N, D]; Wg, Wu, WdT [H, D] row-major bf16; D % 8 == 0, D <= 2048 (<= 8192 with
 // the _wide variants); H <= 65536; N >= 1 (any). fp32 accumulation everywhere; deterministic.
 #include "common.cuh"
@@ -406,44 +406,40 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BW
 }
 
 // ------------------------------------------------------------------------------------------
-// Backward, unit-major weight gradients. Grid = nslices * H (slice-major, so the x and dy
-// columns in use, N x 256 x 2 x 2 B, stay in L2); CTA (unit uorder[i], 256-column slice),
-// 4 warps; the unit's list is dealt round robin (entry k to warp k % 4), a warp fetches the
-// records of 32 of its entries at once (one per lane) and then walks them UNR at a time with
-// all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the slice (16-B
-// loads). Partial sums of the 4 warps are added in warp order (deterministic). Every unit's
-// rows are written (zeros for silent units).
+// Backward, unit-major weight gradients: dWg[j] = sum dg x_t, dWu[j] = sum du x_t, dWdT[j] =
+// sum h dy_t over unit j's entries, per 256-column slice. Grid = nslices * ceil(H / 4) blocks
+// of 4 warps, slice-major (the x and dy columns in use, N x 256 x 2 x 2 B, stay in L2); block
+// b of a slice takes the units at positions 4b..4b+3 of uorder (heaviest first). A unit with
+// more than HYB_BWD_W_HEAVY entries is walked by the whole block (its entries dealt round robin,
+// the 4 partial sums added in warp order); every other unit by one warp alone, with no block
+// reduction. A walk fetches the records of 32 entries at once (one per lane), then takes them
+// UNR at a time with all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the
+// slice (16-B loads). Deterministic either way. The outputs are bf16 (`hyb_bwd_w`: every row
+// written, zeros for silent units) or fp32 gradients added into in place (`hyb_bwd_w_acc`: the
+// fp32 masters' .grad, no bf16 tensor and no separate add; silent units are not touched).
 static_assert(HYB_BWD_W_THREADS == 128 && HYB_BWD_W_SLICE == 256, "4 warps, 8 columns per lane, 2 columns per thread in the reduction");
+#ifndef HYB_BWD_W_UNR
+#define HYB_BWD_W_UNR 8
+#endif
+#ifndef HYB_BWD_W_HEAVY
+#define HYB_BWD_W_HEAVY 128
+#endif
 namespace wk {
-constexpr int THREADS = HYB_BWD_W_THREADS, WARPS = THREADS / 32, SLICE = HYB_BWD_W_SLICE, UNR = 8;
+constexpr int THREADS = HYB_BWD_W_THREADS, WARPS = THREADS / 32, SLICE = HYB_BWD_W_SLICE, UNR = HYB_BWD_W_UNR;
+constexpr int HEAVY = HYB_BWD_W_HEAVY;
 }
-extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(const __nv_bfloat16* __restrict__ x,
-                                                                    const __nv_bfloat16* __restrict__ dy,
-                                                                    const int* __restrict__ unit_ptr,
-                                                                    const int* __restrict__ uorder,
-                                                                    const int* __restrict__ csc,
-                                                                    const float4* __restrict__ rec,
-                                                                    __nv_bfloat16* dWg, __nv_bfloat16* dWu,
-                                                                    __nv_bfloat16* dWdT, const int* hctrl, int D,
-                                                                    int H) {
+
+// Adds entries p0 + first + stride * i (i = 0, 1, ...) of a unit into ag, au, ad (8 columns
+// from cc per lane; every lane of the warp takes part).
+DEV void bwd_w_walk(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                    const int* __restrict__ csc, const float4* __restrict__ rec, int p0, int p1, int first,
+                    int stride, int cc, int D, int lane, float* ag, float* au, float* ad) {
   using namespace wk;
-  __shared__ float red[WARPS][24][33];
-  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int slice = blockIdx.x / H;
-  const int j = uorder[blockIdx.x - slice * H];
-  const int c0 = slice * SLICE + lane * 8;
-  const int cc = c0 < D ? c0 : 0;  // lanes past D load a valid address and discard
-  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
-  float au[8], ag[8], ad[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
-  // warp's entries: p0 + warp + WARPS * i, i = 0, 1, ...
-  const int nw = (p1 - p0 - warp + WARPS - 1) / WARPS;  // may be <= 0
+  const int nw = (p1 - p0 - first + stride - 1) / stride;  // may be <= 0
   for (int i0 = 0; i0 < nw; i0 += 32) {
     const int n = min(32, nw - i0);
     float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lane < n) r = __ldg(rec + __ldg(csc + p0 + warp + WARPS * (i0 + lane)));
+    if (lane < n) r = __ldg(rec + __ldg(csc + p0 + first + stride * (i0 + lane)));
     for (int i = 0; i < n; i += UNR) {
       uint4 xv[UNR], dv[UNR];
 #pragma unroll
@@ -468,31 +464,97 @@ extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(const __n
       }
     }
   }
+}
+
+// The result of one gradient element: stored as bf16, or added into an fp32 gradient.
+DEV void put1(__nv_bfloat16* out, size_t o, float v) { out[o] = __float2bfloat16_rn(v); }
+DEV void put1(float* out, size_t o, float v) { out[o] += v; }
+// Eight consecutive elements from o (o % 8 == 0).
+DEV void put8(__nv_bfloat16* out, size_t o, const float* v) { store_bf16x8(out + o, 0, v); }
+DEV void put8(float* out, size_t o, const float* v) {
+  float4* p = reinterpret_cast<float4*>(out + o);
+  float4 a = p[0], b = p[1];
+  a.x += v[0], a.y += v[1], a.z += v[2], a.w += v[3];
+  b.x += v[4], b.y += v[5], b.z += v[6], b.w += v[7];
+  p[0] = a, p[1] = b;
+}
+
+template <typename T>
+DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder, const int* __restrict__ csc,
+                    const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT, const int* hctrl, int D, int H) {
+  using namespace wk;
+  constexpr bool ADD = sizeof(T) == sizeof(float);
+  __shared__ float red[WARPS][24][33];
+  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per_slice = (H + WARPS - 1) / WARPS;
+  const int slice = blockIdx.x / per_slice;
+  const int pos0 = (blockIdx.x - slice * per_slice) * WARPS;
+  const int c0 = slice * SLICE + lane * 8;
+  const int cc = c0 < D ? c0 : 0;  // lanes past D load a valid address and discard
+  // The block's heavy units, one at a time (block-uniform branches: every thread reads the
+  // same counts).
+  for (int k = 0; k < WARPS && pos0 + k < H; ++k) {
+    const int j = uorder[pos0 + k];
+    const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
+    if (p1 - p0 <= HEAVY) continue;
+    float au[8], ag[8], ad[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    red[warp][e][lane] = ag[e];
-    red[warp][8 + e][lane] = au[e];
-    red[warp][16 + e][lane] = ad[e];
-  }
-  __syncthreads();
-  // thread tid -> columns slice*256 + tid and + 128 (lane c/8, element c%8), three rows
+    for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
+    bwd_w_walk(x, dy, csc, rec, p0, p1, warp, WARPS, cc, D, lane, ag, au, ad);
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int c = tid + h2 * 128;
-    const int col = slice * SLICE + c;
-    if (col < D) {
-      const int l = c >> 3, e = c & 7;
-      float s[3] = {0.f, 0.f, 0.f};
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        s[0] += red[w][e][l];
-        s[1] += red[w][8 + e][l];
-        s[2] += red[w][16 + e][l];
-      }
-      const size_t o = (size_t)j * D + col;
-      dWg[o] = __float2bfloat16_rn(s[0]);
-      dWu[o] = __float2bfloat16_rn(s[1]);
-      dWdT[o] = __float2bfloat16_rn(s[2]);
+    for (int e = 0; e < 8; ++e) {
+      red[warp][e][lane] = ag[e];
+      red[warp][8 + e][lane] = au[e];
+      red[warp][16 + e][lane] = ad[e];
     }
+    __syncthreads();
+    // thread tid -> columns slice*256 + tid and + 128 (lane c/8, element c%8), three rows
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int c = tid + h2 * 128;
+      const int col = slice * SLICE + c;
+      if (col < D) {
+        const int l = c >> 3, e = c & 7;
+        float s[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+          s[0] += red[w][e][l];
+          s[1] += red[w][8 + e][l];
+          s[2] += red[w][16 + e][l];
+        }
+        const size_t o = (size_t)j * D + col;
+        put1(dWg, o, s[0]);
+        put1(dWu, o, s[1]);
+        put1(dWdT, o, s[2]);
+      }
+    }
+    __syncthreads();  // red is reused by the next heavy unit
+  }
+  // The light units: warp w takes position pos0 + w alone.
+  if (pos0 + warp >= H) return;
+  const int j = uorder[pos0 + warp];
+  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
+  if (p1 - p0 > HEAVY || (ADD && p1 == p0)) return;
+  float au[8], ag[8], ad[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
+  bwd_w_walk(x, dy, csc, rec, p0, p1, 0, 1, cc, D, lane, ag, au, ad);
+  if (c0 < D) {
+    const size_t o = (size_t)j * D + c0;
+    put8(dWg, o, ag);
+    put8(dWu, o, au);
+    put8(dWdT, o, ad);
   }
 }
+
+#define BWW_ARGS(T)                                                                                            \
+  const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ dy, const int *__restrict__ unit_ptr, \
+      const int *__restrict__ uorder, const int *__restrict__ csc, const float4 *__restrict__ rec, T *dWg,      \
+      T *dWu, T *dWdT, const int *hctrl, int D, int H
+#define BWW_PASS x, dy, unit_ptr, uorder, csc, rec, dWg, dWu, dWdT, hctrl, D, H
+extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(BWW_ARGS(__nv_bfloat16)) {
+  bwd_w_body<__nv_bfloat16>(BWW_PASS);
+}
+extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w_acc(BWW_ARGS(float)) { bwd_w_body<float>(BWW_PASS); }

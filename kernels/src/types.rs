@@ -61,6 +61,33 @@ pub struct FfnWeights<'a> {
     pub up: &'a Tensor,
     /// `Wd^T: [H, D]`
     pub down_t: &'a Tensor,
+    /// The master weights (`Wg, Wu, Wd^T`, `[H, D]` each, usually f32) of which the three
+    /// above are compute copies (made once per optimizer step). When set, the backward adds
+    /// the weight gradients into the masters' `.grad` (zero-filled when absent) and returns
+    /// none for the copies; on CUDA the kernels add into it themselves (the hybrid
+    /// weight-gradient kernel, cuBLAS with beta = 1): no compute-dtype gradient, no cast and
+    /// no separate add per micro-batch.
+    pub masters: Option<[&'a Tensor; 3]>,
+}
+
+impl<'a> FfnWeights<'a> {
+    /// The weights `Wg, Wu, Wd^T`, differentiated as themselves (no masters).
+    pub fn new(gate: &'a Tensor, up: &'a Tensor, down_t: &'a Tensor) -> Self {
+        FfnWeights {
+            gate,
+            up,
+            down_t,
+            masters: None,
+        }
+    }
+
+    /// These weights as compute copies of `masters` (see [`FfnWeights::masters`]).
+    pub fn with_masters(self, masters: [&'a Tensor; 3]) -> Self {
+        FfnWeights {
+            masters: Some(masters),
+            ..self
+        }
+    }
 }
 
 /// What one FFN call returns.

@@ -123,6 +123,8 @@ hybrid_cases! {
     hybrid_995_n1_all_h_row: (1, D, 0.995, 1);
     /// D = 4096 runs the `_wide` kernels.
     hybrid_99_n300_wide: (300, 4096, 0.99, 0);
+    /// D not a multiple of the weight-gradient kernel's 256-column slice.
+    hybrid_99_n1000_d1344: (1000, 1344, 0.99, 0);
 }
 
 /// Under autocast over fp32 weights, y comes back in autocast's dtype (tch turns on
@@ -134,11 +136,7 @@ fn hybrid_under_autocast_returns_autocast_dtype() {
     };
     tch::manual_seed(5);
     let inputs = make_layer(256, D, H, 0.995, 0, dev);
-    let w = FfnWeights {
-        gate: &inputs[1],
-        up: &inputs[2],
-        down_t: &inputs[3],
-    };
+    let w = FfnWeights::new(&inputs[1], &inputs[2], &inputs[3]);
     let (out, kind) = tch::autocast(true, || {
         (
             sparse_ffn(&inputs[0], &w, FfnPath::Hybrid),
@@ -204,4 +202,114 @@ fn deferred_checks_flag_an_overflow_and_the_rerun_is_exact() {
     let e = relative_error(&rerun.0.y, &want.y);
     println!("rerun at 90 %: y rel err {e:.2e} against the dense oracle");
     assert!(e <= TOL);
+}
+
+/// Entries above which `hyb_bwd_w` walks a unit with the whole block (hybrid.cu's
+/// `HYB_BWD_W_HEAVY`); at or below it one warp takes the unit alone.
+const HEAVY_UNIT: i64 = 128;
+
+/// Through masters (`FfnWeights::with_masters`, as the trainer calls it): bf16 copies run the
+/// kernels and the weight gradients are added into the f32 masters' `.grad` by the kernels
+/// themselves (hybrid: `hyb_bwd_w_acc`; dense: cuBLAS with beta = 1). Each master's gradient
+/// is prefilled with random values G0 (of the oracle's scale): afterwards `.grad - G0` equals
+/// the fp32 oracle's weight gradient, every element within TOL, the copies get no gradient,
+/// and dx is the oracle's. `light_and_heavy` asks that the case holds units on both sides
+/// of HEAVY_UNIT (both walks of the weight-gradient kernel).
+fn masters_case(
+    name: &str,
+    path: FfnPath,
+    n: i64,
+    d: i64,
+    s: f64,
+    full: i64,
+    light_and_heavy: bool,
+) {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
+        return;
+    };
+    tch::manual_seed(n * 13 + (s * 1000.0) as i64 + d);
+    let inputs = make_layer(n, d, H, s, full, dev);
+    let r = Tensor::randn([n, d], (Kind::Float, dev));
+    let (want, wgrads) = run(None, &inputs, &r);
+    let per_unit = &want.active_per_unit;
+    let heavy = per_unit.gt(HEAVY_UNIT).sum(Kind::Int64).int64_value(&[]);
+    let silent = per_unit.eq(0).sum(Kind::Int64).int64_value(&[]);
+    if light_and_heavy {
+        assert!(heavy > 0 && heavy < H, "{name}: {heavy} heavy units of {H}");
+    }
+    let masters: Vec<Tensor> = inputs[1..]
+        .iter()
+        .map(|t| t.detach().copy().set_requires_grad(true))
+        .collect();
+    let g0: Vec<Tensor> = masters
+        .iter()
+        .zip(&wgrads[1..])
+        .map(|(m, w)| Tensor::randn_like(m) * w.abs().max().double_value(&[]))
+        .collect();
+    for (m, g) in masters.iter().zip(&g0) {
+        (m * g).sum(Kind::Float).backward();
+    }
+    let copies: Vec<Tensor> = inputs[1..]
+        .iter()
+        .map(|t| t.to_kind(Kind::BFloat16))
+        .collect();
+    let x = inputs[0]
+        .to_kind(Kind::BFloat16)
+        .detach()
+        .set_requires_grad(true);
+    let w = FfnWeights::new(&copies[0], &copies[1], &copies[2]).with_masters([
+        &masters[0],
+        &masters[1],
+        &masters[2],
+    ]);
+    let out = sparse_ffn(&x, &w, path);
+    ((out.y.to_kind(Kind::Float) * &r).sum(Kind::Float) + &out.l1_sum * DL1).backward();
+    let rx = relative_error(&x.grad(), &wgrads[0]);
+    let rw: Vec<f64> = masters
+        .iter()
+        .zip(&g0)
+        .zip(&wgrads[1..])
+        .map(|((m, g), w)| relative_error(&(m.grad() - g), w))
+        .collect();
+    println!(
+        "{name:36} {} N={n:5} D={d} units heavy {heavy} silent {silent} of {H} | dx {rx:.2e} dWg {:.2e} dWu {:.2e} dWd^T {:.2e}",
+        path.name(),
+        rw[0],
+        rw[1],
+        rw[2]
+    );
+    assert!(rx <= TOL, "{name}: dx rel err {rx}");
+    for (nm, e) in ["dWg", "dWu", "dWd^T"].iter().zip(&rw) {
+        assert!(*e <= TOL, "{name}: {nm} in the master, rel err {e}");
+    }
+    for c in &copies {
+        assert!(!c.grad().defined(), "{name}: a copy got a gradient");
+    }
+}
+
+macro_rules! masters_cases {
+    ($($(#[$doc:meta])* $name:ident: ($path:expr, $n:expr, $d:expr, $s:expr, $full:expr, $both:expr);)*) => {
+        $(
+            $(#[$doc])*
+            #[test]
+            fn $name() {
+                masters_case(stringify!($name), $path, $n, $d, $s, $full, $both);
+            }
+        )*
+    };
+}
+
+masters_cases! {
+    masters_hybrid_995_n1: (FfnPath::Hybrid, 1, D, 0.995, 0, false);
+    /// Light and heavy units (the generator's per-unit bias), and silent ones.
+    masters_hybrid_995_n8192: (FfnPath::Hybrid, 8192, D, 0.995, 0, true);
+    masters_hybrid_995_n777_five_all_h_rows: (FfnPath::Hybrid, 777, D, 0.995, 5, false);
+    /// Every unit heavy: the block walk throughout.
+    masters_hybrid_90_n4096_heavy_units: (FfnPath::Hybrid, 4096, D, 0.90, 0, false);
+    /// D = 4096 (the `_wide` token kernels; 16 slices in the weight-gradient kernel), and
+    /// D = 1344, not a multiple of the 256-column slice.
+    masters_hybrid_99_n300_wide: (FfnPath::Hybrid, 300, 4096, 0.99, 0, false);
+    masters_hybrid_99_n1000_d1344: (FfnPath::Hybrid, 1000, 1344, 0.99, 0, false);
+    /// The dense CUDA arm: the weight-gradient GEMMs accumulate into the masters.
+    masters_dense_995_n777: (FfnPath::Dense, 777, D, 0.995, 2, false);
 }

@@ -232,11 +232,7 @@ fn gradients_flow_through_preceding_ops_and_unused_outputs() {
 
 /// The weights of `problem`'s leaves.
 fn weights(leaves: &[Tensor; 4]) -> FfnWeights<'_> {
-    FfnWeights {
-        gate: &leaves[1],
-        up: &leaves[2],
-        down_t: &leaves[3],
-    }
+    FfnWeights::new(&leaves[1], &leaves[2], &leaves[3])
 }
 
 /// Under no_grad, each of `paths` with `config` gives the oracle's `y`, without grad.
@@ -310,38 +306,95 @@ fn bad_inputs_give_typed_errors() {
     let w4 = Tensor::randn([6, 4], opts);
     let w5 = Tensor::randn([6, 5], opts);
     let config = SparseFfnConfig::default();
-    let bad = FfnWeights {
-        gate: &w4,
-        up: &w5,
-        down_t: &w4,
-    };
+    let bad = FfnWeights::new(&w4, &w5, &w4);
     match try_sparse_ffn(&x, &bad, FfnPath::Hybrid, &config) {
         Err(FfnError::WeightShape { name: "Wu", .. }) => {}
         other => panic!("expected a Wu shape error, got {:?}", other.err()),
     }
     let xi = Tensor::zeros([3, 4], (Kind::Int64, Device::Cpu));
-    let ok = FfnWeights {
-        gate: &w4,
-        up: &w4,
-        down_t: &w4,
-    };
+    let ok = FfnWeights::new(&w4, &w4, &w4);
     assert!(matches!(
         try_sparse_ffn(&xi, &ok, FfnPath::Twell, &config),
         Err(FfnError::Dtype { name: "x", .. })
     ));
     let wide = Tensor::ones([65_537, 1], opts);
     let x1 = Tensor::ones([2, 1], opts);
-    let w = FfnWeights {
-        gate: &wide,
-        up: &wide,
-        down_t: &wide,
-    };
+    let w = FfnWeights::new(&wide, &wide, &wide);
     match try_sparse_ffn(&x1, &w, FfnPath::Twell, &config) {
         Err(FfnError::Twell(TwellError::TooManyCols { cols: 65_537 })) => {}
         other => panic!("expected TooManyCols, got {:?}", other.err()),
     }
     let wide_ok = try_sparse_ffn(&x1, &w, FfnPath::Hybrid, &config).unwrap();
     assert_eq!(wide_ok.active_per_unit.size(), [65_537]);
+}
+
+/// With masters (`FfnWeights::with_masters`), the copies get no gradient and the masters'
+/// `.grad` holds exactly what autograd gives leaves used directly, over two calls (the second
+/// adds to the first), on every path, with the copies separate tensors or the masters
+/// themselves (the f32 trainer's case). Bit for bit: both add the same f32 gradient.
+#[test]
+fn masters_receive_the_weight_gradients_the_leaves_would() {
+    let config = tiny_formats();
+    for path in [FfnPath::Dense, FfnPath::Twell, FfnPath::Hybrid] {
+        for copies_are_masters in [false, true] {
+            let leaves = problem(13, 6, 40, 0.2, 31);
+            let r = Tensor::randn([13, 6], (Kind::Float, Device::Cpu));
+            let masters: Vec<Tensor> = leaves[1..]
+                .iter()
+                .map(|t| t.detach().copy().set_requires_grad(true))
+                .collect();
+            let copies: Vec<Tensor> = match copies_are_masters {
+                true => masters.iter().map(Tensor::shallow_clone).collect(),
+                false => masters.iter().map(|m| m.detach().copy()).collect(),
+            };
+            let x = leaves[0].detach().copy().set_requires_grad(true);
+            for _ in 0..2 {
+                let w = FfnWeights::new(&copies[0], &copies[1], &copies[2]).with_masters([
+                    &masters[0],
+                    &masters[1],
+                    &masters[2],
+                ]);
+                let out = try_sparse_ffn(&x, &w, path, &config).unwrap();
+                ((out.y.to_kind(Kind::Float) * &r).sum(Kind::Float) + &out.l1_sum * L1_COEFF)
+                    .backward();
+            }
+            let label = format!("{} copies_are_masters={copies_are_masters}", path.name());
+            // The leaves' gradients, accumulated by autograd over the same two calls.
+            let want: Vec<Tensor> = (0..2)
+                .map(|_| run(&leaves, path, &config, &r).grads)
+                .reduce(|a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect())
+                .unwrap();
+            assert!(x.grad().equal(&want[0]), "{label}: dx");
+            for (i, name) in ["dWg", "dWu", "dWd^T"].iter().enumerate() {
+                assert!(
+                    masters[i].grad().equal(&want[i + 1]),
+                    "{label}: {name} in the master"
+                );
+                if !copies_are_masters {
+                    assert!(
+                        !copies[i].grad().defined(),
+                        "{label}: the copy got a gradient"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A master whose shape is not its copy's is refused, naming it.
+#[test]
+fn a_master_of_the_wrong_shape_is_refused() {
+    let opts = (Kind::Float, Device::Cpu);
+    let x = Tensor::randn([3, 4], opts);
+    let (w, wrong) = (Tensor::randn([6, 4], opts), Tensor::randn([6, 5], opts));
+    let ws = FfnWeights::new(&w, &w, &w).with_masters([&w, &w, &wrong]);
+    match try_sparse_ffn(&x, &ws, FfnPath::Hybrid, &SparseFfnConfig::default()) {
+        Err(FfnError::WeightShape {
+            name: "the master of Wd^T",
+            ..
+        }) => {}
+        other => panic!("expected a master shape error, got {:?}", other.err()),
+    }
 }
 
 /// On CUDA tensors that no kernel takes (here D = 48, not a multiple of 64; TwELL with a

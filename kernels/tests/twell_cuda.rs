@@ -21,11 +21,7 @@ fn case(dev: Device, n: i64, d: i64, h: i64, shift: f64, heavy_rows: i64) {
     let wd = Tensor::randn([h, d], opts) / (h as f64).sqrt();
     let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
     let (x, wg, wu, wd) = (bf(&x), bf(&wg), bf(&wu), bf(&wd));
-    let w = FfnWeights {
-        gate: &wg,
-        up: &wu,
-        down_t: &wd,
-    };
+    let w = FfnWeights::new(&wg, &wu, &wd);
     let out = tch::no_grad(|| sparse_ffn(&x, &w, FfnPath::Twell));
     let f = |t: &Tensor| t.to_kind(Kind::Float);
     let g = f(&x).matmul(&f(&wg).tr());

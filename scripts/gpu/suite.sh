@@ -37,10 +37,14 @@
 #   profile       a Chrome trace of one dense 1.5b training step and where its time goes
 #                 (scripts/profile_summary.py), then the anchor's 1.5b training step
 #                 (PROFILE_ANCHOR=0: without it)
+#   bwd-w         the hybrid FFN's fwd+bwd at 99.5 % (bench ffn --mode train, N = 16384, 8192,
+#                 4096) with the embedded kernels, then with hybrid.cu rebuilt here at other
+#                 weight-gradient settings (VARIANTS, default "HEAVY=64 HEAVY=256 UNR=4": the
+#                 HYB_BWD_W_* defines) through SPARSE_TRAIN_CUBINS, at N = 8192
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
-NAME=${1:?usage: suite.sh tests|graphs|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|microbatch|curve|ab|corpus [CARRY]}
+NAME=${1:?usage: suite.sh tests|bwd-w|graphs|benches|decode|study|sweep|hybrid-train|generate|anchors|profile|train-step|sizes|microbatch|curve|ab|corpus [CARRY]}
 CARRY=${2:-.carry}
 source scripts/gpu/env.sh
 OUT=${OUT:-$PWD/out}
@@ -322,6 +326,24 @@ case_graphs() {
   done
 }
 
+# The weight-gradient kernel's settings (see the header above). Logs: $OUT/bwd-w-*.log.
+case_bwd_w() {
+  gpu_info
+  run bench ffn --shape 1.5b --tokens 16384,8192,4096 --sparsity 0.995 --mode train |
+    tee "$OUT/bwd-w-embedded.log"
+  local v dir
+  for v in ${VARIANTS:-HEAVY=64 HEAVY=256 UNR=4}; do
+    dir=/tmp/cubins-$v
+    mkdir -p "$dir"
+    nvcc -cubin -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
+      "-DHYB_BWD_W_$v" -I kernels/cuda -o "$dir/hybrid.sm_90a.cubin" kernels/cuda/hybrid.cu ||
+      { failed=1; continue; }
+    echo "=== HYB_BWD_W_$v"
+    SPARSE_TRAIN_CUBINS=$dir run bench ffn --shape 1.5b --tokens 8192 --sparsity 0.995 --mode train |
+      tee "$OUT/bwd-w-$v.log"
+  done
+}
+
 # Gains against model size (docs/study/sizes.py): per shape of SHAPES (default
 # "0.5b 1b 1.5b 2b"; about 3 minutes a shape, so two jobs), the training step (dense, and hybrid
 # at 99.5 % imposed sparsity; the anchor's 4 x 4 x 2048) and the forward (dense and TwELL,
@@ -419,6 +441,7 @@ case $NAME in
   microbatch) case_microbatch ;;
   curve) case_curve ;;
   ab) case_ab ;;
+  bwd-w) case_bwd_w ;;
   corpus) prepare_corpus ;;
   *)
     echo "unknown suite $NAME: tests, graphs, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, curve, ab, corpus" >&2

@@ -12,7 +12,8 @@
 //! caching allocator and freed when the forward returns.
 //!
 //! Backward (`hybrid_backward`): `hyb_bwd_tok` (dh, du, dg per active; dx) -> `hyb_bwd_w`
-//! (dWg, dWu, dWd^T, every row written). No sync.
+//! (dWg, dWu, dWd^T: new bf16 tensors, every row written, or [`WeightGrads::AddInto`] f32
+//! gradients such as the fp32 masters' `.grad`, added into by the kernel). No sync.
 //!
 //! Shapes: `x, dy: [N, D]`, `Wg, Wu, Wd^T: [H, D]`, all bf16 contiguous (callers cast);
 //! `D % 64 == 0`, `D <= 8192`, `H <= 65536` and `4 H` bytes of shared memory per block
@@ -57,7 +58,8 @@ pub struct HybridKernels {
     fwd: [CudaFunction; 2],
     l1: CudaFunction,
     bwd_tok: [CudaFunction; 2],
-    bwd_w: CudaFunction,
+    /// `hyb_bwd_w` (bf16 gradients) and `hyb_bwd_w_acc` (added into f32).
+    bwd_w: [CudaFunction; 2],
     /// Largest dynamic shared memory hyb_count / hyb_fill may take (bytes).
     max_dyn_smem: i64,
 }
@@ -80,7 +82,7 @@ impl HybridKernels {
             fwd: [f("hyb_fwd")?, f("hyb_fwd_wide")?],
             l1: f("hyb_l1")?,
             bwd_tok: [f("hyb_bwd_tok")?, f("hyb_bwd_tok_wide")?],
-            bwd_w: f("hyb_bwd_w")?,
+            bwd_w: [f("hyb_bwd_w")?, f("hyb_bwd_w_acc")?],
             count,
             fill,
             max_dyn_smem,
@@ -387,9 +389,20 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     }
 }
 
-/// Hybrid backward: `(dx [N, D], dWg, dWu, dWd^T [H, D])`, bf16, on tch's current stream.
-/// `x, Wg, Wu, Wd^T` are the forward's (bf16 contiguous), `dy: [N, D]` bf16 contiguous,
-/// `dl1`: the gradient of `l1_sum`, a 1-element f32 tensor on the device.
+/// Where [`hybrid_backward`] puts the weight gradients.
+pub enum WeightGrads<'a> {
+    /// New bf16 `[H, D]` tensors, returned.
+    Return,
+    /// Added into these f32 `[H, D]` contiguous tensors (dWg, dWu, dWd^T; e.g. the fp32
+    /// masters' `.grad`) by the kernel itself: no bf16 gradient and no separate add.
+    AddInto([&'a Tensor; 3]),
+}
+
+/// Hybrid backward: `dx [N, D]` (bf16) and, with [`WeightGrads::Return`], `[dWg, dWu, dWd^T]`
+/// (`[H, D]` bf16), on tch's current stream. `x, Wg, Wu, Wd^T` are the forward's (bf16
+/// contiguous), `dy: [N, D]` bf16 contiguous, `dl1`: the gradient of `l1_sum`, a 1-element f32
+/// tensor on the device.
+#[allow(clippy::too_many_arguments)]
 pub fn hybrid_backward(
     s: &HybridState,
     x: &Tensor,
@@ -398,7 +411,8 @@ pub fn hybrid_backward(
     wdt: &Tensor,
     dy: &Tensor,
     dl1: &Tensor,
-) -> Result<[Tensor; 4]> {
+    weight_grads: WeightGrads,
+) -> Result<(Tensor, Option<[Tensor; 3]>)> {
     let device = x.device();
     let k = HybridKernels::for_device(device)?;
     let (n, d, h) = (s.n, s.d, s.h);
@@ -418,9 +432,20 @@ pub fn hybrid_backward(
     let bf = (Kind::BFloat16, device);
     let rec = Tensor::f_empty([s.nnz.max(1) * 4], (Kind::Float, device))?;
     let dx = Tensor::f_empty([n, d], bf)?;
-    let dwg = Tensor::f_empty([h, d], bf)?;
-    let dwu = Tensor::f_empty([h, d], bf)?;
-    let dwd = Tensor::f_empty([h, d], bf)?;
+    let new = || Tensor::f_empty([h, d], bf);
+    let (returned, (dgp, dup, ddp)) = match weight_grads {
+        WeightGrads::Return => {
+            let r = [new()?, new()?, new()?];
+            let p = (ptr(&r[0]), ptr(&r[1]), ptr(&r[2]));
+            (Some(r), p)
+        }
+        WeightGrads::AddInto(into) => {
+            for (name, g) in ["dWg", "dWu", "dWd^T"].into_iter().zip(into) {
+                check_tensor(name, g, Kind::Float, &[h, d], device)?;
+            }
+            (None, (ptr(into[0]), ptr(into[1]), ptr(into[2])))
+        }
+    };
     let (dyp, dlp, wgp, wup, wdp, xp) = (ptr(dy), ptr(dl1), ptr(wg), ptr(wu), ptr(wdt), ptr(x));
     let (rpp, ecp, egp, eup, rcp, dxp, hcp) = (
         ptr(&s.row_ptr),
@@ -432,10 +457,13 @@ pub fn hybrid_backward(
         ptr(&s.hctrl),
     );
     let (upp, uop, csp) = (ptr(&s.unit_ptr), ptr(&s.uorder), ptr(&s.csc));
-    let (dgp, dup, ddp) = (ptr(&dwg), ptr(&dwu), ptr(&dwd));
     let (di, hi) = (d as i32, h as i32);
     let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
+    // A block takes as many units of one slice as it has warps (one warp each, or the whole
+    // block for a heavy unit).
+    let warps = HYB_BWD_W_THREADS / 32;
+    let per_slice = ((h + warps - 1) / warps) as u32;
     let shape = LaunchShape::on(stream);
     // SAFETY: as in hybrid_forward; rec holds 4 floats per active of the forward.
     unsafe {
@@ -457,8 +485,8 @@ pub fn hybrid_backward(
             di,
         )?;
         hyb_bwd_w(
-            &k.bwd_w,
-            shape((slices * h as u32, 1), HYB_BWD_W_THREADS, 0),
+            &k.bwd_w[usize::from(returned.is_none())],
+            shape((slices * per_slice, 1), HYB_BWD_W_THREADS, 0),
             xp,
             dyp,
             upp,
@@ -473,5 +501,5 @@ pub fn hybrid_backward(
             hi,
         )?;
     }
-    Ok([dx, dwg, dwu, dwd])
+    Ok((dx, returned))
 }

@@ -263,8 +263,8 @@ kernels! {
     hyb_bwd_tok ["hyb_bwd_tok", "hyb_bwd_tok_wide"]
         (dy: DevPtr, dl1: DevPtr, wg: DevPtr, wu: DevPtr, wdt: DevPtr, row_ptr: DevPtr,
          ecol: DevPtr, eg: DevPtr, eu: DevPtr, rec: DevPtr, dx: DevPtr, hctrl: DevPtr, d: i32);
-    /// hybrid.cu: the unit-major weight gradients.
-    hyb_bwd_w ["hyb_bwd_w"]
+    /// hybrid.cu: the unit-major weight gradients, bf16 out or added into f32.
+    hyb_bwd_w ["hyb_bwd_w", "hyb_bwd_w_acc"]
         (x: DevPtr, dy: DevPtr, unit_ptr: DevPtr, uorder: DevPtr, csc: DevPtr, rec: DevPtr,
          dwg: DevPtr, dwu: DevPtr, dwdt: DevPtr, hctrl: DevPtr, d: i32, h: i32);
     /// rope.cu: q and k rotated and v, head-major, from the stacked qkv rows.

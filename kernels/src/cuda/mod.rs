@@ -37,7 +37,9 @@ pub mod consts {
 }
 
 pub use consts::TILE_COLS;
-pub use hybrid::{hybrid_backward, hybrid_forward, HybridForward, HybridKernels, HybridState};
+pub use hybrid::{
+    hybrid_backward, hybrid_forward, HybridForward, HybridKernels, HybridState, WeightGrads,
+};
 pub use hybrid_sizes::{sizes_generation, DeferredChecks, Settled};
 pub use image::{has_embedded_cubins, nvrtc_compile, LoadedImage};
 pub use twell::{

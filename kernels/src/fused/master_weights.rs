@@ -21,6 +21,13 @@ extern "C" {
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> i32;
+    fn sparse_add_product(
+        g: *mut C_tensor,
+        a: *mut C_tensor,
+        b: *mut C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> i32;
     fn sparse_cached_weight(
         master: *mut C_tensor,
         cached: *mut C_tensor,
@@ -53,6 +60,23 @@ pub fn master_linear(x: &Tensor, w: &Tensor, masters: &[&Tensor]) -> Result<Tens
     })?;
     // SAFETY: a fresh handle from the bridge, owned from here on.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `g += a b` in place for `a: [rows, N]`, `b: [N, in]`: on CUDA with a compute-dtype `a`, `b`
+/// and an f32 `g`, one GEMM with an f32 output and beta = 1 (no product tensor, no add);
+/// elsewhere the product in the operands' dtype, then one add.
+pub fn add_product(g: &Tensor, a: &Tensor, b: &Tensor) -> Result<(), FusedError> {
+    let (gs, as_, bs) = (g.size(), a.size(), b.size());
+    if gs.len() != 2 || as_.len() != 2 || bs.len() != 2 || as_[1] != bs[0] || gs != [as_[0], bs[1]]
+    {
+        return Err(FusedError(format!(
+            "add_product: {gs:?} += {as_:?} x {bs:?} does not fit"
+        )));
+    }
+    bridge_call("add_product", |err, len| {
+        // SAFETY: live tch handles, borrowed by the bridge, which writes into g's storage.
+        unsafe { sparse_add_product(ptr(g), ptr(a), ptr(b), err, len) }
+    })
 }
 
 /// `cached` (a copy of `master`, any dtype) as a differentiable stand-in for `master`: the

@@ -73,7 +73,11 @@ pub(super) fn apply(
         backward: backward_cb,
         drop: drop_cb,
     };
-    let inputs = [x, w.gate, w.up, w.down_t].map(|t| t.as_ptr() as *mut C_tensor);
+    // The masters, or undefined tensors in their place (the bridge takes 7 inputs).
+    let none = Tensor::new();
+    let masters = w.masters.unwrap_or([&none; 3]);
+    let [mg, mu, md] = masters;
+    let inputs = [x, w.gate, w.up, w.down_t, mg, mu, md].map(|t| t.as_ptr() as *mut C_tensor);
     let mut outputs = [std::ptr::null_mut(); 5];
     let mut err = [0 as c_char; ERR_LEN];
     // SAFETY: the inputs are live tch tensors (the bridge copies the handles); on success the
@@ -161,7 +165,8 @@ unsafe extern "C" fn forward_cb(
 
 /// # Safety
 /// Called by the bridge only: `state` is a live [`Saved`] from [`forward_cb`], `inputs`
-/// holds 6 owned handles, `outputs` room for 4, `err` `err_len` bytes.
+/// holds 9 owned handles (the last three the masters' gradient buffers, or undefined),
+/// `outputs` room for 4, `err` `err_len` bytes.
 unsafe extern "C" fn backward_cb(
     state: *mut c_void,
     inputs: *mut *mut C_tensor,
@@ -170,10 +175,11 @@ unsafe extern "C" fn backward_cb(
     err_len: usize,
 ) -> c_int {
     let saved = &*(state as *const Saved);
-    let tensors = take_inputs::<6>(inputs);
+    let tensors = take_inputs::<9>(inputs);
     let t = Inputs::of(&tensors);
-    let [.., dy, dl1] = &tensors;
-    match catching(|| backward(saved, &t, dy, dl1)) {
+    let [.., dy, dl1, gg, gu, gd] = &tensors;
+    let into = gg.defined().then_some([gg, gu, gd]);
+    match catching(|| backward(saved, &t, dy, dl1, into)) {
         Ok(grads) => {
             give_outputs(grads, outputs);
             0

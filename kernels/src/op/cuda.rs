@@ -2,9 +2,10 @@
 //! (forward and backward inside `SparseFfn`). Both run on tch's current stream in bf16.
 use tch::{Kind, TchError, Tensor};
 
-use super::Inputs;
-use crate::cuda::{self, HybridState, TwellLaunch, TILE_COLS};
+use super::{add_weight_grads, GradsInto, Inputs};
+use crate::cuda::{self, HybridState, TwellLaunch, WeightGrads, TILE_COLS};
 use crate::format::TwellConfig;
+use crate::fused::master_weights::add_product;
 use crate::types::{FfnError, FfnWeights};
 
 /// Words per tile of the TwELL kernels for `cfg`, `None` where they do not take it (tiles
@@ -81,16 +82,32 @@ pub(super) fn hybrid_forward(t: &Inputs) -> Result<([Tensor; 5], HybridState), F
     Ok((outs, f.state))
 }
 
-/// `[dx, dWg, dWu, dWd^T]` in the dtypes of x and the weights (bf16 kernels, converted).
+/// Whether the kernels can add into `into` themselves: f32 contiguous gradient buffers.
+fn kernel_addable(into: GradsInto<'_>) -> Option<[&Tensor; 3]> {
+    into.filter(|gs| {
+        gs.iter()
+            .all(|g| g.kind() == Kind::Float && g.is_contiguous())
+    })
+}
+
+/// `[dx, dWg, dWu, dWd^T]` in the dtypes of x and the weights (bf16 kernels, converted);
+/// with `into`, the weight-gradient kernel adds into those buffers (f32) and the last three
+/// are undefined.
 pub(super) fn hybrid_backward(
     state: &HybridState,
     t: &Inputs,
     dy: &Tensor,
     dl1: &Tensor,
+    into: GradsInto,
 ) -> Result<[Tensor; 4], FfnError> {
     let _guard = tch::no_grad_guard();
     let [x, gate, up, down_t] = bf16_operands(t)?;
-    let [dx, dwg, dwu, dwd] = cuda::hybrid_backward(
+    let direct = kernel_addable(into);
+    let weight_grads = match direct {
+        Some(gs) => WeightGrads::AddInto(gs),
+        None => WeightGrads::Return,
+    };
+    let (dx, dw) = cuda::hybrid_backward(
         state,
         &x,
         &gate,
@@ -98,13 +115,22 @@ pub(super) fn hybrid_backward(
         &down_t,
         &bf16(dy)?,
         &device_dl1(dl1)?,
+        weight_grads,
     )?;
-    Ok([
-        dx.f_to_kind(t.x.kind())?,
+    let dx = dx.f_to_kind(t.x.kind())?;
+    let Some([dwg, dwu, dwd]) = dw else {
+        return Ok([dx, Tensor::new(), Tensor::new(), Tensor::new()]);
+    };
+    let grads = [
+        dx,
         dwg.f_to_kind(t.gate.kind())?,
         dwu.f_to_kind(t.up.kind())?,
         dwd.f_to_kind(t.down_t.kind())?,
-    ])
+    ];
+    match into {
+        Some(into) => add_weight_grads(grads, into),
+        None => Ok(grads),
+    }
 }
 
 /// What the dense training arm keeps for its backward: the two pre-activations (`h` is
@@ -135,12 +161,15 @@ pub(super) fn dense_forward(t: &Inputs) -> Result<([Tensor; 5], DenseState), Ffn
     Ok((outs, DenseState { g, u }))
 }
 
-/// `[dx, dWg, dWu, dWd^T]` of the dense training arm, in the dtypes of x and the weights.
+/// `[dx, dWg, dWu, dWd^T]` of the dense training arm, in the dtypes of x and the weights;
+/// with `into`, the weight gradients are added there (by the GEMMs themselves into f32
+/// buffers) and the last three are undefined.
 pub(super) fn dense_backward(
     state: &DenseState,
     t: &Inputs,
     dy: &Tensor,
     dl1: &Tensor,
+    into: GradsInto,
 ) -> Result<[Tensor; 4], FfnError> {
     let _guard = tch::no_grad_guard();
     let [x, gate, up, down_t] = bf16_operands(t)?;
@@ -148,19 +177,34 @@ pub(super) fn dense_backward(
     let dh = dy.f_mm(&down_t.f_tr()?)?;
     let (dg, du, h) = cuda::gating::gating_backward(&state.g, &state.u, &dh, &device_dl1(dl1)?)?;
     drop(dh);
+    let f32 = Kind::Float;
+    let add = |g: &Tensor, a: &Tensor, b: &Tensor| {
+        add_product(g, a, b).map_err(|e| FfnError::Bridge(e.to_string()))
+    };
+    // dx = du Wu + dg Wg: the second GEMM accumulates into the first's f32 result.
+    let dx = du.f_mm_dtype(&up, f32)?;
+    add(&dx, &dg, &gate)?;
+    let dx = dx.f_to_kind(t.x.kind())?;
+    if let Some([gg, gu, gd]) = kernel_addable(into) {
+        // The weight-gradient GEMMs accumulate into the f32 buffers (beta = 1).
+        add(gg, &dg.f_tr()?, &x)?;
+        add(gu, &du.f_tr()?, &x)?;
+        add(gd, &h.f_tr()?, &dy)?;
+        return Ok([dx, Tensor::new(), Tensor::new(), Tensor::new()]);
+    }
     // f32 results, rounded once to the operands' dtype: bf16 outputs would let cuBLAS
     // reduce split-K partial sums in bf16 (the long token sums of the weight gradients).
-    let f32 = Kind::Float;
-    let dx = du
-        .f_mm_dtype(&up, f32)?
-        .f_add_(&dg.f_mm_dtype(&gate, f32)?)?;
     let dwg = dg.f_tr()?.f_mm_dtype(&x, f32)?;
     let dwu = du.f_tr()?.f_mm_dtype(&x, f32)?;
     let dwd = h.f_tr()?.f_mm_dtype(&dy, f32)?;
-    Ok([
-        dx.f_to_kind(t.x.kind())?,
+    let grads = [
+        dx,
         dwg.f_to_kind(t.gate.kind())?,
         dwu.f_to_kind(t.up.kind())?,
         dwd.f_to_kind(t.down_t.kind())?,
-    ])
+    ];
+    match into {
+        Some(into) => add_weight_grads(grads, into),
+        None => Ok(grads),
+    }
 }

@@ -151,11 +151,7 @@ mod tests {
         let ws: Vec<Tensor> = (0..3)
             .map(|_| (Tensor::randn([h, d], opts) * 0.3).set_requires_grad(true))
             .collect();
-        let w = FfnWeights {
-            gate: &ws[0],
-            up: &ws[1],
-            down_t: &ws[2],
-        };
+        let w = FfnWeights::new(&ws[0], &ws[1], &ws[2]);
         let out = dense_ffn(&x, &w);
         let r = Tensor::randn([n, d], opts);
         let dl1 = 0.37;

@@ -26,6 +26,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cuda::gating::gating_supports;
 use crate::cuda::HybridKernels;
+use crate::fused::master_weights::cached_weight;
 use crate::types::{FfnError, FfnOutput, FfnPath, FfnWeights, SparseFfnConfig};
 
 mod bridge;
@@ -81,7 +82,21 @@ pub fn try_sparse_ffn(
     config: &SparseFfnConfig,
 ) -> Result<FfnOutput, FfnError> {
     match choose_arm(x, w, path, config)? {
-        Arm::DenseOracle => Ok(dense::dense_ffn(x, w)),
+        Arm::DenseOracle => match w.masters {
+            // tch autograd: the masters' gradients through stand-ins for the copies.
+            Some([mg, mu, md]) => {
+                let stand_in = |m: &Tensor, c: &Tensor| {
+                    cached_weight(m, c).map_err(|e| FfnError::Bridge(e.to_string()))
+                };
+                let (g, u, d) = (
+                    stand_in(mg, w.gate)?,
+                    stand_in(mu, w.up)?,
+                    stand_in(md, w.down_t)?,
+                );
+                Ok(dense::dense_ffn(x, &FfnWeights::new(&g, &u, &d)))
+            }
+            None => Ok(dense::dense_ffn(x, w)),
+        },
         Arm::DenseInference => Ok(dense::dense_ffn_inference(x, w)),
         Arm::CudaTwell { words_per_tile } => {
             cuda::twell_forward(words_per_tile, config.statistics, x, w).map(FfnOutput::from_array)
@@ -135,7 +150,8 @@ fn choose_arm(
 /// Whether the output of this call will be differentiated.
 fn grad_needed(x: &Tensor, w: &FfnWeights) -> bool {
     [x, w.gate, w.up, w.down_t]
-        .iter()
+        .into_iter()
+        .chain(w.masters.into_iter().flatten())
         .any(|t| t.requires_grad())
         && crate::torch::cuda_runtime::grad_mode_enabled()
 }
@@ -178,9 +194,36 @@ fn validate(x: &Tensor, w: &FfnWeights) -> Result<(), FfnError> {
         }
         check_kind(name, t)?;
     }
+    for (name, t) in ["Wg", "Wu", "Wd^T"]
+        .into_iter()
+        .zip(w.masters.into_iter().flatten())
+    {
+        let (shape, name) = (t.size(), master_name(name));
+        if shape != [h, d] {
+            return Err(FfnError::WeightShape { name, shape, h, d });
+        }
+        if t.device() != x.device() {
+            let (device, x_device) = (t.device(), x.device());
+            return Err(FfnError::Device {
+                name,
+                device,
+                x_device,
+            });
+        }
+        check_kind(name, t)?;
+    }
     match x.device() {
         Device::Cpu | Device::Cuda(_) => Ok(()),
         device => Err(FfnError::UnsupportedDevice { device }),
+    }
+}
+
+/// How errors name the master of a weight.
+fn master_name(weight: &'static str) -> &'static str {
+    match weight {
+        "Wg" => "the master of Wg",
+        "Wu" => "the master of Wu",
+        _ => "the master of Wd^T",
     }
 }
 
@@ -252,14 +295,38 @@ fn forward(
     }
 }
 
-/// The backward on what the forward saved: `[dx, dWg, dWu, dWd^T]`.
-fn backward(saved: &Saved, t: &Inputs, dy: &Tensor, dl1: &Tensor) -> Result<[Tensor; 4], FfnError> {
-    match saved {
-        Saved::Cpu { config, pattern } => cpu::backward(config, pattern, t, dy, dl1),
-        Saved::Dense => Ok(dense::backward(t, dy, dl1)),
-        Saved::CudaHybrid(state) => cuda::hybrid_backward(state, t, dy, dl1),
-        Saved::CudaDense(state) => cuda::dense_backward(state, t, dy, dl1),
+/// The gradient buffers of the masters (`.grad` of `Wg, Wu, Wd^T`'s masters), which the
+/// backward adds the weight gradients into.
+type GradsInto<'a> = Option<[&'a Tensor; 3]>;
+
+/// The backward on what the forward saved: `[dx, dWg, dWu, dWd^T]`; with `into`, the weight
+/// gradients are added there instead and the last three are undefined (no gradient).
+fn backward(
+    saved: &Saved,
+    t: &Inputs,
+    dy: &Tensor,
+    dl1: &Tensor,
+    into: GradsInto,
+) -> Result<[Tensor; 4], FfnError> {
+    let grads = match saved {
+        Saved::CudaHybrid(state) => return cuda::hybrid_backward(state, t, dy, dl1, into),
+        Saved::CudaDense(state) => return cuda::dense_backward(state, t, dy, dl1, into),
+        Saved::Cpu { config, pattern } => cpu::backward(config, pattern, t, dy, dl1)?,
+        Saved::Dense => dense::backward(t, dy, dl1),
+    };
+    match into {
+        Some(into) => add_weight_grads(grads, into),
+        None => Ok(grads),
     }
+}
+
+/// Adds the weight gradients of `[dx, dWg, dWu, dWd^T]` into `into`: `[dx, undefined x 3]`.
+fn add_weight_grads(grads: [Tensor; 4], into: [&Tensor; 3]) -> Result<[Tensor; 4], FfnError> {
+    let [dx, dwg, dwu, dwd] = grads;
+    for (g, dw) in into.into_iter().zip([dwg, dwu, dwd]) {
+        let _ = g.shallow_clone().f_add_(&dw)?;
+    }
+    Ok([dx, Tensor::new(), Tensor::new(), Tensor::new()])
 }
 
 #[cfg(test)]
@@ -272,7 +339,7 @@ mod tests {
     fn the_gating_arm_takes_only_bf16_products() {
         let t = |kind| Tensor::zeros([4, 8], (kind, Device::Cpu));
         let (b, f) = (t(Kind::BFloat16), t(Kind::Float));
-        let w = |gate, up, down_t| FfnWeights { gate, up, down_t };
+        let w = |gate, up, down_t| FfnWeights::new(gate, up, down_t);
         assert!(computes_in_bf16(&b, &w(&b, &b, &b)));
         assert!(!computes_in_bf16(&f, &w(&f, &f, &f)));
         assert!(!computes_in_bf16(&b, &w(&b, &f, &b)));

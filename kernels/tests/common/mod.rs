@@ -46,11 +46,7 @@ pub fn run_with_grads(
         .iter()
         .map(|t| t.detach().copy().set_requires_grad(true))
         .collect();
-    let w = FfnWeights {
-        gate: &leaves[1],
-        up: &leaves[2],
-        down_t: &leaves[3],
-    };
+    let w = FfnWeights::new(&leaves[1], &leaves[2], &leaves[3]);
     let out = ffn(&leaves[0], &w);
     loss(&out).backward();
     let grads = leaves.iter().map(|l| l.grad()).collect();

@@ -99,11 +99,7 @@ fn check(l: &Layer, launch: TwellLaunch) -> Result<(f64, f64, f64, i64)> {
     let rel = err.max().double_value(&[]) / scale;
     let row_ref = want.abs().amax([1], false).clamp_min(1e-30);
     let row_rel = (err.amax([1], false) / row_ref).max().double_value(&[]);
-    let w = FfnWeights {
-        gate: &l.wg,
-        up: &l.wu,
-        down_t: &l.wd,
-    };
+    let w = FfnWeights::new(&l.wg, &l.wu, &l.wd);
     let out = tch::no_grad(|| {
         sparse_kernels::try_sparse_ffn(&l.x, &w, FfnPath::Twell, &Default::default())
     })?;
@@ -326,11 +322,7 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
                 ..Default::default()
             };
             time_ms(device, w, r, &layers, |l| {
-                let wts = FfnWeights {
-                    gate: &l.wg,
-                    up: &l.wu,
-                    down_t: &l.wd,
-                };
+                let wts = FfnWeights::new(&l.wg, &l.wu, &l.wd);
                 Ok(tch::no_grad(|| {
                     sparse_kernels::try_sparse_ffn(&l.x, &wts, FfnPath::Twell, &config)
                 })?
@@ -380,7 +372,7 @@ fn dense_train(l: &TrainLayer) -> Result<Vec<Tensor>> {
 /// `sparse_ffn` on the hybrid path over the leaves `[x, Wg, Wu, Wd^T]`.
 fn hybrid_ffn(leaves: &[Tensor; 4]) -> Result<sparse_kernels::FfnOutput> {
     let [x, gate, up, down_t] = leaves;
-    let w = FfnWeights { gate, up, down_t };
+    let w = FfnWeights::new(gate, up, down_t);
     Ok(sparse_kernels::try_sparse_ffn(
         x,
         &w,
@@ -400,9 +392,11 @@ fn hybrid_kernels_only(l: &TrainLayer, dl1: &Tensor) -> Result<[Tensor; 4]> {
     let [x, wg, wu, wd] = &l.leaves;
     let _g = tch::no_grad_guard();
     let f = sparse_kernels::cuda::hybrid_forward(x, wg, wu, wd)?;
-    Ok(sparse_kernels::cuda::hybrid_backward(
-        &f.state, x, wg, wu, wd, &l.dy, dl1,
-    )?)
+    let returned = sparse_kernels::cuda::WeightGrads::Return;
+    let (dx, dw) =
+        sparse_kernels::cuda::hybrid_backward(&f.state, x, wg, wu, wd, &l.dy, dl1, returned)?;
+    let [dwg, dwu, dwd] = dw.expect("WeightGrads::Return returns the gradients");
+    Ok([dx, dwg, dwu, dwd])
 }
 
 /// Peak bytes allocated above what was live before `f` (one call), and what `f` returned is

@@ -29,11 +29,7 @@ pub struct InferenceBlock {
 
 impl InferenceBlock {
     pub fn ffn_weights(&self) -> FfnWeights<'_> {
-        FfnWeights {
-            gate: &self.gate,
-            up: &self.up,
-            down_t: &self.down_t,
-        }
+        FfnWeights::new(&self.gate, &self.up, &self.down_t)
     }
 }
 

@@ -11,7 +11,7 @@ use super::parallel::{Split, TensorParallel};
 use crate::config::{ModelConfig, Recompute};
 use sparse_kernels::cuda_runtime::grad_mode_enabled;
 use sparse_kernels::fused::linear_cross_entropy::{linear_cross_entropy, DEFAULT_CHUNK};
-use sparse_kernels::fused::master_weights::{cached_weight, master_linear};
+use sparse_kernels::fused::master_weights::master_linear;
 use sparse_kernels::fused::norm::add_rms_norm;
 use sparse_kernels::fused::rope::rope_qkv;
 use sparse_kernels::torch::profiler::range;
@@ -292,23 +292,19 @@ impl Llama {
         statistics: bool,
         compute: Option<&BlockCompute>,
     ) -> sparse_kernels::FfnOutput {
-        let (gate, up, down_t) = match compute {
-            Some(w) => {
-                let stand_in = |master: &Tensor, copy: &Tensor| {
-                    cached_weight(master, copy).unwrap_or_else(|e| panic!("{e}"))
-                };
-                (
-                    stand_in(&blk.gate, &w.gate),
-                    stand_in(&blk.up, &w.up),
-                    stand_in(&blk.down_t, &w.down_t),
-                )
+        // Over the compute copies, the weight gradients go into the masters' `.grad` inside
+        // the op (on CUDA added by its kernels); otherwise the masters cast at use.
+        let cast;
+        let w = match compute {
+            Some(w) => FfnWeights::new(&w.gate, &w.up, &w.down_t).with_masters([
+                &blk.gate,
+                &blk.up,
+                &blk.down_t,
+            ]),
+            None => {
+                cast = [self.c(&blk.gate), self.c(&blk.up), self.c(&blk.down_t)];
+                FfnWeights::new(&cast[0], &cast[1], &cast[2])
             }
-            None => (self.c(&blk.gate), self.c(&blk.up), self.c(&blk.down_t)),
-        };
-        let w = FfnWeights {
-            gate: &gate,
-            up: &up,
-            down_t: &down_t,
         };
         let config = SparseFfnConfig {
             statistics,

@@ -125,11 +125,7 @@ fn l1_and_l0_statistics_on_a_hand_made_ffn() {
     let wd = Tensor::ones([3, 2], (Kind::Float, Device::Cpu));
     // token 0: g = [1, -2, 0.5] -> relu [1, 0, 0.5]; u = [2, -1, 0] -> h = [2, 0, 0]
     // token 1: g = [-1, 3, 0.5] -> relu [0, 3, 0.5]; u = [1, -4, 1] -> h = [0, -12, 0.5]
-    let w = sparse_kernels::FfnWeights {
-        gate: &wg,
-        up: &wu,
-        down_t: &wd,
-    };
+    let w = sparse_kernels::FfnWeights::new(&wg, &wu, &wd);
     let out = sparse_kernels::sparse_ffn(&x, &w, FfnPath::Dense);
     assert_eq!(out.l1_sum.double_value(&[]), 2.0 + 12.0 + 0.5);
     assert_eq!(Vec::<i64>::try_from(&out.active_per_token).unwrap(), [1, 2]);

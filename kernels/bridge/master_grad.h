@@ -1,6 +1,6 @@
 // Gradients of fp32 master weights written straight into their `.grad`, for the autograd
 // functions whose weight operand is a compute-dtype copy made once per optimizer step
-// (master_weights.cpp, linear_cross_entropy.cpp). On CUDA a bf16 product accumulates into
+// (master_weights.cpp, linear_cross_entropy.cpp, sparse_ffn.cpp). On CUDA a bf16 product accumulates into
 // the fp32 gradient inside the GEMM (cuBLAS beta = 1, fp32 output): no bf16 gradient tensor,
 // no cast, no separate add per micro-batch.
 #pragma once

@@ -3,8 +3,9 @@
 // kernels/src/fused/master_weights.rs):
 // - MasterLinear: y = x W^T for a W that stacks the rows of one or more masters (one GEMM for
 //   q, k and v); the backward's weight products accumulate into each master's gradient.
-// - CachedWeight: hands a cached copy to an op with its own backward (the sparse FFN) and
-//   adds the gradient that op returns for it into the master's.
+// - CachedWeight: hands a cached copy to an op with its own backward and adds the gradient
+//   that op returns for it into the master's (the sparse FFN's tch-autograd arm; its own
+//   autograd function adds into the masters itself, sparse_ffn.cpp).
 // Both return no gradient for their master inputs, so autograd's own accumulation for those
 // leaves never runs for these uses.
 #include <torch/torch.h>

@@ -12,7 +12,7 @@
 //   unit_ptr [H+1], csc [cap] int32 = e, entries of unit j sorted by token (deterministic:
 //   a counting sort whose rank inside a 32-token block comes from a bitmask, not atomics)
 //   uorder [H] units heaviest first (the weight-gradient kernel's schedule; numerics do not
-//   depend on it).
+//   depend on it); hctrl[HC_HEAVY] how many lead it with >= 2^HYB_BWD_W_HEAVY_LOG2 - 1 entries.
 // If the pool is too small (total actives > cap), hctrl[HC_STATUS] gets ST_NNZ_OVER, every
 // later kernel returns without touching memory, and the caller grows the pool and reruns
 // (hctrl[HC_NNZ] is the size needed). If the gate's spill buffer was full, ST_GATE_SPILL.
@@ -30,6 +30,16 @@
 // sizes (HYB_BLK, HYB_SEG) and the block sizes: common.cuh.
 #define BLK HYB_BLK
 #define SEG HYB_SEG
+// Settings of the weight-gradient kernel hyb_bwd_w (see there); -D overrides them to try others.
+#ifndef HYB_BWD_W_UNR
+#define HYB_BWD_W_UNR 8
+#endif
+#ifndef HYB_BWD_W_LIGHT
+#define HYB_BWD_W_LIGHT 0
+#endif
+#ifndef HYB_BWD_W_HEAVY_LOG2
+#define HYB_BWD_W_HEAVY_LOG2 6
+#endif
 
 // ------------------------------------------------------------------------------------------
 // TwELL reading (one warp per token). Builds the warp-private prefix of tile counts `pre`
@@ -189,6 +199,8 @@ extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_scan(const in
     for (int b = 0; b < 32; ++b) {
       bpos[b] = run;
       run += bcnt[b];
+      // units with cnt + 1 >= 2^HEAVY_LOG2 fill buckets 0 .. 31 - HEAVY_LOG2
+      if (b == 31 - HYB_BWD_W_HEAVY_LOG2) hctrl[HC_HEAVY] = run;
     }
   }
   __syncthreads();
@@ -407,26 +419,23 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BW
 
 // ------------------------------------------------------------------------------------------
 // Backward, unit-major weight gradients: dWg[j] = sum dg x_t, dWu[j] = sum du x_t, dWdT[j] =
-// sum h dy_t over unit j's entries, per 256-column slice. Grid = nslices * ceil(H / 4) blocks
-// of 4 warps, slice-major (the x and dy columns in use, N x 256 x 2 x 2 B, stay in L2); block
-// b of a slice takes the units at positions 4b..4b+3 of uorder (heaviest first). A unit with
-// more than HYB_BWD_W_HEAVY entries is walked by the whole block (its entries dealt round robin,
-// the 4 partial sums added in warp order); every other unit by one warp alone, with no block
-// reduction. A walk fetches the records of 32 entries at once (one per lane), then takes them
-// UNR at a time with all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the
-// slice (16-B loads). Deterministic either way. The outputs are bf16 (`hyb_bwd_w`: every row
-// written, zeros for silent units) or fp32 gradients added into in place (`hyb_bwd_w_acc`: the
-// fp32 masters' .grad, no bf16 tensor and no separate add; silent units are not touched).
+// sum h dy_t over unit j's entries, per 256-column slice. Grid = nslices * H blocks of 4 warps,
+// slice-major (the x and dy columns in use, N x 256 x 2 x 2 B, stay in L2). A unit walked by
+// a whole block has its entries dealt round robin to the 4 warps, whose partial sums are
+// added in warp order; a unit walked by one warp alone needs no block reduction. A walk
+// fetches the records of 32 entries at once (one per lane), then takes them UNR at a time
+// with all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the slice
+// (16-B loads). Which units a block takes:
+//   HYB_BWD_W_LIGHT 0: block i of a slice takes unit uorder[i], whatever its count;
+//   HYB_BWD_W_LIGHT 1: the hctrl[HC_HEAVY] heavy units (>= 2^HEAVY_LOG2 - 1 entries, the first
+//     positions of uorder, heaviest first) one per block; the others 4 per block, one warp
+//     each; the blocks past those return at once.
+// Deterministic either way. The outputs are bf16 (`hyb_bwd_w`: every row written, zeros for
+// silent units) or fp32 gradients added into in place (`hyb_bwd_w_acc`: the fp32 masters'
+// .grad, no bf16 tensor and no separate add; silent units are not touched).
 static_assert(HYB_BWD_W_THREADS == 128 && HYB_BWD_W_SLICE == 256, "4 warps, 8 columns per lane, 2 columns per thread in the reduction");
-#ifndef HYB_BWD_W_UNR
-#define HYB_BWD_W_UNR 8
-#endif
-#ifndef HYB_BWD_W_HEAVY
-#define HYB_BWD_W_HEAVY 128
-#endif
 namespace wk {
 constexpr int THREADS = HYB_BWD_W_THREADS, WARPS = THREADS / 32, SLICE = HYB_BWD_W_SLICE, UNR = HYB_BWD_W_UNR;
-constexpr int HEAVY = HYB_BWD_W_HEAVY;
 }
 
 // Adds entries p0 + first + stride * i (i = 0, 1, ...) of a unit into ag, au, ad (8 columns
@@ -435,6 +444,8 @@ DEV void bwd_w_walk(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __
                     const int* __restrict__ csc, const float4* __restrict__ rec, int p0, int p1, int first,
                     int stride, int cc, int D, int lane, float* ag, float* au, float* ad) {
   using namespace wk;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
   const int nw = (p1 - p0 - first + stride - 1) / stride;  // may be <= 0
   for (int i0 = 0; i0 < nw; i0 += 32) {
     const int n = min(32, nw - i0);
@@ -479,67 +490,57 @@ DEV void put8(float* out, size_t o, const float* v) {
   p[0] = a, p[1] = b;
 }
 
+// Unit j's rows in `slice`, walked by the whole block (block-uniform call).
 template <typename T>
-DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
-                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder, const int* __restrict__ csc,
-                    const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT, const int* hctrl, int D, int H) {
+DEV void bwd_w_block_unit(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                          const int* __restrict__ csc, const float4* __restrict__ rec, int j, int p0, int p1,
+                          int slice, T* dWg, T* dWu, T* dWdT, int D) {
   using namespace wk;
-  constexpr bool ADD = sizeof(T) == sizeof(float);
   __shared__ float red[WARPS][24][33];
-  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int per_slice = (H + WARPS - 1) / WARPS;
-  const int slice = blockIdx.x / per_slice;
-  const int pos0 = (blockIdx.x - slice * per_slice) * WARPS;
   const int c0 = slice * SLICE + lane * 8;
   const int cc = c0 < D ? c0 : 0;  // lanes past D load a valid address and discard
-  // The block's heavy units, one at a time (block-uniform branches: every thread reads the
-  // same counts).
-  for (int k = 0; k < WARPS && pos0 + k < H; ++k) {
-    const int j = uorder[pos0 + k];
-    const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
-    if (p1 - p0 <= HEAVY) continue;
-    float au[8], ag[8], ad[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
-    bwd_w_walk(x, dy, csc, rec, p0, p1, warp, WARPS, cc, D, lane, ag, au, ad);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      red[warp][e][lane] = ag[e];
-      red[warp][8 + e][lane] = au[e];
-      red[warp][16 + e][lane] = ad[e];
-    }
-    __syncthreads();
-    // thread tid -> columns slice*256 + tid and + 128 (lane c/8, element c%8), three rows
-#pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      const int c = tid + h2 * 128;
-      const int col = slice * SLICE + c;
-      if (col < D) {
-        const int l = c >> 3, e = c & 7;
-        float s[3] = {0.f, 0.f, 0.f};
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-          s[0] += red[w][e][l];
-          s[1] += red[w][8 + e][l];
-          s[2] += red[w][16 + e][l];
-        }
-        const size_t o = (size_t)j * D + col;
-        put1(dWg, o, s[0]);
-        put1(dWu, o, s[1]);
-        put1(dWdT, o, s[2]);
-      }
-    }
-    __syncthreads();  // red is reused by the next heavy unit
-  }
-  // The light units: warp w takes position pos0 + w alone.
-  if (pos0 + warp >= H) return;
-  const int j = uorder[pos0 + warp];
-  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
-  if (p1 - p0 > HEAVY || (ADD && p1 == p0)) return;
   float au[8], ag[8], ad[8];
+  bwd_w_walk(x, dy, csc, rec, p0, p1, warp, WARPS, cc, D, lane, ag, au, ad);
 #pragma unroll
-  for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
+  for (int e = 0; e < 8; ++e) {
+    red[warp][e][lane] = ag[e];
+    red[warp][8 + e][lane] = au[e];
+    red[warp][16 + e][lane] = ad[e];
+  }
+  __syncthreads();
+  // thread tid -> columns slice*256 + tid and + 128 (lane c/8, element c%8), three rows
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int c = tid + h2 * 128;
+    const int col = slice * SLICE + c;
+    if (col < D) {
+      const int l = c >> 3, e = c & 7;
+      float s[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        s[0] += red[w][e][l];
+        s[1] += red[w][8 + e][l];
+        s[2] += red[w][16 + e][l];
+      }
+      const size_t o = (size_t)j * D + col;
+      put1(dWg, o, s[0]);
+      put1(dWu, o, s[1]);
+      put1(dWdT, o, s[2]);
+    }
+  }
+}
+
+// Unit j's rows in `slice`, walked by the calling warp alone.
+template <typename T>
+DEV void bwd_w_warp_unit(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                         const int* __restrict__ csc, const float4* __restrict__ rec, int j, int p0, int p1,
+                         int slice, T* dWg, T* dWu, T* dWdT, int D) {
+  using namespace wk;
+  const int lane = threadIdx.x & 31;
+  const int c0 = slice * SLICE + lane * 8;
+  const int cc = c0 < D ? c0 : 0;
+  float au[8], ag[8], ad[8];
   bwd_w_walk(x, dy, csc, rec, p0, p1, 0, 1, cc, D, lane, ag, au, ad);
   if (c0 < D) {
     const size_t o = (size_t)j * D + c0;
@@ -547,6 +548,33 @@ DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __
     put8(dWu, o, au);
     put8(dWdT, o, ad);
   }
+}
+
+template <typename T>
+DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder, const int* __restrict__ csc,
+                    const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT, const int* hctrl, int D, int H) {
+  using namespace wk;
+  constexpr bool ADD = sizeof(T) == sizeof(float);  // silent units add nothing
+  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
+  const int slice = blockIdx.x / H;
+  const int i = blockIdx.x - slice * H;
+#if HYB_BWD_W_LIGHT
+  const int nheavy = hctrl[HC_HEAVY];
+  if (i >= nheavy) {
+    const int pos = nheavy + (i - nheavy) * WARPS + (int)(threadIdx.x >> 5);
+    if (pos >= H) return;
+    const int j = uorder[pos];
+    const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
+    if (ADD && p1 == p0) return;
+    bwd_w_warp_unit(x, dy, csc, rec, j, p0, p1, slice, dWg, dWu, dWdT, D);
+    return;
+  }
+#endif
+  const int j = uorder[i];
+  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
+  if (ADD && p1 == p0) return;
+  bwd_w_block_unit(x, dy, csc, rec, j, p0, p1, slice, dWg, dWu, dWdT, D);
 }
 
 #define BWW_ARGS(T)                                                                                            \

@@ -326,21 +326,24 @@ case_graphs() {
   done
 }
 
-# The weight-gradient kernel's settings (see the header above). Logs: $OUT/bwd-w-*.log.
+# The weight-gradient kernel's settings (see the header above; a variant is a comma-separated
+# list of NAME=VALUE for the HYB_BWD_W_NAME defines). Logs: $OUT/bwd-w-*.log.
 case_bwd_w() {
   gpu_info
   run bench ffn --shape 1.5b --tokens 16384,8192,4096 --sparsity 0.995 --mode train |
     tee "$OUT/bwd-w-embedded.log"
-  local v dir
+  local v dir defs tag
   for v in ${VARIANTS:-HEAVY=64 HEAVY=256 UNR=4}; do
-    dir=/tmp/cubins-$v
+    tag=$(echo "$v" | tr '=,' '-_')
+    dir=/tmp/cubins-$tag
+    defs=$(echo "$v" | tr ',' '\n' | sed 's/^/-DHYB_BWD_W_/')
     mkdir -p "$dir"
-    nvcc -cubin -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
-      "-DHYB_BWD_W_$v" -I kernels/cuda -o "$dir/hybrid.sm_90a.cubin" kernels/cuda/hybrid.cu ||
-      { failed=1; continue; }
-    echo "=== HYB_BWD_W_$v"
-    SPARSE_TRAIN_CUBINS=$dir run bench ffn --shape 1.5b --tokens 8192 --sparsity 0.995 --mode train |
-      tee "$OUT/bwd-w-$v.log"
+    # shellcheck disable=SC2086
+    nvcc -cubin -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a $defs \
+      -I kernels/cuda -o "$dir/hybrid.sm_90a.cubin" kernels/cuda/hybrid.cu || { failed=1; continue; }
+    echo "=== $v"
+    SPARSE_TRAIN_CUBINS=$dir run bench ffn --shape 1.5b --tokens ${TOKENS:-8192} --sparsity 0.995 \
+      --mode train | tee "$OUT/bwd-w-$tag.log"
   done
 }
 

@@ -5,8 +5,8 @@
 //! and backpropagates the outputs' gradients through that graph in one pass
 //! ([`backward_with_grads`]); the inputs' gradients are what the node returns. The weights
 //! are not inputs of the node: the inner pass accumulates their gradients into the masters'
-//! `.grad` as the kept graph would (directly, or through `master_linear` and
-//! `cached_weight`), and the node adds nothing of its own, so each is counted once. The same
+//! `.grad` as the kept graph would (directly, or through `master_linear` and the FFN op's
+//! masters), and the node adds nothing of its own, so each is counted once. The same
 //! ops run in the same order, so losses, statistics and gradients are the un-recomputed
 //! run's (on the CPU bit for bit, as `tests` checks). With tensor parallelism the
 //! re-run repeats the region's collectives in the backward, in the same order on every rank.

@@ -100,8 +100,8 @@ fn assert_same(what: &str, got: &Run, want: &Run) {
 /// `ffn` and `full` against `none` over two accumulated micro-batches: untied and tied
 /// embeddings, every FFN path the CPU runs (the dense oracle, the hybrid ELL + tail and
 /// TwELL references), a mixed per-layer choice, and bf16 compute copies (where the
-/// gradients go through `cached_weight` and `master_linear` into the fp32 masters rather than
-/// to the masters themselves).
+/// gradients go through the FFN op's masters and `master_linear` into the fp32 masters
+/// rather than to the masters themselves).
 #[test]
 fn recompute_equals_keeping_everything_bit_for_bit() {
     let untied = ModelConfig::tiny();

@@ -460,10 +460,8 @@ pub fn hybrid_backward(
     let (di, hi) = (d as i32, h as i32);
     let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
-    // A block takes as many units of one slice as it has warps (one warp each, or the whole
-    // block for a heavy unit).
-    let warps = HYB_BWD_W_THREADS / 32;
-    let per_slice = ((h + warps - 1) / warps) as u32;
+    // H blocks per slice: at most one unit each (hybrid.cu's default schedule); with its
+    // light-unit walk on, the blocks past those it needs return at once.
     let shape = LaunchShape::on(stream);
     // SAFETY: as in hybrid_forward; rec holds 4 floats per active of the forward.
     unsafe {
@@ -486,7 +484,7 @@ pub fn hybrid_backward(
         )?;
         hyb_bwd_w(
             &k.bwd_w[usize::from(returned.is_none())],
-            shape((slices * per_slice, 1), HYB_BWD_W_THREADS, 0),
+            shape((slices * h as u32, 1), HYB_BWD_W_THREADS, 0),
             xp,
             dyp,
             upp,

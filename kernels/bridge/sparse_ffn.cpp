@@ -87,8 +87,9 @@ struct SparseFfnFunction : public torch::autograd::Function<SparseFfnFunction> {
     auto holder = ctx->saved_data["state"].toCapsule();
     auto* rs = static_cast<RustState*>(holder.get());
     auto saved = ctx->get_saved_variables();
+    const bool has_masters = ctx->saved_data.count("masters") > 0;
     torch::Tensor into[3];
-    if (ctx->saved_data.count("masters")) {
+    if (has_masters) {
       auto masters = ctx->saved_data["masters"].toTensorVector();
       for (int i = 0; i < 3; ++i) into[i] = sparse_bridge::master_grad(masters[i]);
     }
@@ -105,7 +106,7 @@ struct SparseFfnFunction : public torch::autograd::Function<SparseFfnFunction> {
     torch::autograd::variable_list out;
     for (auto* p : outputs) out.push_back(take(p));
     // Nothing for the masters (added into above) and the callbacks.
-    out.resize(4 + (ctx->saved_data.count("masters") ? 3 : 0) + 1);
+    out.resize(4 + (has_masters ? 3 : 0) + 1);
     return out;
   }
 };

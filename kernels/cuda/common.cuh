@@ -63,7 +63,6 @@ typedef unsigned long long uint64_t;
 #define HC_STATUS 0
 #define HC_NNZ 1
 #define HC_GSPILL 2
-#define HC_HEAVY 3
 #define HC_ORDER 4
 #define ST_GATE_SPILL 1
 #define ST_NNZ_OVER 2

@@ -12,7 +12,7 @@
 //   unit_ptr [H+1], csc [cap] int32 = e, entries of unit j sorted by token (deterministic:
 //   a counting sort whose rank inside a 32-token block comes from a bitmask, not atomics)
 //   uorder [H] units heaviest first (the weight-gradient kernel's schedule; numerics do not
-//   depend on it); hctrl[HC_HEAVY] how many lead it with >= 2^HYB_BWD_W_HEAVY_LOG2 - 1 entries.
+//   depend on it).
 // If the pool is too small (total actives > cap), hctrl[HC_STATUS] gets ST_NNZ_OVER, every
 // later kernel returns without touching memory, and the caller grows the pool and reruns
 // (hctrl[HC_NNZ] is the size needed). If the gate's spill buffer was full, ST_GATE_SPILL.
@@ -30,15 +30,9 @@
 // sizes (HYB_BLK, HYB_SEG) and the block sizes: common.cuh.
 #define BLK HYB_BLK
 #define SEG HYB_SEG
-// Settings of the weight-gradient kernel hyb_bwd_w (see there); -D overrides them to try others.
+// Loads in flight per warp in the weight-gradient kernel hyb_bwd_w; -D overrides it to try others.
 #ifndef HYB_BWD_W_UNR
 #define HYB_BWD_W_UNR 8
-#endif
-#ifndef HYB_BWD_W_LIGHT
-#define HYB_BWD_W_LIGHT 0
-#endif
-#ifndef HYB_BWD_W_HEAVY_LOG2
-#define HYB_BWD_W_HEAVY_LOG2 6
 #endif
 
 // ------------------------------------------------------------------------------------------
@@ -199,8 +193,6 @@ extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_scan(const in
     for (int b = 0; b < 32; ++b) {
       bpos[b] = run;
       run += bcnt[b];
-      // units with cnt + 1 >= 2^HEAVY_LOG2 fill buckets 0 .. 31 - HEAVY_LOG2
-      if (b == 31 - HYB_BWD_W_HEAVY_LOG2) hctrl[HC_HEAVY] = run;
     }
   }
   __syncthreads();
@@ -419,38 +411,48 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BW
 
 // ------------------------------------------------------------------------------------------
 // Backward, unit-major weight gradients: dWg[j] = sum dg x_t, dWu[j] = sum du x_t, dWdT[j] =
-// sum h dy_t over unit j's entries, per 256-column slice. Grid = nslices * H blocks of 4 warps,
-// slice-major (the x and dy columns in use, N x 256 x 2 x 2 B, stay in L2). A unit walked by
-// a whole block has its entries dealt round robin to the 4 warps, whose partial sums are
-// added in warp order; a unit walked by one warp alone needs no block reduction. A walk
-// fetches the records of 32 entries at once (one per lane), then takes them UNR at a time
-// with all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the slice
-// (16-B loads). Which units a block takes:
-//   HYB_BWD_W_LIGHT 0: block i of a slice takes unit uorder[i], whatever its count;
-//   HYB_BWD_W_LIGHT 1: the hctrl[HC_HEAVY] heavy units (>= 2^HEAVY_LOG2 - 1 entries, the first
-//     positions of uorder, heaviest first) one per block; the others 4 per block, one warp
-//     each; the blocks past those return at once.
-// Deterministic either way. The outputs are bf16 (`hyb_bwd_w`: every row written, zeros for
-// silent units) or fp32 gradients added into in place (`hyb_bwd_w_acc`: the fp32 masters'
-// .grad, no bf16 tensor and no separate add; silent units are not touched).
+// sum h dy_t over unit j's entries, per 256-column slice. Grid = nslices * H, slice-major (the
+// x and dy columns in use, N x 256 x 2 x 2 B, stay in L2); CTA (unit uorder[i], slice), 4
+// warps; the unit's entries are dealt round robin (entry k to warp k % 4), a warp fetches the
+// records of 32 of its entries at once (one per lane) and then walks them UNR at a time with
+// all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the slice (16-B
+// loads). Partial sums of the 4 warps are added in warp order (deterministic). The outputs
+// are bf16 (`hyb_bwd_w`: every row written, zeros for silent units) or fp32 gradients added
+// into in place (`hyb_bwd_w_acc`: the fp32 masters' .grad, no bf16 tensor and no separate add;
+// silent units are not touched). (Four light units a block, one warp each, measured slower
+// at N >= 8192: docs/kernel-notes.md.)
 static_assert(HYB_BWD_W_THREADS == 128 && HYB_BWD_W_SLICE == 256, "4 warps, 8 columns per lane, 2 columns per thread in the reduction");
 namespace wk {
 constexpr int THREADS = HYB_BWD_W_THREADS, WARPS = THREADS / 32, SLICE = HYB_BWD_W_SLICE, UNR = HYB_BWD_W_UNR;
 }
 
-// Adds entries p0 + first + stride * i (i = 0, 1, ...) of a unit into ag, au, ad (8 columns
-// from cc per lane; every lane of the warp takes part).
-DEV void bwd_w_walk(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
-                    const int* __restrict__ csc, const float4* __restrict__ rec, int p0, int p1, int first,
-                    int stride, int cc, int D, int lane, float* ag, float* au, float* ad) {
+// The result of one gradient element: stored as bf16, or added into an fp32 gradient.
+DEV void put1(__nv_bfloat16* out, size_t o, float v) { out[o] = __float2bfloat16_rn(v); }
+DEV void put1(float* out, size_t o, float v) { out[o] += v; }
+template <typename T>
+DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
+                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder, const int* __restrict__ csc,
+                    const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT, const int* hctrl, int D, int H) {
   using namespace wk;
+  constexpr bool ADD = sizeof(T) == sizeof(float);  // silent units add nothing
+  __shared__ float red[WARPS][24][33];
+  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int slice = blockIdx.x / H;
+  const int j = uorder[blockIdx.x - slice * H];
+  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
+  if (ADD && p1 == p0) return;
+  const int c0 = slice * SLICE + lane * 8;
+  const int cc = c0 < D ? c0 : 0;  // lanes past D load a valid address and discard
+  float au[8], ag[8], ad[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) au[e] = ag[e] = ad[e] = 0.f;
-  const int nw = (p1 - p0 - first + stride - 1) / stride;  // may be <= 0
+  // warp's entries: p0 + warp + WARPS * i, i = 0, 1, ...
+  const int nw = (p1 - p0 - warp + WARPS - 1) / WARPS;  // may be <= 0
   for (int i0 = 0; i0 < nw; i0 += 32) {
     const int n = min(32, nw - i0);
     float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lane < n) r = __ldg(rec + __ldg(csc + p0 + first + stride * (i0 + lane)));
+    if (lane < n) r = __ldg(rec + __ldg(csc + p0 + warp + WARPS * (i0 + lane)));
     for (int i = 0; i < n; i += UNR) {
       uint4 xv[UNR], dv[UNR];
 #pragma unroll
@@ -475,33 +477,6 @@ DEV void bwd_w_walk(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __
       }
     }
   }
-}
-
-// The result of one gradient element: stored as bf16, or added into an fp32 gradient.
-DEV void put1(__nv_bfloat16* out, size_t o, float v) { out[o] = __float2bfloat16_rn(v); }
-DEV void put1(float* out, size_t o, float v) { out[o] += v; }
-// Eight consecutive elements from o (o % 8 == 0).
-DEV void put8(__nv_bfloat16* out, size_t o, const float* v) { store_bf16x8(out + o, 0, v); }
-DEV void put8(float* out, size_t o, const float* v) {
-  float4* p = reinterpret_cast<float4*>(out + o);
-  float4 a = p[0], b = p[1];
-  a.x += v[0], a.y += v[1], a.z += v[2], a.w += v[3];
-  b.x += v[4], b.y += v[5], b.z += v[6], b.w += v[7];
-  p[0] = a, p[1] = b;
-}
-
-// Unit j's rows in `slice`, walked by the whole block (block-uniform call).
-template <typename T>
-DEV void bwd_w_block_unit(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
-                          const int* __restrict__ csc, const float4* __restrict__ rec, int j, int p0, int p1,
-                          int slice, T* dWg, T* dWu, T* dWdT, int D) {
-  using namespace wk;
-  __shared__ float red[WARPS][24][33];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int c0 = slice * SLICE + lane * 8;
-  const int cc = c0 < D ? c0 : 0;  // lanes past D load a valid address and discard
-  float au[8], ag[8], ad[8];
-  bwd_w_walk(x, dy, csc, rec, p0, p1, warp, WARPS, cc, D, lane, ag, au, ad);
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     red[warp][e][lane] = ag[e];
@@ -529,52 +504,6 @@ DEV void bwd_w_block_unit(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
       put1(dWdT, o, s[2]);
     }
   }
-}
-
-// Unit j's rows in `slice`, walked by the calling warp alone.
-template <typename T>
-DEV void bwd_w_warp_unit(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
-                         const int* __restrict__ csc, const float4* __restrict__ rec, int j, int p0, int p1,
-                         int slice, T* dWg, T* dWu, T* dWdT, int D) {
-  using namespace wk;
-  const int lane = threadIdx.x & 31;
-  const int c0 = slice * SLICE + lane * 8;
-  const int cc = c0 < D ? c0 : 0;
-  float au[8], ag[8], ad[8];
-  bwd_w_walk(x, dy, csc, rec, p0, p1, 0, 1, cc, D, lane, ag, au, ad);
-  if (c0 < D) {
-    const size_t o = (size_t)j * D + c0;
-    put8(dWg, o, ag);
-    put8(dWu, o, au);
-    put8(dWdT, o, ad);
-  }
-}
-
-template <typename T>
-DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
-                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder, const int* __restrict__ csc,
-                    const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT, const int* hctrl, int D, int H) {
-  using namespace wk;
-  constexpr bool ADD = sizeof(T) == sizeof(float);  // silent units add nothing
-  if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
-  const int slice = blockIdx.x / H;
-  const int i = blockIdx.x - slice * H;
-#if HYB_BWD_W_LIGHT
-  const int nheavy = hctrl[HC_HEAVY];
-  if (i >= nheavy) {
-    const int pos = nheavy + (i - nheavy) * WARPS + (int)(threadIdx.x >> 5);
-    if (pos >= H) return;
-    const int j = uorder[pos];
-    const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
-    if (ADD && p1 == p0) return;
-    bwd_w_warp_unit(x, dy, csc, rec, j, p0, p1, slice, dWg, dWu, dWdT, D);
-    return;
-  }
-#endif
-  const int j = uorder[i];
-  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
-  if (ADD && p1 == p0) return;
-  bwd_w_block_unit(x, dy, csc, rec, j, p0, p1, slice, dWg, dWu, dWdT, D);
 }
 
 #define BWW_ARGS(T)                                                                                            \

@@ -204,9 +204,7 @@ fn deferred_checks_flag_an_overflow_and_the_rerun_is_exact() {
     assert!(e <= TOL);
 }
 
-/// Entries from which `hyb_bwd_w` walks a unit with the whole block when its light-unit walk
-/// is on (hybrid.cu's `HYB_BWD_W_LIGHT`, `2^HYB_BWD_W_HEAVY_LOG2 - 1`); below it one warp
-/// takes the unit alone.
+/// Entries from which a unit counts as heavy in these cases (a long walk of `hyb_bwd_w`).
 const HEAVY_UNIT: i64 = 63;
 
 /// Through masters (`FfnWeights::with_masters`, as the trainer calls it): bf16 copies run the
@@ -215,7 +213,7 @@ const HEAVY_UNIT: i64 = 63;
 /// is prefilled with random values G0 (of the oracle's scale): afterwards `.grad - G0` equals
 /// the fp32 oracle's weight gradient, every element within TOL, the copies get no gradient,
 /// and dx is the oracle's. `light_and_heavy` asks that the case holds units on both sides
-/// of HEAVY_UNIT (both walks of the weight-gradient kernel).
+/// of HEAVY_UNIT (skewed counts, as the trainer's).
 fn masters_case(
     name: &str,
     path: FfnPath,

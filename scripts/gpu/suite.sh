@@ -39,8 +39,8 @@
 #                 (PROFILE_ANCHOR=0: without it)
 #   bwd-w         the hybrid FFN's fwd+bwd at 99.5 % (bench ffn --mode train, N = 16384, 8192,
 #                 4096) with the embedded kernels, then with hybrid.cu rebuilt here at other
-#                 weight-gradient settings (VARIANTS, default "HEAVY=64 HEAVY=256 UNR=4": the
-#                 HYB_BWD_W_* defines) through SPARSE_TRAIN_CUBINS, at N = 8192
+#                 weight-gradient settings (VARIANTS, default "UNR=4": comma-separated lists
+#                 of the HYB_BWD_W_* defines) through SPARSE_TRAIN_CUBINS, at N = TOKENS (8192)
 #   corpus        only unpack and tokenize CARRY/corpus.tar.xz into data/corpus/shards
 # Every case but `tests` prints what it measures and exits non-zero if a command failed.
 set -uo pipefail
@@ -333,7 +333,7 @@ case_bwd_w() {
   run bench ffn --shape 1.5b --tokens 16384,8192,4096 --sparsity 0.995 --mode train |
     tee "$OUT/bwd-w-embedded.log"
   local v dir defs tag
-  for v in ${VARIANTS:-HEAVY=64 HEAVY=256 UNR=4}; do
+  for v in ${VARIANTS:-UNR=4}; do
     tag=$(echo "$v" | tr '=,' '-_')
     dir=/tmp/cubins-$tag
     defs=$(echo "$v" | tr ',' '\n' | sed 's/^/-DHYB_BWD_W_/')
@@ -447,7 +447,7 @@ case $NAME in
   bwd-w) case_bwd_w ;;
   corpus) prepare_corpus ;;
   *)
-    echo "unknown suite $NAME: tests, graphs, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, curve, ab, corpus" >&2
+    echo "unknown suite $NAME: tests, bwd-w, graphs, benches, decode, study, sweep, hybrid-train, generate, anchors, profile, train-step, sizes, microbatch, curve, ab, corpus" >&2
     exit 2
     ;;
 esac

@@ -460,8 +460,6 @@ pub fn hybrid_backward(
     let (di, hi) = (d as i32, h as i32);
     let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
-    // H blocks per slice: at most one unit each (hybrid.cu's default schedule); with its
-    // light-unit walk on, the blocks past those it needs return at once.
     let shape = LaunchShape::on(stream);
     // SAFETY: as in hybrid_forward; rec holds 4 floats per active of the forward.
     unsafe {

@@ -75,8 +75,7 @@ pub(super) fn apply(
     };
     // The masters, or undefined tensors in their place (the bridge takes 7 inputs).
     let none = Tensor::new();
-    let masters = w.masters.unwrap_or([&none; 3]);
-    let [mg, mu, md] = masters;
+    let [mg, mu, md] = w.masters.unwrap_or([&none; 3]);
     let inputs = [x, w.gate, w.up, w.down_t, mg, mu, md].map(|t| t.as_ptr() as *mut C_tensor);
     let mut outputs = [std::ptr::null_mut(); 5];
     let mut err = [0 as c_char; ERR_LEN];

@@ -102,8 +102,7 @@ pub(super) fn hybrid_backward(
 ) -> Result<[Tensor; 4], FfnError> {
     let _guard = tch::no_grad_guard();
     let [x, gate, up, down_t] = bf16_operands(t)?;
-    let direct = kernel_addable(into);
-    let weight_grads = match direct {
+    let weight_grads = match kernel_addable(into) {
         Some(gs) => WeightGrads::AddInto(gs),
         None => WeightGrads::Return,
     };
@@ -127,10 +126,7 @@ pub(super) fn hybrid_backward(
         dwu.f_to_kind(t.up.kind())?,
         dwd.f_to_kind(t.down_t.kind())?,
     ];
-    match into {
-        Some(into) => add_weight_grads(grads, into),
-        None => Ok(grads),
-    }
+    add_weight_grads(grads, into)
 }
 
 /// What the dense training arm keeps for its backward: the two pre-activations (`h` is
@@ -203,8 +199,5 @@ pub(super) fn dense_backward(
         dwu.f_to_kind(t.up.kind())?,
         dwd.f_to_kind(t.down_t.kind())?,
     ];
-    match into {
-        Some(into) => add_weight_grads(grads, into),
-        None => Ok(grads),
-    }
+    add_weight_grads(grads, into)
 }

@@ -180,7 +180,11 @@ fn validate(x: &Tensor, w: &FfnWeights) -> Result<(), FfnError> {
     check_kind("x", x)?;
     let d = xs[1];
     let h = w.gate.size().first().copied().unwrap_or(-1);
-    for (name, t) in [("Wg", w.gate), ("Wu", w.up), ("Wd^T", w.down_t)] {
+    let weights = [("Wg", w.gate), ("Wu", w.up), ("Wd^T", w.down_t)];
+    let masters = MASTER_NAMES
+        .into_iter()
+        .zip(w.masters.into_iter().flatten());
+    for (name, t) in weights.into_iter().chain(masters) {
         let shape = t.size();
         if shape != [h, d] {
             return Err(FfnError::WeightShape { name, shape, h, d });
@@ -194,38 +198,14 @@ fn validate(x: &Tensor, w: &FfnWeights) -> Result<(), FfnError> {
         }
         check_kind(name, t)?;
     }
-    for (name, t) in ["Wg", "Wu", "Wd^T"]
-        .into_iter()
-        .zip(w.masters.into_iter().flatten())
-    {
-        let (shape, name) = (t.size(), master_name(name));
-        if shape != [h, d] {
-            return Err(FfnError::WeightShape { name, shape, h, d });
-        }
-        if t.device() != x.device() {
-            let (device, x_device) = (t.device(), x.device());
-            return Err(FfnError::Device {
-                name,
-                device,
-                x_device,
-            });
-        }
-        check_kind(name, t)?;
-    }
     match x.device() {
         Device::Cpu | Device::Cuda(_) => Ok(()),
         device => Err(FfnError::UnsupportedDevice { device }),
     }
 }
 
-/// How errors name the master of a weight.
-fn master_name(weight: &'static str) -> &'static str {
-    match weight {
-        "Wg" => "the master of Wg",
-        "Wu" => "the master of Wu",
-        _ => "the master of Wd^T",
-    }
-}
+/// How errors name the masters of `Wg, Wu, Wd^T`.
+const MASTER_NAMES: [&str; 3] = ["the master of Wg", "the master of Wu", "the master of Wd^T"];
 
 /// `x, Wg, Wu, Wd^T` as one arm receives them.
 struct Inputs<'a> {
@@ -314,14 +294,15 @@ fn backward(
         Saved::Cpu { config, pattern } => cpu::backward(config, pattern, t, dy, dl1)?,
         Saved::Dense => dense::backward(t, dy, dl1),
     };
-    match into {
-        Some(into) => add_weight_grads(grads, into),
-        None => Ok(grads),
-    }
+    add_weight_grads(grads, into)
 }
 
-/// Adds the weight gradients of `[dx, dWg, dWu, dWd^T]` into `into`: `[dx, undefined x 3]`.
-fn add_weight_grads(grads: [Tensor; 4], into: [&Tensor; 3]) -> Result<[Tensor; 4], FfnError> {
+/// With `into`, adds the weight gradients of `[dx, dWg, dWu, dWd^T]` there and returns
+/// `[dx, undefined x 3]`; without, `grads` as they are.
+fn add_weight_grads(grads: [Tensor; 4], into: GradsInto) -> Result<[Tensor; 4], FfnError> {
+    let Some(into) = into else {
+        return Ok(grads);
+    };
     let [dx, dwg, dwu, dwd] = grads;
     for (g, dw) in into.into_iter().zip([dwg, dwu, dwd]) {
         let _ = g.shallow_clone().f_add_(&dw)?;

@@ -9,8 +9,11 @@
 // all H units) and its unit-major transpose (CSC), both in a pool of `cap` entries:
 //   row_ptr [N+1]  entries of token t are e in [row_ptr[t], row_ptr[t+1]), sorted by column
 //   ecol [cap] int32 unit j, eg [cap] bf16 relu(g), eu [cap] fp32 u       (saved for backward)
-//   unit_ptr [H+1], csc [cap] int32 = e, entries of unit j sorted by token (deterministic:
-//   a counting sort whose rank inside a 32-token block comes from a bitmask, not atomics)
+//   unit_ptr [H+1], cpos [cap] int32: entry e's place p in the unit-major order (entries of
+//   unit j at p in [unit_ptr[j], unit_ptr[j+1]), sorted by token; deterministic: a counting
+//   sort whose rank inside a 32-token block comes from a bitmask, not atomics). The backward
+//   writes each entry's gradient record at p, so the weight-gradient kernel reads a unit's
+//   records contiguously, with no index to follow first.
 //   uorder [H] units heaviest first (the weight-gradient kernel's schedule; numerics do not
 //   depend on it).
 // If the pool is too small (total actives > cap), hctrl[HC_STATUS] gets ST_NNZ_OVER, every
@@ -199,14 +202,14 @@ extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_scan(const in
   for (int j = tid; j < H; j += blockDim.x) uorder[atomicAdd(&bpos[__clz(unit_cnt[j] + 1)], 1)] = j;
 }
 
-// K4: fill CSR (ecol, eg) and CSC (csc = e). Grid nblk, 256 threads, dynamic smem H * 4.
+// K4: fill CSR (ecol, eg) and the unit-major places (cpos[e] = p). Grid nblk, 256 threads, dynamic smem H * 4.
 extern "C" __global__ void __launch_bounds__(HYB_THREADS) hyb_fill(const uint32_t* __restrict__ twell,
                                                            const uint32_t* __restrict__ spill, int N, int H,
                                                            int ntiles, int TW, const int* __restrict__ row_ptr,
                                                            const int* __restrict__ unit_ptr,
                                                            const uint16_t* __restrict__ boff,
                                                            const int* __restrict__ segoff, const int* hctrl,
-                                                           int* ecol, uint16_t* eg, int* csc) {
+                                                           int* ecol, uint16_t* eg, int* cpos) {
   extern __shared__ uint32_t mask[];
   __shared__ int pre[8][MAX_TILES + 1];
   if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
@@ -227,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(HYB_THREADS) hyb_fill(const uint32_
       eg[e] = (uint16_t)(ent >> 16);
       const int pos = unit_ptr[j] + segoff[(size_t)s * H + j] + (int)boff[(size_t)b * H + j] +
                       __popc(mask[j] & below);
-      csc[pos] = e;
+      cpos[e] = pos;
     }
     __syncwarp();
   }
@@ -323,18 +326,18 @@ extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_l1(const floa
   if (tid == 0) out[0] = (hctrl[HC_STATUS] & ST_NNZ_OVER) ? __int_as_float(0x7fc00000) : sh[0];
 }
 
-// Backward, token-major: dh (gathered WdT rows), du, dg, rec[e] = {du, dg, h, t}; then
+// Backward, token-major: dh (gathered WdT rows), du, dg, rec[cpos[e]] = {du, dg, h, t}; then
 // dx_t = sum du Wu[j] + dg Wg[j] (gathered Wu, Wg rows). dl1: device scalar.
 template <int GPT>
 DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restrict__ dl1p,
                       const __nv_bfloat16* __restrict__ Wg, const __nv_bfloat16* __restrict__ Wu,
                       const __nv_bfloat16* __restrict__ WdT, const int* __restrict__ row_ptr,
                       const int* __restrict__ ecol, const uint16_t* __restrict__ eg, const float* __restrict__ eu,
-                      float4* rec, __nv_bfloat16* dx, const int* hctrl, int D) {
+                      const int* __restrict__ cpos, float4* rec, __nv_bfloat16* dx, const int* hctrl, int D) {
   using namespace tk;
   extern __shared__ __align__(16) unsigned char dsm[];
   __nv_bfloat16* ds = reinterpret_cast<__nv_bfloat16*>(dsm);
-  __shared__ int lcol[LCAP];
+  __shared__ int lcol[LCAP], lpos[LCAP];
   __shared__ float lg[LCAP], lu[LCAP], ldu[LCAP], ldg[LCAP];
   if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -350,6 +353,7 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
       lcol[tid] = __ldg(ecol + s0 + tid);
       lg[tid] = bf16f(__ldg(eg + s0 + tid));
       lu[tid] = __ldg(eu + s0 + tid);
+      lpos[tid] = __ldg(cpos + s0 + tid);
     }
     __syncthreads();
     for (int idx = warp; idx < L; idx += 2 * WARPS) {
@@ -365,7 +369,7 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
         const float du = dh * g, dgv = dh * u;
         ldu[i] = du;
         ldg[i] = dgv;
-        rec[s0 + i] = make_float4(du, dgv, h, __int_as_float(t));
+        rec[lpos[i]] = make_float4(du, dgv, h, __int_as_float(t));
       }
     }
     __syncthreads();
@@ -401,9 +405,9 @@ DEV void bwd_tok_body(const __nv_bfloat16* __restrict__ dy, const float* __restr
 #define BWT_ARGS                                                                                                 \
   const __nv_bfloat16 *__restrict__ dy, const float *__restrict__ dl1p, const __nv_bfloat16 *__restrict__ Wg,     \
       const __nv_bfloat16 *__restrict__ Wu, const __nv_bfloat16 *__restrict__ WdT, const int *__restrict__ row_ptr, \
-      const int *__restrict__ ecol, const uint16_t *__restrict__ eg, const float *__restrict__ eu, float4 *rec,     \
-      __nv_bfloat16 *dx, const int *hctrl, int D
-#define BWT_PASS dy, dl1p, Wg, Wu, WdT, row_ptr, ecol, eg, eu, rec, dx, hctrl, D
+      const int *__restrict__ ecol, const uint16_t *__restrict__ eg, const float *__restrict__ eu,                 \
+      const int *__restrict__ cpos, float4 *rec, __nv_bfloat16 *dx, const int *hctrl, int D
+#define BWT_PASS dy, dl1p, Wg, Wu, WdT, row_ptr, ecol, eg, eu, cpos, rec, dx, hctrl, D
 extern "C" __global__ void __launch_bounds__(tk::THREADS, 4) hyb_bwd_tok(BWT_ARGS) { bwd_tok_body<ROW_GRANULES>(BWT_PASS); }
 extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BWT_ARGS) {
   bwd_tok_body<ROW_GRANULES_WIDE>(BWT_PASS);
@@ -414,7 +418,8 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BW
 // sum h dy_t over unit j's entries, per 256-column slice. Grid = nslices * H, slice-major (the
 // x and dy columns in use, N x 256 x 2 x 2 B, stay in L2); CTA (unit uorder[i], slice), 4
 // warps; the unit's entries are dealt round robin (entry k to warp k % 4), a warp fetches the
-// records of 32 of its entries at once (one per lane) and then walks them UNR at a time with
+// records of 32 of its entries at once (one per lane; the records of a unit are contiguous,
+// in token order: cpos) and then walks them UNR at a time with
 // all their x_t / dy_t loads in flight; lane l owns columns l*8..l*8+7 of the slice (16-B
 // loads). Partial sums of the 4 warps are added in warp order (deterministic). The outputs
 // are bf16 (`hyb_bwd_w`: every row written, zeros for silent units) or fp32 gradients added
@@ -431,7 +436,7 @@ DEV void put1(__nv_bfloat16* out, size_t o, float v) { out[o] = __float2bfloat16
 DEV void put1(float* out, size_t o, float v) { out[o] += v; }
 template <typename T>
 DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
-                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder, const int* __restrict__ csc,
+                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder,
                     const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT, const int* hctrl, int D, int H) {
   using namespace wk;
   constexpr bool ADD = sizeof(T) == sizeof(float);  // silent units add nothing
@@ -452,7 +457,7 @@ DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __
   for (int i0 = 0; i0 < nw; i0 += 32) {
     const int n = min(32, nw - i0);
     float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lane < n) r = __ldg(rec + __ldg(csc + p0 + warp + WARPS * (i0 + lane)));
+    if (lane < n) r = __ldg(rec + p0 + warp + WARPS * (i0 + lane));
     for (int i = 0; i < n; i += UNR) {
       uint4 xv[UNR], dv[UNR];
 #pragma unroll
@@ -508,9 +513,9 @@ DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __
 
 #define BWW_ARGS(T)                                                                                            \
   const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ dy, const int *__restrict__ unit_ptr, \
-      const int *__restrict__ uorder, const int *__restrict__ csc, const float4 *__restrict__ rec, T *dWg,      \
-      T *dWu, T *dWdT, const int *hctrl, int D, int H
-#define BWW_PASS x, dy, unit_ptr, uorder, csc, rec, dWg, dWu, dWdT, hctrl, D, H
+      const int *__restrict__ uorder, const float4 *__restrict__ rec, T *dWg, T *dWu, T *dWdT,                \
+      const int *hctrl, int D, int H
+#define BWW_PASS x, dy, unit_ptr, uorder, rec, dWg, dWu, dWdT, hctrl, D, H
 extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(BWW_ARGS(__nv_bfloat16)) {
   bwd_w_body<__nv_bfloat16>(BWW_PASS);
 }

@@ -85,59 +85,104 @@ add_rms_norm_fwd(const float* __restrict__ x, const __nv_bfloat16* __restrict__ 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-add_rms_norm_bwd(const float* __restrict__ g_x_new, const __nv_bfloat16* __restrict__ g_y,
-                 const float* __restrict__ x_new, const float* __restrict__ w,
-                 const float* __restrict__ rstd, float* __restrict__ g_x,
-                 __nv_bfloat16* __restrict__ g_delta, float* __restrict__ dw_part, int n, int d) {
+// One row's backward inputs, the thread's G granules (loaded a row ahead of their use).
+template <int G>
+struct BwdRow {
+  float4 x[G], up[G];
+  uint2 gy[G];
+  float rs;
+};
+
+template <int G>
+DEV void bwd_load(BwdRow<G>& row, const float* __restrict__ g_x_new, const __nv_bfloat16* __restrict__ g_y,
+                  const float* __restrict__ x_new, const float* __restrict__ rstd, int r, int ng, int d) {
+  const size_t base = (size_t)r * d;
+  row.rs = rstd[r];
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    const int g = threadIdx.x + j * NORM_THREADS;
+    if (g < ng) {
+      row.x[j] = *reinterpret_cast<const float4*>(x_new + base + 4 * g);
+      row.gy[j] = *reinterpret_cast<const uint2*>(g_y + base + 4 * g);
+      row.up[j] = g_x_new != nullptr ? *reinterpret_cast<const float4*>(g_x_new + base + 4 * g)
+                                     : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+}
+
+// The backward over NORM_ROWS rows a block, G granules a thread (the smallest power of two that
+// covers D, so that the registers a row needs are the row's and the next row's loads can be in
+// flight during this row's block reduction: a block's rows would otherwise wait on memory one
+// after another).
+template <int G>
+DEV void bwd_body(const float* __restrict__ g_x_new, const __nv_bfloat16* __restrict__ g_y,
+                  const float* __restrict__ x_new, const float* __restrict__ w, const float* __restrict__ rstd,
+                  float* __restrict__ g_x, __nv_bfloat16* __restrict__ g_delta, float* __restrict__ dw_part, int n,
+                  int d) {
   __shared__ float red[NORM_THREADS / 32];
   const int ng = d >> 2;
-  float dw[NORM_MAX_GRANULES][4];
-  zero_fill(dw);
-  const int r_end = min(n, (int)(blockIdx.x + 1) * NORM_ROWS);
-  for (int r = blockIdx.x * NORM_ROWS; r < r_end; ++r) {
+  float wv[G][4], dw[G][4];
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    const int g = threadIdx.x + j * NORM_THREADS;
+    const float4 a = g < ng ? *reinterpret_cast<const float4*>(w + 4 * g) : make_float4(0.f, 0.f, 0.f, 0.f);
+    wv[j][0] = a.x; wv[j][1] = a.y; wv[j][2] = a.z; wv[j][3] = a.w;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dw[j][e] = 0.f;
+  }
+  const int r0 = blockIdx.x * NORM_ROWS, r_end = min(n, r0 + NORM_ROWS);
+  BwdRow<G> cur;
+  if (r0 < r_end) bwd_load(cur, g_x_new, g_y, x_new, rstd, r0, ng, d);
+  for (int r = r0; r < r_end; ++r) {
+    BwdRow<G> next;
+    if (r + 1 < r_end) bwd_load(next, g_x_new, g_y, x_new, rstd, r + 1, ng, d);
     const size_t base = (size_t)r * d;
-    const float rs = rstd[r];
-    float xh[NORM_MAX_GRANULES][4], gw[NORM_MAX_GRANULES][4];
+    const float rs = cur.rs;
+    float xh[G][4], gw[G][4];
     float dot = 0.f;
 #pragma unroll
-    for (int j = 0; j < NORM_MAX_GRANULES; ++j) {
-      const int g = threadIdx.x + j * NORM_THREADS;
-      if (g >= ng) break;
-      const float4 a = *reinterpret_cast<const float4*>(x_new + base + 4 * g);
-      const float4 wv = *reinterpret_cast<const float4*>(w + 4 * g);
-      float gy[4];
-      load_bf16x4(g_y + base + 4 * g, gy);
-      const float xa[4] = {a.x, a.y, a.z, a.w}, wa[4] = {wv.x, wv.y, wv.z, wv.w};
+    for (int j = 0; j < G; ++j) {
+      const float xa[4] = {cur.x[j].x, cur.x[j].y, cur.x[j].z, cur.x[j].w};
+      const float gy[4] = {bf_lo(cur.gy[j].x), bf_hi(cur.gy[j].x), bf_lo(cur.gy[j].y), bf_hi(cur.gy[j].y)};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         xh[j][e] = xa[e] * rs;
-        gw[j][e] = gy[e] * wa[e];
+        gw[j][e] = gy[e] * wv[j][e];
         dot += gw[j][e] * xh[j][e];
         dw[j][e] += gy[e] * xh[j][e];
       }
     }
     const float m = block_sum(dot, red) / d;
 #pragma unroll
-    for (int j = 0; j < NORM_MAX_GRANULES; ++j) {
+    for (int j = 0; j < G; ++j) {
       const int g = threadIdx.x + j * NORM_THREADS;
-      if (g >= ng) break;
-      float t[4];
+      if (g < ng) {
+        const float up[4] = {cur.up[j].x, cur.up[j].y, cur.up[j].z, cur.up[j].w};
+        float t[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) t[e] = rs * (gw[j][e] - xh[j][e] * m);
-      if (g_x_new != nullptr) {
-        const float4 up = *reinterpret_cast<const float4*>(g_x_new + base + 4 * g);
-        t[0] += up.x; t[1] += up.y; t[2] += up.z; t[3] += up.w;
+        for (int e = 0; e < 4; ++e) t[e] = rs * (gw[j][e] - xh[j][e] * m) + up[e];
+        *reinterpret_cast<float4*>(g_x + base + 4 * g) = make_float4(t[0], t[1], t[2], t[3]);
+        if (g_delta != nullptr) store_bf16x4(g_delta + base + 4 * g, t);
       }
-      *reinterpret_cast<float4*>(g_x + base + 4 * g) = make_float4(t[0], t[1], t[2], t[3]);
-      if (g_delta != nullptr) store_bf16x4(g_delta + base + 4 * g, t);
     }
+    cur = next;
   }
 #pragma unroll
-  for (int j = 0; j < NORM_MAX_GRANULES; ++j) {
+  for (int j = 0; j < G; ++j) {
     const int g = threadIdx.x + j * NORM_THREADS;
-    if (g >= ng) break;
-    *reinterpret_cast<float4*>(dw_part + (size_t)blockIdx.x * d + 4 * g) =
-        make_float4(dw[j][0], dw[j][1], dw[j][2], dw[j][3]);
+    if (g < ng)
+      *reinterpret_cast<float4*>(dw_part + (size_t)blockIdx.x * d + 4 * g) =
+          make_float4(dw[j][0], dw[j][1], dw[j][2], dw[j][3]);
   }
 }
+
+#define NORM_BWD_ARGS                                                                                       \
+  const float *__restrict__ g_x_new, const __nv_bfloat16 *__restrict__ g_y, const float *__restrict__ x_new, \
+      const float *__restrict__ w, const float *__restrict__ rstd, float *__restrict__ g_x,                 \
+      __nv_bfloat16 *__restrict__ g_delta, float *__restrict__ dw_part, int n, int d
+#define NORM_BWD_PASS g_x_new, g_y, x_new, w, rstd, g_x, g_delta, dw_part, n, d
+static_assert(NORM_MAX_GRANULES == 8, "one entry per power of two up to NORM_MAX_GRANULES");
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_bwd_g1(NORM_BWD_ARGS) { bwd_body<1>(NORM_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_bwd_g2(NORM_BWD_ARGS) { bwd_body<2>(NORM_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_bwd_g4(NORM_BWD_ARGS) { bwd_body<4>(NORM_BWD_PASS); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_bwd_g8(NORM_BWD_ARGS) { bwd_body<8>(NORM_BWD_PASS); }

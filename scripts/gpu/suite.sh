@@ -59,6 +59,16 @@ run() {
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 }
 
+# `run` with the whole output also in $OUT/LOG: run_logged LOG ARGS (a `run ... | tee` would
+# set `failed` in a subshell, where it is lost).
+run_logged() {
+  local log=$1
+  shift
+  echo "+ sparse-train $*"
+  "$BIN" "$@" 2>&1 | grep -v "Warning: at::autocast" | tee "$OUT/$log" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+}
+
 # Runs sparse-train ARGS with its whole output in $OUT/LOG, showing the model and step lines.
 # The dense trainer at the 1.5b shape on random tokens, 16 x 2048 tokens a step (the
 # anchor's batch): the runs of benches, profile and ab.
@@ -316,10 +326,10 @@ case_graphs() {
   for shape in ${SHAPES:-1.5b 125m}; do
     micro=4 accum=4
     [ "$shape" = 125m ] && micro=32 accum=2
-    run bench train --config "configs/$shape.yaml" --steps "${STEPS:-4}" --warmup 1 \
-      --batch "$micro" --accum "$accum" | tee "$OUT/graphs-$shape-eager.log"
-    run bench train --config "configs/$shape.yaml" --steps "${STEPS:-4}" --warmup 1 \
-      --batch "$micro" --accum "$accum" --set train.cuda_graph=true | tee "$OUT/graphs-$shape-captured.log"
+    run_logged "graphs-$shape-eager.log" bench train --config "configs/$shape.yaml" --steps "${STEPS:-4}" --warmup 1 \
+      --batch "$micro" --accum "$accum"
+    run_logged "graphs-$shape-captured.log" bench train --config "configs/$shape.yaml" --steps "${STEPS:-4}" --warmup 1 \
+      --batch "$micro" --accum "$accum" --set train.cuda_graph=true
     echo "+ torch_anchor.py train --shape $shape --modes compile"
     python3 "$CARRY/torch_anchor.py" train --shape "$shape" --modes compile |
       tee "$OUT/anchor-train-$shape.jsonl" || failed=1
@@ -330,8 +340,7 @@ case_graphs() {
 # list of NAME=VALUE for the HYB_BWD_W_NAME defines). Logs: $OUT/bwd-w-*.log.
 case_bwd_w() {
   gpu_info
-  run bench ffn --shape 1.5b --tokens 16384,8192,4096 --sparsity 0.995 --mode train |
-    tee "$OUT/bwd-w-embedded.log"
+  run_logged "bwd-w-embedded.log" bench ffn --shape 1.5b --tokens 16384,8192,4096 --sparsity 0.995 --mode train
   local v dir defs tag
   for v in ${VARIANTS:-UNR=4}; do
     tag=$(echo "$v" | tr '=,' '-_')
@@ -342,8 +351,8 @@ case_bwd_w() {
     nvcc -cubin -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a $defs \
       -I kernels/cuda -o "$dir/hybrid.sm_90a.cubin" kernels/cuda/hybrid.cu || { failed=1; continue; }
     echo "=== $v"
-    SPARSE_TRAIN_CUBINS=$dir run bench ffn --shape 1.5b --tokens ${TOKENS:-8192} --sparsity 0.995 \
-      --mode train | tee "$OUT/bwd-w-$tag.log"
+    SPARSE_TRAIN_CUBINS=$dir run_logged "bwd-w-$tag.log" bench ffn --shape 1.5b --tokens ${TOKENS:-8192} --sparsity 0.995 \
+      --mode train
   done
 }
 
@@ -359,13 +368,12 @@ case_sizes() {
   for shape in ${SHAPES:-0.5b 1b 1.5b 2b}; do
     extra=()
     [ "$shape" = 2b ] && extra=(--set model.num_layers=36)
-    run bench train --config "configs/$shape.yaml" "${extra[@]}" --steps 4 --warmup 1 --batch 4 \
-      --accum 4 | tee "$OUT/sizes-train-$shape.log"
+    run_logged "sizes-train-$shape.log" bench train --config "configs/$shape.yaml" "${extra[@]}" --steps 4 --warmup 1 --batch 4 \
+      --accum 4
     echo "+ torch_anchor.py train --shape $shape --modes compile"
     python3 "$CARRY/torch_anchor.py" train --shape "$shape" --modes compile |
       tee "$OUT/anchor-train-$shape.jsonl" || failed=1
-    run bench infer --config "configs/$shape.yaml" "${extra[@]}" --steps 5 --warmup 2 |
-      tee "$OUT/sizes-infer-$shape.log"
+    run_logged "sizes-infer-$shape.log" bench infer --config "configs/$shape.yaml" "${extra[@]}" --steps 5 --warmup 2
     echo "+ torch_anchor.py infer --shape $shape --modes compile"
     python3 "$CARRY/torch_anchor.py" infer --shape "$shape" --modes compile |
       tee "$OUT/anchor-infer-$shape.jsonl" || failed=1
@@ -382,8 +390,8 @@ case_microbatch() {
   local shape m
   for shape in ${SHAPES:-1.5b}; do
     for m in ${MICROS:-2 4 8 16}; do
-      run bench train --config "configs/$shape.yaml" --steps 4 --warmup 1 --batch "$m" \
-        --accum $((16 / m)) | tee "$OUT/micro-$shape-$m.log"
+      run_logged "micro-$shape-$m.log" bench train --config "configs/$shape.yaml" --steps 4 --warmup 1 --batch "$m" \
+        --accum $((16 / m))
       echo "+ torch_anchor.py train --shape $shape --modes compile --micro $m --accum $((16 / m))"
       python3 "$CARRY/torch_anchor.py" train --shape "$shape" --modes compile --micro "$m" \
         --accum $((16 / m)) | tee "$OUT/anchor-micro-$shape-$m.jsonl" || failed=1

@@ -7,7 +7,7 @@
 //! the gate's spill buffer was too small, both are grown to the size the kernels report and
 //! the forward reruns (never drops). What survives until the backward is [`HybridState`]: the
 //! exact token-major CSR of the actives (`row_ptr`, unit, bf16 relu(g), fp32 u: 14 B per active)
-//! and its unit-major transpose (`unit_ptr`, `csc`, `uorder`): no dense `[N, H]` tensor.
+//! and its unit-major transpose (`unit_ptr`, `cpos`, `uorder`): no dense `[N, H]` tensor.
 //! The forward scratch (TwELL tiles, counting-sort tables) is allocated per call from tch's
 //! caching allocator and freed when the forward returns.
 //!
@@ -115,7 +115,7 @@ impl HybridKernels {
 }
 
 /// What the hybrid forward keeps for the backward: the exact CSR of the actives and its
-/// transpose. Bytes: 14 per active (+ 4 per active for `csc`) + 4 (N + 2H + 17).
+/// transpose. Bytes: 14 per active (+ 4 per active for `cpos`, each entry's place in the unit-major order) + 4 (N + 2H + 17).
 pub struct HybridState {
     n: i64,
     d: i64,
@@ -126,7 +126,7 @@ pub struct HybridState {
     eg: Tensor,
     eu: Tensor,
     unit_ptr: Tensor,
-    csc: Tensor,
+    cpos: Tensor,
     uorder: Tensor,
     hctrl: Tensor,
 }
@@ -146,7 +146,7 @@ impl HybridState {
             &self.eg,
             &self.eu,
             &self.unit_ptr,
-            &self.csc,
+            &self.cpos,
             &self.uorder,
             &self.hctrl,
         ]
@@ -229,7 +229,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
         let ecol = Tensor::f_empty([cap], i32o)?;
         let eg = Tensor::f_empty([cap], (Kind::Int16, device))?;
         let eu = Tensor::f_empty([cap], (Kind::Float, device))?;
-        let csc = Tensor::f_empty([cap], i32o)?;
+        let cpos = Tensor::f_empty([cap], i32o)?;
         k.tw.gate(stream, &ws, x, wg)?;
         let (twp, spp, gcp) = (ptr(&ws.twell), ptr(&ws.spill), ptr(&ws.ctrl));
         let (rcp, bcp, bop, sop, ucp) = (
@@ -240,7 +240,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
             ptr(&unit_cnt),
         );
         let (rpp, upp, uop, hcp) = (ptr(&row_ptr), ptr(&unit_ptr), ptr(&uorder), ptr(&hctrl));
-        let (ecp, egp, eup, csp) = (ptr(&ecol), ptr(&eg), ptr(&eu), ptr(&csc));
+        let (ecp, egp, eup, cpp) = (ptr(&ecol), ptr(&eg), ptr(&eu), ptr(&cpos));
         let (xp, wup, wdp, yp, ltp, l1p) =
             (ptr(x), ptr(wu), ptr(wdt), ptr(&y), ptr(&l1_tok), ptr(&l1));
         let capi = cap as i32;
@@ -309,7 +309,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
                 hcp,
                 ecp,
                 egp,
-                csp,
+                cpp,
             )?;
             hyb_fwd(
                 &k.fwd[wide],
@@ -374,7 +374,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
                     eg,
                     eu,
                     unit_ptr,
-                    csc,
+                    cpos,
                     uorder,
                     hctrl,
                 },
@@ -456,7 +456,7 @@ pub fn hybrid_backward(
         ptr(&dx),
         ptr(&s.hctrl),
     );
-    let (upp, uop, csp) = (ptr(&s.unit_ptr), ptr(&s.uorder), ptr(&s.csc));
+    let (upp, uop, cpp) = (ptr(&s.unit_ptr), ptr(&s.uorder), ptr(&s.cpos));
     let (di, hi) = (d as i32, h as i32);
     let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
@@ -475,6 +475,7 @@ pub fn hybrid_backward(
             ecp,
             egp,
             eup,
+            cpp,
             rcp,
             dxp,
             hcp,
@@ -487,7 +488,6 @@ pub fn hybrid_backward(
             dyp,
             upp,
             uop,
-            csp,
             rcp,
             dgp,
             dup,

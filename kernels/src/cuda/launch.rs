@@ -252,7 +252,7 @@ kernels! {
     hyb_fill ["hyb_fill"]
         (twell: DevPtr, spill: DevPtr, n: i32, h: i32, ntiles: i32, tw: i32, row_ptr: DevPtr,
          unit_ptr: DevPtr, boff: DevPtr, segoff: DevPtr, hctrl: DevPtr, ecol: DevPtr,
-         eg: DevPtr, csc: DevPtr);
+         eg: DevPtr, cpos: DevPtr);
     /// hybrid.cu: the forward's up and down projections and per-token L1.
     hyb_fwd ["hyb_fwd", "hyb_fwd_wide"]
         (x: DevPtr, wu: DevPtr, wdt: DevPtr, row_ptr: DevPtr, ecol: DevPtr, eg: DevPtr,
@@ -262,10 +262,11 @@ kernels! {
     /// hybrid.cu: the token-major backward (per-entry gradients and dx).
     hyb_bwd_tok ["hyb_bwd_tok", "hyb_bwd_tok_wide"]
         (dy: DevPtr, dl1: DevPtr, wg: DevPtr, wu: DevPtr, wdt: DevPtr, row_ptr: DevPtr,
-         ecol: DevPtr, eg: DevPtr, eu: DevPtr, rec: DevPtr, dx: DevPtr, hctrl: DevPtr, d: i32);
+         ecol: DevPtr, eg: DevPtr, eu: DevPtr, cpos: DevPtr, rec: DevPtr, dx: DevPtr, hctrl: DevPtr,
+         d: i32);
     /// hybrid.cu: the unit-major weight gradients, bf16 out or added into f32.
     hyb_bwd_w ["hyb_bwd_w", "hyb_bwd_w_acc"]
-        (x: DevPtr, dy: DevPtr, unit_ptr: DevPtr, uorder: DevPtr, csc: DevPtr, rec: DevPtr,
+        (x: DevPtr, dy: DevPtr, unit_ptr: DevPtr, uorder: DevPtr, rec: DevPtr,
          dwg: DevPtr, dwu: DevPtr, dwdt: DevPtr, hctrl: DevPtr, d: i32, h: i32);
     /// rope.cu: q and k rotated and v, head-major, from the stacked qkv rows.
     rope_qkv_fwd ["rope_qkv_fwd"]
@@ -299,7 +300,7 @@ kernels! {
         (x: DevPtr, delta: DevPtr, w: DevPtr, x_new: DevPtr, y: DevPtr, rstd: DevPtr, n: i32,
          d: i32, eps: f32, rows: i32);
     /// norm.cu: its backward, with per-block partial weight gradients.
-    add_rms_norm_bwd ["add_rms_norm_bwd"]
+    add_rms_norm_bwd ["add_rms_norm_bwd_g1", "add_rms_norm_bwd_g2", "add_rms_norm_bwd_g4", "add_rms_norm_bwd_g8"]
         (g_x_new: DevPtr, g_y: DevPtr, x_new: DevPtr, w: DevPtr, rstd: DevPtr, g_x: DevPtr,
          g_delta: DevPtr, dw_part: DevPtr, n: i32, d: i32);
 }

@@ -19,7 +19,8 @@ pub struct NormKernels {
     tw: Arc<TwellKernels>,
     _module: Arc<CudaModule>,
     fwd: CudaFunction,
-    bwd: CudaFunction,
+    /// The backward with 1, 2, 4 and 8 granules a thread (`bwd_granules`).
+    bwd: [CudaFunction; 4],
 }
 
 impl NormKernels {
@@ -28,7 +29,12 @@ impl NormKernels {
         let (module, _) = load_image(&tw.ctx, "norm")?;
         Ok(Self {
             fwd: module.load_function("add_rms_norm_fwd")?,
-            bwd: module.load_function("add_rms_norm_bwd")?,
+            bwd: [
+                module.load_function("add_rms_norm_bwd_g1")?,
+                module.load_function("add_rms_norm_bwd_g2")?,
+                module.load_function("add_rms_norm_bwd_g4")?,
+                module.load_function("add_rms_norm_bwd_g8")?,
+            ],
             _module: module,
             tw,
         })
@@ -49,6 +55,15 @@ pub fn norm_supports(d: i64) -> bool {
 /// Blocks of a backward launch over `n` rows (and rows of its partial weight gradients).
 pub fn norm_blocks(n: i64) -> i64 {
     (n + NORM_ROWS - 1) / NORM_ROWS
+}
+
+/// Which backward entry takes rows of width `d`: the fewest 4-column granules a thread, a
+/// power of two, that cover the row (`norm_supports(d)` bounds it by NORM_MAX_GRANULES).
+fn bwd_entry(d: i64) -> usize {
+    let granules = (d / 4 + NORM_THREADS - 1) / NORM_THREADS;
+    (granules.max(1) as u64)
+        .next_power_of_two()
+        .trailing_zeros() as usize
 }
 
 /// Rows per block of the forward over `n` rows: NORM_ROWS at training sizes, fewer (down to
@@ -170,7 +185,7 @@ pub fn add_rms_norm_backward_into(
     // SAFETY: as in `add_rms_norm_forward_into`.
     unsafe {
         add_rms_norm_bwd(
-            &k.bwd,
+            &k.bwd[bwd_entry(d)],
             launch,
             nullable(g_x_new),
             ptr(g_y),
@@ -183,5 +198,25 @@ pub fn add_rms_norm_backward_into(
             n as i32,
             d as i32,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backward_entry_is_the_fewest_granules_that_cover_the_row() {
+        // NORM_THREADS threads of 4 columns each per granule.
+        let cols = 4 * NORM_THREADS;
+        assert_eq!(bwd_entry(4), 0);
+        assert_eq!(bwd_entry(768), 0);
+        assert_eq!(bwd_entry(cols), 0);
+        assert_eq!(bwd_entry(cols + 4), 1);
+        assert_eq!(bwd_entry(2 * cols), 1);
+        assert_eq!(bwd_entry(3 * cols), 2);
+        assert_eq!(bwd_entry(4 * cols), 2);
+        assert_eq!(bwd_entry(5 * cols), 3);
+        assert_eq!(bwd_entry(NORM_MAX_GRANULES * cols), 3);
     }
 }

@@ -17,7 +17,8 @@
 //! Wu, Wd^T (bf16 leaves). Dense = tch bf16 autograd (cuBLAS); hybrid = `sparse_ffn(..,
 //! FfnPath::Hybrid)` (the SparseFfn autograd function running kernels/cuda/hybrid.cu);
 //! "kernels" = `hybrid_forward` + `hybrid_backward` called directly (no loss ops, no
-//! autograd). Checked first against fp32 autograd (y and grads <= 2e-2 of max|ref|, l1 <=
+//! autograd), the weight gradients added into fp32 `[H, D]` buffers as the trainer adds them
+//! into its masters' `.grad` (`WeightGrads::AddInto`). Checked first against fp32 autograd (y and grads <= 2e-2 of max|ref|, l1 <=
 //! 2e-3). Memory: the caching allocator's peak above the live inputs during one layer's
 //! fwd+bwd (y, the saved activations, dx and the weight gradients included), and the bytes the
 //! hybrid forward keeps for its backward.
@@ -347,10 +348,12 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
 /// Seed of the upstream gradient `dy` and the L1 weight used by the train mode.
 const TRAIN_DL1: f64 = 1e-4;
 
-/// One layer's training inputs: the layer's tensors as bf16 leaves requiring grad, and `dy`.
+/// One layer's training inputs: the layer's tensors as bf16 leaves requiring grad, `dy`, and
+/// the fp32 buffers the kernels-only form adds its weight gradients into (dWg, dWu, dWd^T).
 struct TrainLayer {
     leaves: [Tensor; 4],
     dy: Tensor,
+    weight_grads: [Tensor; 3],
 }
 
 /// Loss `sum(y * dy) + dl1 * l1_sum`; returns the gradients of `x, Wg, Wu, Wd^T` (not
@@ -387,16 +390,16 @@ fn hybrid_train(l: &TrainLayer) -> Result<Vec<Tensor>> {
     grads_of(&out.y, &out.l1_sum, &l.dy, &l.leaves)
 }
 
-/// The hybrid kernels called directly (no autograd, no loss ops): forward, backward.
-fn hybrid_kernels_only(l: &TrainLayer, dl1: &Tensor) -> Result<[Tensor; 4]> {
+/// The hybrid kernels called directly (no autograd, no loss ops): forward, backward, the
+/// weight gradients added into the layer's fp32 buffers; returns dx.
+fn hybrid_kernels_only(l: &TrainLayer, dl1: &Tensor) -> Result<Tensor> {
     let [x, wg, wu, wd] = &l.leaves;
     let _g = tch::no_grad_guard();
     let f = sparse_kernels::cuda::hybrid_forward(x, wg, wu, wd)?;
-    let returned = sparse_kernels::cuda::WeightGrads::Return;
-    let (dx, dw) =
-        sparse_kernels::cuda::hybrid_backward(&f.state, x, wg, wu, wd, &l.dy, dl1, returned)?;
-    let [dwg, dwu, dwd] = dw.expect("WeightGrads::Return returns the gradients");
-    Ok([dx, dwg, dwu, dwd])
+    let [gg, gu, gd] = &l.weight_grads;
+    let into = sparse_kernels::cuda::WeightGrads::AddInto([gg, gu, gd]);
+    let (dx, _) = sparse_kernels::cuda::hybrid_backward(&f.state, x, wg, wu, wd, &l.dy, dl1, into)?;
+    Ok(dx)
 }
 
 /// Peak bytes allocated above what was live before `f` (one call), and what `f` returned is
@@ -515,6 +518,7 @@ fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
         Ok(TrainLayer {
             leaves: [l.x, l.wg, l.wu, l.wd].map(|t| t.set_requires_grad(true)),
             dy: Tensor::randn([n, d], (Kind::Float, device)).to_kind(Kind::BFloat16),
+            weight_grads: [(); 3].map(|_| Tensor::zeros([h, d], (Kind::Float, device))),
         })
     });
     for counted in counts {
@@ -567,10 +571,7 @@ fn run_ffn_train(args: &BenchFfnArgs) -> Result<()> {
         let (w, r) = (args.warmup, args.repeats);
         let dense = time_ms(device, w, r, &layers, |l| Ok(dense_train(l)?.remove(0)))?;
         let hybrid = time_ms(device, w, r, &layers, |l| Ok(hybrid_train(l)?.remove(0)))?;
-        let kern = time_ms(device, w, r, &layers, |l| {
-            let [dx, ..] = hybrid_kernels_only(l, &dl1)?;
-            Ok(dx)
-        })?;
+        let kern = time_ms(device, w, r, &layers, |l| hybrid_kernels_only(l, &dl1))?;
         let dense2 = time_ms(device, w, r, &layers, |l| Ok(dense_train(l)?.remove(0)))?;
         // Memory of layer 0: one fwd+bwd each, outputs kept until the peak is read.
         let l0 = &layers[0];

@@ -14,8 +14,9 @@
 //   sort whose rank inside a 32-token block comes from a bitmask, not atomics). The backward
 //   writes each entry's gradient record at p, so the weight-gradient kernel reads a unit's
 //   records contiguously, with no index to follow first.
-//   uorder [H] units heaviest first (the weight-gradient kernel's schedule; numerics do not
-//   depend on it).
+//   uspan [H] int4 {j, unit_ptr[j], unit_ptr[j+1], 0}, units heaviest first (the
+//   weight-gradient kernel's schedule, with each unit's span so that a block reads it in one
+//   load; numerics do not depend on the order).
 // If the pool is too small (total actives > cap), hctrl[HC_STATUS] gets ST_NNZ_OVER, every
 // later kernel returns without touching memory, and the caller grows the pool and reruns
 // (hctrl[HC_NNZ] is the size needed). If the gate's spill buffer was full, ST_GATE_SPILL.
@@ -166,9 +167,10 @@ DEV int block_scan(const int* in, int* out, int n, int* sh) {
   return total;
 }
 
-// K3: one block of 1024 threads. row_ptr, unit_ptr, capacity check, gate status, unit order.
+// K3: one block of 1024 threads. row_ptr, unit_ptr, capacity check, gate status, unit order
+// with the units' spans.
 extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_scan(const int* row_cnt, int* row_ptr, const int* unit_cnt,
-                                                            int* unit_ptr, int* uorder, int N, int H, int cap,
+                                                            int* unit_ptr, int4* uspan, int N, int H, int cap,
                                                             int* gctrl, int* hctrl) {
   __shared__ int sh[HYB_SCAN_THREADS];
   __shared__ int bcnt[32], bpos[32];
@@ -199,7 +201,9 @@ extern "C" __global__ void __launch_bounds__(HYB_SCAN_THREADS) hyb_scan(const in
     }
   }
   __syncthreads();
-  for (int j = tid; j < H; j += blockDim.x) uorder[atomicAdd(&bpos[__clz(unit_cnt[j] + 1)], 1)] = j;
+  // unit_ptr was written by this block before the barriers above: visible here.
+  for (int j = tid; j < H; j += blockDim.x)
+    uspan[atomicAdd(&bpos[__clz(unit_cnt[j] + 1)], 1)] = make_int4(j, unit_ptr[j], unit_ptr[j + 1], 0);
 }
 
 // K4: fill CSR (ecol, eg) and the unit-major places (cpos[e] = p). Grid nblk, 256 threads, dynamic smem H * 4.
@@ -416,7 +420,7 @@ extern "C" __global__ void __launch_bounds__(tk::THREADS, 2) hyb_bwd_tok_wide(BW
 // ------------------------------------------------------------------------------------------
 // Backward, unit-major weight gradients: dWg[j] = sum dg x_t, dWu[j] = sum du x_t, dWdT[j] =
 // sum h dy_t over unit j's entries, per 256-column slice. Grid = nslices * H, slice-major (the
-// x and dy columns in use, N x 256 x 2 x 2 B, stay in L2); CTA (unit uorder[i], slice), 4
+// x and dy columns in use, N x 256 x 2 x 2 B, stay in L2); CTA (unit uspan[i].x, slice), 4
 // warps; the unit's entries are dealt round robin (entry k to warp k % 4), a warp fetches the
 // records of 32 of its entries at once (one per lane; the records of a unit are contiguous,
 // in token order: cpos) and then walks them UNR at a time with
@@ -433,20 +437,35 @@ constexpr int THREADS = HYB_BWD_W_THREADS, WARPS = THREADS / 32, SLICE = HYB_BWD
 
 // The result of one gradient element: stored as bf16, or added into an fp32 gradient.
 DEV void put1(__nv_bfloat16* out, size_t o, float v) { out[o] = __float2bfloat16_rn(v); }
-DEV void put1(float* out, size_t o, float v) { out[o] += v; }
+DEV void put1(float* out, size_t o, float v) { out[o] = v; }
 template <typename T>
 DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ dy,
-                    const int* __restrict__ unit_ptr, const int* __restrict__ uorder,
-                    const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT, const int* hctrl, int D, int H) {
+                    const int4* __restrict__ uspan, const float4* __restrict__ rec, T* dWg, T* dWu, T* dWdT,
+                    const int* hctrl, int D, int H) {
   using namespace wk;
   constexpr bool ADD = sizeof(T) == sizeof(float);  // silent units add nothing
   __shared__ float red[WARPS][24][33];
   if (hctrl[HC_STATUS] & ST_NNZ_OVER) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slice = blockIdx.x / H;
-  const int j = uorder[blockIdx.x - slice * H];
-  const int p0 = unit_ptr[j], p1 = unit_ptr[j + 1];
+  const int4 span = __ldg(uspan + blockIdx.x - slice * H);
+  const int j = span.x, p0 = span.y, p1 = span.z;
   if (ADD && p1 == p0) return;
+  // The fp32 gradients this thread adds into (columns tid and tid + 128 of the slice, three
+  // rows), loaded now so that their latency overlaps the walk instead of following it.
+  float prior[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+  if constexpr (ADD) {
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int col = slice * SLICE + tid + h2 * 128;
+      if (col < D) {
+        const size_t o = (size_t)j * D + col;
+        prior[h2][0] = (float)dWg[o];
+        prior[h2][1] = (float)dWu[o];
+        prior[h2][2] = (float)dWdT[o];
+      }
+    }
+  }
   const int c0 = slice * SLICE + lane * 8;
   const int cc = c0 < D ? c0 : 0;  // lanes past D load a valid address and discard
   float au[8], ag[8], ad[8];
@@ -504,18 +523,17 @@ DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __
         s[2] += red[w][16 + e][l];
       }
       const size_t o = (size_t)j * D + col;
-      put1(dWg, o, s[0]);
-      put1(dWu, o, s[1]);
-      put1(dWdT, o, s[2]);
+      put1(dWg, o, ADD ? prior[h2][0] + s[0] : s[0]);
+      put1(dWu, o, ADD ? prior[h2][1] + s[1] : s[1]);
+      put1(dWdT, o, ADD ? prior[h2][2] + s[2] : s[2]);
     }
   }
 }
 
 #define BWW_ARGS(T)                                                                                            \
-  const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ dy, const int *__restrict__ unit_ptr, \
-      const int *__restrict__ uorder, const float4 *__restrict__ rec, T *dWg, T *dWu, T *dWdT,                \
-      const int *hctrl, int D, int H
-#define BWW_PASS x, dy, unit_ptr, uorder, rec, dWg, dWu, dWdT, hctrl, D, H
+  const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ dy, const int4 *__restrict__ uspan, \
+      const float4 *__restrict__ rec, T *dWg, T *dWu, T *dWdT, const int *hctrl, int D, int H
+#define BWW_PASS x, dy, uspan, rec, dWg, dWu, dWdT, hctrl, D, H
 extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(BWW_ARGS(__nv_bfloat16)) {
   bwd_w_body<__nv_bfloat16>(BWW_PASS);
 }

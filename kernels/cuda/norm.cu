@@ -101,12 +101,11 @@ DEV void bwd_load(BwdRow<G>& row, const float* __restrict__ g_x_new, const __nv_
 #pragma unroll
   for (int j = 0; j < G; ++j) {
     const int g = threadIdx.x + j * NORM_THREADS;
-    if (g < ng) {
-      row.x[j] = *reinterpret_cast<const float4*>(x_new + base + 4 * g);
-      row.gy[j] = *reinterpret_cast<const uint2*>(g_y + base + 4 * g);
-      row.up[j] = g_x_new != nullptr ? *reinterpret_cast<const float4*>(g_x_new + base + 4 * g)
-                                     : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    const bool in = g < ng;  // granules past the row are zeros: they add nothing to the sums
+    row.x[j] = in ? *reinterpret_cast<const float4*>(x_new + base + 4 * g) : make_float4(0.f, 0.f, 0.f, 0.f);
+    row.gy[j] = in ? *reinterpret_cast<const uint2*>(g_y + base + 4 * g) : make_uint2(0u, 0u);
+    row.up[j] = in && g_x_new != nullptr ? *reinterpret_cast<const float4*>(g_x_new + base + 4 * g)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 }
 

@@ -1,10 +1,13 @@
-// Rotary embeddings (HF's rotate-half layout) fused with the head split of the stacked q/k/v
+// Rotary embeddings (HF's rotate-half layout) fused with the split of the stacked q/k/v
 // projection: one pass reads each token's row of the one qkv GEMM and writes q and k rotated
-// and v, head-major as attention takes them; the backward is the inverse rotation, writing
-// the gradient of the qkv row in one pass. fp32 arithmetic, bf16 in and out.
+// and v; the backward is the inverse rotation, writing the gradient of the qkv row in one
+// pass. fp32 arithmetic, bf16 in and out.
 //
 // qkv, dqkv: [B * T, (nh + 2 nkv) hd] row-major (q heads, then k heads, then v heads).
-// q, dq: [B, nh, T, hd]; k, v, dk, dv: [B, nkv, T, hd], contiguous.
+// q, dq: [B, T, nh, hd]; k, v, dk, dv: [B, T, nkv, hd], contiguous: token-major, which
+// attention takes as [B, heads, T, hd] views (cuDNN's attention then writes its output
+// token-major too, as the output projection reads it, and takes its gradient without a copy).
+// The inference form below writes q head-major and k, v into the KV cache.
 // cos, sin: [max_seq, hd] f32 (kernels/src/fused/rope.rs): cos over both halves, and sin with
 // its first half negated, so the rotation of a pair (x1 = x[i], x2 = x[i + hd/2]) at position
 // p is y1 = x1 c - x2 s, y2 = x2 c + x1 s with c = cos[p][i], s = sin[p][i + hd/2].
@@ -12,7 +15,7 @@
 // at a time (8-byte accesses) when hd % 8 == 0.
 #include "common.cuh"
 
-// Where pair (head, i) of token (b, t) lives in the head-major output, and whether it rotates.
+// Where pair (head, i) of token (b, t) lives in the token-major output, and whether it rotates.
 struct HeadSlot {
   __nv_bfloat16* base;
   bool rotate;
@@ -30,7 +33,7 @@ DEV HeadSlot head_slot(int head, int nh, int nkv, int b, int t, int t_len, int h
     out = v; hh = head - nh - nkv; nheads = nkv;
   }
   HeadSlot s;
-  s.base = out + (((size_t)b * nheads + hh) * t_len + t) * hd;
+  s.base = out + (((size_t)b * t_len + t) * nheads + hh) * hd;
   s.rotate = head < nh + nkv;
   return s;
 }
@@ -75,7 +78,7 @@ DEV void rotate_pairs(const __nv_bfloat16* src, __nv_bfloat16* dst, int i, int h
   store_bf16<W>(dst + i + half, x2);
 }
 
-// One token row: the forward (qkv row -> head-major q, k, v) or the inverse (head-major
+// One token row: the forward (qkv row -> token-major q, k, v) or the inverse (their
 // gradients -> the qkv row's), W pairs per step (4 when hd % 8 == 0: 8-byte accesses).
 template <int W, bool INVERSE>
 DEV void rope_row(const __nv_bfloat16* __restrict__ row_in, __nv_bfloat16* __restrict__ row_out,

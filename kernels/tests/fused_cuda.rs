@@ -433,12 +433,14 @@ fn rope_case(name: &str, b: i64, t: i64, nh: i64, nkv: i64, hd: i64, pos0: i64) 
         pos0,
     };
     let nan = |shape: &[i64]| Tensor::full(shape, f64::NAN, (Kind::BFloat16, dev));
+    // The kernels write token-major [B, T, heads, hd]; compared as [B, heads, T, hd] views.
     let (q, k, v) = (
-        nan(&[b, nh, t, hd]),
-        nan(&[b, nkv, t, hd]),
-        nan(&[b, nkv, t, hd]),
+        nan(&[b, t, nh, hd]),
+        nan(&[b, t, nkv, hd]),
+        nan(&[b, t, nkv, hd]),
     );
     rope_qkv_forward_into(&qkv, (&cos, &sin), &s, [&q, &k, &v]).unwrap();
+    let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
     let x = f64_of(&qkv).view([b, t, nh + 2 * nkv, hd]);
     let (c, sh) = (cos.narrow(0, pos0, t), sin_hf.narrow(0, pos0, t));
     let want_q = hf_rotate(&x.narrow(2, 0, nh), &c, &sh);
@@ -453,11 +455,15 @@ fn rope_case(name: &str, b: i64, t: i64, nh: i64, nkv: i64, hd: i64, pos0: i64) 
         check(label, got, want, 8e-3);
     }
     // Backward: the inverse rotation, against autograd through the f64 formula.
-    let dq = bf16_values(&[b, nh, t, hd], 1.0, dev).to_kind(Kind::BFloat16);
-    let dk = bf16_values(&[b, nkv, t, hd], 1.0, dev).to_kind(Kind::BFloat16);
-    let dv = bf16_values(&[b, nkv, t, hd], 1.0, dev).to_kind(Kind::BFloat16);
+    let grad = |n: i64| bf16_values(&[b, t, n, hd], 1.0, dev).to_kind(Kind::BFloat16);
+    let (dq_tm, dk_tm, dv_tm) = (grad(nh), grad(nkv), grad(nkv));
     let dqkv = nan(&[b, t, w]);
-    rope_qkv_backward_into([&dq, &dk, &dv], (&cos, &sin), &s, &dqkv).unwrap();
+    rope_qkv_backward_into([&dq_tm, &dk_tm, &dv_tm], (&cos, &sin), &s, &dqkv).unwrap();
+    let (dq, dk, dv) = (
+        dq_tm.transpose(1, 2),
+        dk_tm.transpose(1, 2),
+        dv_tm.transpose(1, 2),
+    );
     let x64 = f64_of(&qkv).set_requires_grad(true);
     let xv = x64.view([b, t, nh + 2 * nkv, hd]);
     let loss = (hf_rotate(&xv.narrow(2, 0, nh), &c, &sh) * f64_of(&dq)).sum(Kind::Double)

@@ -7,7 +7,8 @@
 //! the gate's spill buffer was too small, both are grown to the size the kernels report and
 //! the forward reruns (never drops). What survives until the backward is [`HybridState`]: the
 //! exact token-major CSR of the actives (`row_ptr`, unit, bf16 relu(g), fp32 u: 14 B per active)
-//! and its unit-major transpose (`unit_ptr`, `cpos`, `uorder`): no dense `[N, H]` tensor.
+//! and its unit-major transpose (`cpos`, and `uspan`: the units heaviest first with their
+//! spans): no dense `[N, H]` tensor.
 //! The forward scratch (TwELL tiles, counting-sort tables) is allocated per call from tch's
 //! caching allocator and freed when the forward returns.
 //!
@@ -115,7 +116,8 @@ impl HybridKernels {
 }
 
 /// What the hybrid forward keeps for the backward: the exact CSR of the actives and its
-/// transpose. Bytes: 14 per active (+ 4 per active for `cpos`, each entry's place in the unit-major order) + 4 (N + 2H + 17).
+/// transpose. Bytes: 14 per active (`ecol`, `eg`, `eu`, and `cpos`, each entry's place in the
+/// unit-major order), 4 (N + 1) for `row_ptr`, 16 H for `uspan`, and the status words.
 pub struct HybridState {
     n: i64,
     d: i64,
@@ -125,9 +127,8 @@ pub struct HybridState {
     ecol: Tensor,
     eg: Tensor,
     eu: Tensor,
-    unit_ptr: Tensor,
     cpos: Tensor,
-    uorder: Tensor,
+    uspan: Tensor,
     hctrl: Tensor,
 }
 
@@ -145,9 +146,8 @@ impl HybridState {
             &self.ecol,
             &self.eg,
             &self.eu,
-            &self.unit_ptr,
             &self.cpos,
-            &self.uorder,
+            &self.uspan,
             &self.hctrl,
         ]
         .iter()
@@ -214,7 +214,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
     let l1 = Tensor::f_empty([1], (Kind::Float, device))?;
     let row_ptr = Tensor::f_empty([n + 1], i32o)?;
     let unit_ptr = Tensor::f_empty([h + 1], i32o)?;
-    let uorder = Tensor::f_empty([h], i32o)?;
+    let uspan = Tensor::f_empty([h, 4], i32o)?;
     let hctrl = Tensor::f_zeros([HCTRL_WORDS], i32o)?;
     let y = Tensor::f_empty([n, d], (Kind::BFloat16, device))?;
     let (ni, di, hi) = (n as i32, d as i32, h as i32);
@@ -239,7 +239,7 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
             ptr(&segoff),
             ptr(&unit_cnt),
         );
-        let (rpp, upp, uop, hcp) = (ptr(&row_ptr), ptr(&unit_ptr), ptr(&uorder), ptr(&hctrl));
+        let (rpp, upp, uop, hcp) = (ptr(&row_ptr), ptr(&unit_ptr), ptr(&uspan), ptr(&hctrl));
         let (ecp, egp, eup, cpp) = (ptr(&ecol), ptr(&eg), ptr(&eu), ptr(&cpos));
         let (xp, wup, wdp, yp, ltp, l1p) =
             (ptr(x), ptr(wu), ptr(wdt), ptr(&y), ptr(&l1_tok), ptr(&l1));
@@ -373,9 +373,8 @@ pub fn hybrid_forward(x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Res
                     ecol,
                     eg,
                     eu,
-                    unit_ptr,
                     cpos,
-                    uorder,
+                    uspan,
                     hctrl,
                 },
             });
@@ -456,7 +455,7 @@ pub fn hybrid_backward(
         ptr(&dx),
         ptr(&s.hctrl),
     );
-    let (upp, uop, cpp) = (ptr(&s.unit_ptr), ptr(&s.uorder), ptr(&s.cpos));
+    let (usp, cpp) = (ptr(&s.uspan), ptr(&s.cpos));
     let (di, hi) = (d as i32, h as i32);
     let wide = usize::from(d > row_kernel_max_d(HYB_THREADS, ROW_GRANULES));
     let slices = ((d + HYB_BWD_W_SLICE - 1) / HYB_BWD_W_SLICE) as u32;
@@ -486,8 +485,7 @@ pub fn hybrid_backward(
             shape((slices * h as u32, 1), HYB_BWD_W_THREADS, 0),
             xp,
             dyp,
-            upp,
-            uop,
+            usp,
             rcp,
             dgp,
             dup,

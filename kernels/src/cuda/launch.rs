@@ -244,9 +244,9 @@ kernels! {
         (blkcnt: DevPtr, boff: DevPtr, segtot: DevPtr, nblk: i32, h: i32);
     /// hybrid.cu K2b: segment offsets and unit totals.
     hyb_unitscan ["hyb_unitscan"] (segoff: DevPtr, unit_cnt: DevPtr, nseg: i32, h: i32);
-    /// hybrid.cu K3: row and unit pointers, the pool check, the unit order.
+    /// hybrid.cu K3: row and unit pointers, the pool check, the units' order and spans.
     hyb_scan ["hyb_scan"]
-        (row_cnt: DevPtr, row_ptr: DevPtr, unit_cnt: DevPtr, unit_ptr: DevPtr, uorder: DevPtr,
+        (row_cnt: DevPtr, row_ptr: DevPtr, unit_cnt: DevPtr, unit_ptr: DevPtr, uspan: DevPtr,
          n: i32, h: i32, cap: i32, gctrl: DevPtr, hctrl: DevPtr);
     /// hybrid.cu K4: fills the CSR and its transpose.
     hyb_fill ["hyb_fill"]
@@ -266,7 +266,7 @@ kernels! {
          d: i32);
     /// hybrid.cu: the unit-major weight gradients, bf16 out or added into f32.
     hyb_bwd_w ["hyb_bwd_w", "hyb_bwd_w_acc"]
-        (x: DevPtr, dy: DevPtr, unit_ptr: DevPtr, uorder: DevPtr, rec: DevPtr,
+        (x: DevPtr, dy: DevPtr, uspan: DevPtr, rec: DevPtr,
          dwg: DevPtr, dwu: DevPtr, dwdt: DevPtr, hctrl: DevPtr, d: i32, h: i32);
     /// rope.cu: q and k rotated and v, head-major, from the stacked qkv rows.
     rope_qkv_fwd ["rope_qkv_fwd"]

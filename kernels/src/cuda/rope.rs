@@ -118,7 +118,7 @@ impl RopeShape {
     }
 }
 
-/// `q, k, v` (head-major `[B, heads, T, hd]`, q and k rotated) from `qkv: [B, T, width]`,
+/// `q, k, v` (token-major `[B, T, heads, hd]`, q and k rotated) from `qkv: [B, T, width]`,
 /// written into the given outputs.
 pub fn rope_qkv_forward_into(
     qkv: &Tensor,
@@ -131,9 +131,9 @@ pub fn rope_qkv_forward_into(
         (cos, sin),
         &[
             ("qkv", qkv, vec![b, t, s.width()]),
-            ("q", q, vec![b, s.heads, t, hd]),
-            ("k", k, vec![b, s.kv_heads, t, hd]),
-            ("v", v, vec![b, s.kv_heads, t, hd]),
+            ("q", q, vec![b, t, s.heads, hd]),
+            ("k", k, vec![b, t, s.kv_heads, hd]),
+            ("v", v, vec![b, t, s.kv_heads, hd]),
         ],
     )?;
     let kern = RopeKernels::for_device(qkv.device())?;
@@ -160,7 +160,8 @@ pub fn rope_qkv_forward_into(
     }
 }
 
-/// The gradient of `qkv` from those of `q, k, v`, written into `dqkv: [B, T, width]`.
+/// The gradient of `qkv` from those of `q, k, v` (token-major, as the forward wrote them),
+/// written into `dqkv: [B, T, width]`.
 pub fn rope_qkv_backward_into(
     [dq, dk, dv]: [&Tensor; 3],
     (cos, sin): (&Tensor, &Tensor),
@@ -171,9 +172,9 @@ pub fn rope_qkv_backward_into(
     s.check(
         (cos, sin),
         &[
-            ("dq", dq, vec![b, s.heads, t, hd]),
-            ("dk", dk, vec![b, s.kv_heads, t, hd]),
-            ("dv", dv, vec![b, s.kv_heads, t, hd]),
+            ("dq", dq, vec![b, t, s.heads, hd]),
+            ("dk", dk, vec![b, t, s.kv_heads, hd]),
+            ("dv", dv, vec![b, t, s.kv_heads, hd]),
             ("dqkv", dqkv, vec![b, t, s.width()]),
         ],
     )?;

@@ -1,6 +1,6 @@
 //! Rotary embeddings (HF's rotate-half layout) fused with the head split of the stacked q/k/v
 //! projection: [`rope_qkv`] turns the one GEMM's `qkv: [B, T, (heads + 2 kv_heads) hd]` into
-//! head-major `q, k, v: [B, heads, T, hd]` with q and k rotated, in one kernel pass forward
+//! `q, k, v: [B, heads, T, hd]` (views of token-major tensors) with q and k rotated, in one kernel pass forward
 //! and one backward on CUDA bf16 (`kernels/cuda/rope.cu`; the unfused form, head views and
 //! [`rotate`], costs six strided elementwise passes, the views' backward a zero fill and a
 //! strided copy each). Elsewhere (CPU, f32) the same function from ATen ops.
@@ -135,9 +135,10 @@ fn fused(
         let qkv = inputs[0].contiguous();
         let opts = (Kind::BFloat16, qkv.device());
         let (b, t, hd) = (s.batch, s.t_len, s.head_dim);
-        let q = Tensor::empty([b, s.heads, t, hd], opts);
-        let k = Tensor::empty([b, s.kv_heads, t, hd], opts);
-        let v = Tensor::empty([b, s.kv_heads, t, hd], opts);
+        // Token-major (see `token_major_heads`).
+        let q = Tensor::empty([b, t, s.heads, hd], opts);
+        let k = Tensor::empty([b, t, s.kv_heads, hd], opts);
+        let v = Tensor::empty([b, t, s.kv_heads, hd], opts);
         rope_qkv_forward_into(&qkv, (&cos, &sin), &s, [&q, &k, &v]).map_err(|e| e.to_string())?;
         let (cos, sin) = (cos.shallow_clone(), sin.shallow_clone());
         let backward: BackwardFn = Box::new(move |grads: &[Option<Tensor>]| {
@@ -146,7 +147,7 @@ fn fused(
                 .zip([s.heads, s.kv_heads, s.kv_heads])
                 .map(|(g, n)| match g {
                     Some(g) => g.to_kind(Kind::BFloat16).contiguous(),
-                    None => Tensor::zeros([b, n, t, hd], opts),
+                    None => Tensor::zeros([b, t, n, hd], opts),
                 })
                 .collect();
             let dqkv = Tensor::empty([b, t, (s.heads + 2 * s.kv_heads) * hd], opts);
@@ -159,7 +160,18 @@ fn fused(
     let out =
         apply_function(&[qkv], 3, &forward).map_err(|e| FusedError(format!("rope_qkv: {e}")))?;
     let mut it = out.into_iter();
-    Ok(std::array::from_fn(|_| it.next().expect("three outputs")))
+    Ok(std::array::from_fn(|_| {
+        token_major_heads(&it.next().expect("three outputs"))
+    }))
+}
+
+/// `[B, heads, T, hd]` views of token-major `[B, T, heads, hd]` tensors. Attention takes them
+/// as they are; cuDNN's attention allocates its output (and the gradients of q, k, v) in its
+/// query's layout, so the output projection then reads the output token-major without a
+/// copy, and the backward's gradients arrive token-major for the inverse rotation. Head-major
+/// tensors cost a strided copy of the attention output a layer each way.
+fn token_major_heads(t: &Tensor) -> Tensor {
+    t.transpose(1, 2)
 }
 
 #[cfg(test)]

@@ -38,6 +38,12 @@
 #ifndef HYB_BWD_W_UNR
 #define HYB_BWD_W_UNR 8
 #endif
+// Blocks per SM the weight-gradient kernel is compiled for (its register budget: 4 leaves 128
+// registers a thread, 25 % occupancy); -D overrides it. 6 with UNR 2 (78 registers) ran the
+// kernel 8 % faster in bench ffn but the 1.5b trainer 2 % slower (docs/kernel-notes.md).
+#ifndef HYB_BWD_W_MINBLOCKS
+#define HYB_BWD_W_MINBLOCKS 4
+#endif
 
 // ------------------------------------------------------------------------------------------
 // TwELL reading (one warp per token). Builds the warp-private prefix of tile counts `pre`
@@ -534,7 +540,10 @@ DEV void bwd_w_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __
   const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ dy, const int4 *__restrict__ uspan, \
       const float4 *__restrict__ rec, T *dWg, T *dWu, T *dWdT, const int *hctrl, int D, int H
 #define BWW_PASS x, dy, uspan, rec, dWg, dWu, dWdT, hctrl, D, H
-extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w(BWW_ARGS(__nv_bfloat16)) {
+extern "C" __global__ void __launch_bounds__(wk::THREADS, HYB_BWD_W_MINBLOCKS) hyb_bwd_w(BWW_ARGS(__nv_bfloat16)) {
   bwd_w_body<__nv_bfloat16>(BWW_PASS);
 }
-extern "C" __global__ void __launch_bounds__(wk::THREADS, 4) hyb_bwd_w_acc(BWW_ARGS(float)) { bwd_w_body<float>(BWW_PASS); }
+extern "C" __global__ void __launch_bounds__(wk::THREADS, HYB_BWD_W_MINBLOCKS)
+    hyb_bwd_w_acc(BWW_ARGS(float)) {
+  bwd_w_body<float>(BWW_PASS);
+}

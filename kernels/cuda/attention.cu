@@ -13,12 +13,6 @@
 // states merged. HD (the head width) is a template parameter: 32, 64 or 128.
 #include "common.cuh"
 
-DEV float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 DEV float warp_max(float v) {
 #pragma unroll
   for (int off = 16; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));

@@ -96,6 +96,16 @@ typedef unsigned long long uint64_t;
 // the per-block unit counts are bytes).
 #define GATING_THREADS 256
 #define GATING_ROWS 16
+// Decode-sized products (decode.cu): at most DECODE_MAX_TOKENS token rows; the row products take
+// DECODE_THREADS threads a block, DECODE_WARP_ROWS weight rows a warp; the FFN's down product
+// DECODE_DOWN_THREADS threads over DECODE_DOWN_GRANULES 16-byte granules of the output row, and
+// gathers the units that fire from DECODE_DOWN_ROUND units of h at a time.
+#define DECODE_MAX_TOKENS 8
+#define DECODE_THREADS 128
+#define DECODE_WARP_ROWS 2
+#define DECODE_DOWN_THREADS 256
+#define DECODE_DOWN_GRANULES 32
+#define DECODE_DOWN_ROUND 6144
 // END SHARED CONSTANTS
 
 // A tile's spill-slot word when the spill buffer was full.
@@ -188,6 +198,11 @@ DEV void zero_fill(float (&a)[A][B][C]) {
 // ------------------------------------------------------------------------------------------
 // Warp reductions and scans (full warp).
 DEV int warp_sum(int v) {
+#pragma unroll
+  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+DEV float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;

@@ -1,6 +1,7 @@
 //! The decode-time pieces on CUDA: RoPE writing k and v into the KV cache at a position read
-//! on the device (`fused::rope::rope_qkv_into_cache`), and CUDA graphs
-//! (`torch::cuda_graph`) replaying a step that advances that position. GPU only: without
+//! on the device (`fused::rope::rope_qkv_into_cache`), CUDA graphs (`torch::cuda_graph`)
+//! replaying a step that advances that position, decode attention, and the decode step's
+//! products of a few token rows (`cuda::decode`: `x W^T` and the sparse FFN). GPU only: without
 //! CUDA the tests skip with a printed reason, or fail under `SPARSE_TRAIN_REQUIRE_GPU=1`.
 //!
 //! References in f64 from the same bf16 values, every element; bf16 outputs of fp32
@@ -9,10 +10,18 @@
 mod common;
 
 use common::{gpu_or_skip, hf_rotate, rope_tables};
+use sparse_kernels::cuda::decode::{
+    decode_ffn, decode_ffn_into, decode_h_width, decode_linear_into, DECODE_DISPATCH_TOKENS,
+};
+use sparse_kernels::cuda::TwellStaticFfn;
 use sparse_kernels::fused::attention::decode_attention;
+use sparse_kernels::fused::linear::inference_linear;
 use sparse_kernels::fused::rope::rope_qkv_into_cache;
-use sparse_kernels::testing::relative_error;
+use sparse_kernels::testing::{
+    imposed_sparsity_layer, imposed_sparsity_layer_with_full_rows, relative_error,
+};
 use sparse_kernels::torch::cuda_graph::CudaGraph;
+use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
 use tch::{Kind, Tensor};
 
 fn check(label: &str, got: &Tensor, want: &Tensor) {
@@ -267,4 +276,192 @@ fn decode_attention_hard_cases() {
     attention_case("decode_attention_hd128", 2, 4, 1, 128, 70, &[0, 33, 69]);
     attention_case("decode_attention_hd256_sdpa", 2, 4, 1, 256, 33, &[0, 32]);
     attention_case("decode_attention_capacity_one", 2, 2, 2, 64, 1, &[0]);
+}
+
+/// Every element of `got` within `rel * |want| + abs` of `want` (f64), no NaN; prints the
+/// worst error relative to max |want|.
+fn check_elements(label: &str, got: &Tensor, want: &Tensor, rel: f64, abs: f64) {
+    let got = got.to_kind(Kind::Double);
+    assert_eq!(nan_count(&got), 0, "{label}: NaN in the output");
+    let err = (&got - want).abs();
+    let slack = (err - want.abs() * rel - abs).max().double_value(&[]);
+    println!(
+        "  {label}: max|err|/max|ref| = {:.3e} (bound {rel:.1e} |ref| + {abs:.1e} each)",
+        relative_error(&got, want)
+    );
+    assert!(
+        slack <= 0.0,
+        "{label}: an element is off by {slack:e} past its bound"
+    );
+}
+
+/// `y = x W^T` of the decode kernel into a NaN-poisoned output, every element against f64:
+/// one bf16 rounding of an f32 sum (2^-8 relative, plus f32 reassociation over D terms).
+fn linear_case(name: &str, n: i64, d: i64, o: i64) {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
+        return;
+    };
+    println!("{name}: N {n}, D {d}, O {o}");
+    tch::manual_seed(n * 7 + d + o);
+    let x = Tensor::randn([n, d], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+    let w = (Tensor::randn([o, d], (Kind::Float, dev)) / (d as f64).sqrt()).to_kind(Kind::BFloat16);
+    let y = Tensor::full([n, o], f64::NAN, (Kind::BFloat16, dev));
+    decode_linear_into(&x, &w, &y).unwrap();
+    let want = x
+        .to_kind(Kind::Double)
+        .matmul(&w.to_kind(Kind::Double).tr());
+    let scale = want.abs().max().double_value(&[]);
+    check_elements("y", &y, &want, 2f64.powi(-8), 1e-5 * scale);
+    // The inference entry point takes [.., D] rows and, at the rows it sends to the kernel,
+    // gives the same values.
+    if n <= DECODE_DISPATCH_TOKENS {
+        let again = inference_linear(&x.view([n, 1, d]), &w).unwrap();
+        assert!(
+            again.view([n, o]).equal(&y),
+            "inference_linear differs from the kernel"
+        );
+    }
+}
+
+#[test]
+fn decode_linear_at_the_decode_shapes() {
+    // 1.5b: q/k/v stacked, the output projection, the LM head; a decode batch of 8.
+    linear_case("decode_linear_qkv", 1, 2048, 6144);
+    linear_case("decode_linear_o", 1, 2048, 2048);
+    linear_case("decode_linear_head", 1, 2048, 49152);
+    linear_case("decode_linear_batch8", 8, 2048, 6144);
+}
+
+#[test]
+fn decode_linear_hard_cases() {
+    // Token counts between the entries (3, 5, 7), one output row, O not a multiple of the 8
+    // rows a block takes, D not a multiple of the 256 columns a warp's pass covers, the
+    // narrowest D, and a D past one pass (two loads rounds).
+    linear_case("decode_linear_n3", 3, 1344, 1001);
+    linear_case("decode_linear_n5", 5, 8, 33);
+    linear_case("decode_linear_n7", 7, 2048, 1);
+    linear_case("decode_linear_n2", 2, 768, 2304);
+    linear_case("decode_linear_wide", 4, 8192, 4097);
+}
+
+/// More rows than the kernels take, or a width they cannot, go through matmul.
+#[test]
+fn inference_linear_falls_back_past_the_decode_sizes() {
+    let Some((dev, _gpu)) = gpu_or_skip("inference_linear_falls_back") else {
+        return;
+    };
+    tch::manual_seed(3);
+    for (rows, d) in [(9, 2048), (3, 2048), (2, 1001)] {
+        let x = Tensor::randn([rows, d], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let w = Tensor::randn([64, d], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let got = inference_linear(&x, &w).unwrap();
+        assert!(
+            got.equal(&x.matmul(&w.tr())),
+            "{rows} x {d}: not the matmul"
+        );
+    }
+}
+
+/// The decode FFN into NaN-poisoned `h` and `y`, every element against f64 from the same
+/// bf16 inputs with the gate rounded to bf16 as TwELL stores it: h's zero pattern may differ
+/// only at gate values within rounding of 0 (another f32 order), h and y by one bf16 rounding
+/// of the gate and of y; two calls are bit-identical, and y equals the TwELL forward's (at
+/// the D TwELL takes, multiples of 64).
+fn ffn_case(name: &str, n: i64, d: i64, h: i64, full_rows: i64) {
+    let Some((dev, _gpu)) = gpu_or_skip(name) else {
+        return;
+    };
+    println!("{name}: N {n}, D {d}, H {h}, {full_rows} rows firing on every unit");
+    tch::manual_seed(n * 31 + d + h);
+    let l = imposed_sparsity_layer_with_full_rows(n, d, h, 0.995, full_rows, dev).unwrap();
+    let ldh = decode_h_width(h);
+    let hs = Tensor::full([n, ldh], f64::NAN, (Kind::Float, dev));
+    let y = Tensor::full([n, d], f64::NAN, (Kind::BFloat16, dev));
+    decode_ffn_into(&l.x, [&l.wg, &l.wu, &l.wd], &hs, &y).unwrap();
+    let f64_ = |t: &Tensor| t.to_kind(Kind::Double);
+    let (x, wg, wu, wd) = (f64_(&l.x), f64_(&l.wg), f64_(&l.wu), f64_(&l.wd));
+    let gate = x.matmul(&wg.tr());
+    let gate_bf16 = gate.relu().to_kind(Kind::BFloat16).to_kind(Kind::Double);
+    let h_ref = &gate_bf16 * x.matmul(&wu.tr());
+    let y_ref = h_ref.matmul(&wd);
+    let got_h = hs.narrow(1, 0, h);
+    let fires = gate_bf16.gt(0.0);
+    let total = fires.sum(Kind::Int64).int64_value(&[]);
+    let flips = got_h
+        .ne(0.0)
+        .ne_tensor(&fires)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    println!("  units firing {total}, zero-pattern flips {flips}");
+    assert!(flips <= total / 1000 + 2, "h fires on {flips} other units");
+    let h_scale = h_ref.abs().max().double_value(&[]);
+    // A flipped unit's gate is within f32 rounding of 0, so its h is tiny against the scale.
+    check_elements("h", &got_h, &h_ref, 2f64.powi(-6), 1e-4 * h_scale);
+    let y_scale = y_ref.abs().max().double_value(&[]);
+    check_elements("y", &y, &y_ref, 2f64.powi(-7), 4e-3 * y_scale);
+    let again = decode_ffn(&l.x, &l.wg, &l.wu, &l.wd).unwrap();
+    assert!(again.equal(&y), "two calls differ");
+    if d % 64 != 0 {
+        return; // TwELL takes D in multiples of 64
+    }
+    let off = SparseFfnConfig {
+        statistics: false,
+        ..SparseFfnConfig::default()
+    };
+    let w = FfnWeights::new(&l.wg, &l.wu, &l.wd);
+    let twell = tch::no_grad(|| try_sparse_ffn(&l.x, &w, FfnPath::Twell, &off)).unwrap();
+    let e = relative_error(&y.to_kind(Kind::Double), &twell.y.to_kind(Kind::Double));
+    println!("  against the TwELL forward: max|diff|/max|TwELL| = {e:.3e} (bound 1e-2)");
+    assert!(e <= 1e-2, "decode FFN differs from TwELL by {e:e}");
+}
+
+#[test]
+fn decode_ffn_at_the_decode_shapes() {
+    // 1.5b at batch 1 and 8; 125m (D 768, H 2048).
+    ffn_case("decode_ffn_1.5b_n1", 1, 2048, 5632, 0);
+    ffn_case("decode_ffn_1.5b_n8", 8, 2048, 5632, 0);
+    ffn_case("decode_ffn_125m_n1", 1, 768, 2048, 0);
+}
+
+#[test]
+fn decode_ffn_hard_cases() {
+    // A token firing on every unit (every up row read, every unit listed), H not a multiple
+    // of 4 (the scratch's padding) nor of the 8 units a block takes, H past one listing
+    // round of 6144 units (two and three rounds), D not a multiple of 256 (a partial block of
+    // output granules), the narrowest D, and token counts between the entries.
+    ffn_case("decode_ffn_full_row", 1, 2048, 5632, 1);
+    ffn_case("decode_ffn_h1001", 3, 1344, 1001, 1);
+    ffn_case("decode_ffn_two_rounds", 2, 1024, 7000, 1);
+    ffn_case("decode_ffn_three_rounds", 5, 512, 13000, 2);
+    ffn_case("decode_ffn_narrow", 7, 8, 300, 0);
+    ffn_case("decode_ffn_n4_full", 4, 2048, 5632, 4);
+}
+
+/// Captured in a CUDA graph, the decode FFN replays on new inputs copied into its input
+/// buffer exactly as eager calls compute them.
+#[test]
+fn decode_ffn_replays_in_a_cuda_graph() {
+    let Some((dev, _gpu)) = gpu_or_skip("decode_ffn_replays_in_a_cuda_graph") else {
+        return;
+    };
+    tch::manual_seed(5);
+    let l = imposed_sparsity_layer(4, 2048, 5632, 0.995, dev).unwrap();
+    let x = l.x.get(0).unsqueeze(0).copy();
+    let out = Tensor::zeros([1, 2048], (Kind::BFloat16, dev));
+    let ffn = TwellStaticFfn::new(1, 2048, 5632, dev).unwrap();
+    let step = || -> Result<(), String> {
+        let y = ffn
+            .forward(&x, &l.wg, &l.wu, &l.wd)
+            .map_err(|e| e.to_string())?;
+        out.shallow_clone().copy_(&y);
+        Ok(())
+    };
+    let graph = CudaGraph::capture(dev, step, step).unwrap();
+    for i in 0..4 {
+        x.shallow_clone().copy_(&l.x.get(i).unsqueeze(0));
+        graph.replay().unwrap();
+        let want = decode_ffn(&l.x.get(i).unsqueeze(0), &l.wg, &l.wu, &l.wd).unwrap();
+        assert!(out.equal(&want), "replay {i} differs from the eager call");
+    }
+    println!("  4 replays on new tokens: bit-identical to eager");
 }

@@ -64,7 +64,7 @@ pub fn has_embedded_cubins() -> bool {
 }
 
 /// The kernel files, for run-time compilation with NVRTC.
-pub const KERNEL_FILES: [(&str, &str); 7] = [
+pub const KERNEL_FILES: [(&str, &str); 8] = [
     ("twell", include_str!("../../cuda/twell.cu")),
     ("hybrid", include_str!("../../cuda/hybrid.cu")),
     ("rope", include_str!("../../cuda/rope.cu")),
@@ -72,6 +72,7 @@ pub const KERNEL_FILES: [(&str, &str); 7] = [
     ("attention", include_str!("../../cuda/attention.cu")),
     ("cross_entropy", include_str!("../../cuda/cross_entropy.cu")),
     ("gating", include_str!("../../cuda/gating.cu")),
+    ("decode", include_str!("../../cuda/decode.cu")),
 ];
 
 /// Kernel file `stem` as NVRTC compiles it: `common.cuh` in place of its `#include` line

@@ -284,6 +284,15 @@ kernels! {
     decode_attention ["decode_attention"]
         (q: DevPtr, k_cache: DevPtr, v_cache: DevPtr, pos: DevPtr, out: DevPtr, nh: i32,
          nkv: i32, hd: i32, capacity: i32, scale: f32);
+    /// decode.cu: `y = x W^T` for a few token rows.
+    decode_linear_tokens ["decode_linear_t1", "decode_linear_t2", "decode_linear_t4", "decode_linear_t8"]
+        (x: DevPtr, w: DevPtr, y: DevPtr, n: i32, d: i32, o: i32);
+    /// decode.cu: the FFN's gate and, for the units that fire, its up product, into f32 `h`.
+    decode_gate_up_tokens ["decode_gate_up_t1", "decode_gate_up_t2", "decode_gate_up_t4", "decode_gate_up_t8"]
+        (x: DevPtr, wg: DevPtr, wu: DevPtr, h: DevPtr, n: i32, d: i32, units: i32, ldh: i32);
+    /// decode.cu: the FFN's down product over the units of `h` that fire.
+    decode_down_rows ["decode_down"]
+        (h: DevPtr, wdt: DevPtr, y: DevPtr, n: i32, d: i32, units: i32, ldh: i32);
     /// cross_entropy.cu: per-row loss and bf16 `softmax - onehot` of fp32 logit rows.
     cross_entropy_rows ["cross_entropy_rows_smem", "cross_entropy_rows_global"]
         (logits: DevPtr, targets: DevPtr, g: DevPtr, loss: DevPtr, v: i32);

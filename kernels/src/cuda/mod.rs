@@ -10,6 +10,7 @@
 //! - `rope`: rotary embeddings fused with the head split of the stacked q/k/v projection;
 //! - `norm`: the residual add fused with RMSNorm;
 //! - `attention`: decode attention, one query per sequence over the KV cache;
+//! - `decode`: a decode step's products of a few token rows (`x W^T`, the sparse FFN);
 //! - `cross_entropy`: per-row loss and `softmax - onehot` of the LM head's logit chunks;
 //! - `gating`: the dense FFN's `relu(g) u` with its L1 term and counts, forward and backward.
 //!
@@ -22,6 +23,7 @@ use tch::Device;
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod decode;
 pub mod gating;
 pub mod hybrid;
 pub mod hybrid_sizes;

@@ -574,9 +574,14 @@ const BOUNDED_SPILL_FRACTION: i64 = 16;
 /// (a CUDA graph records the workspace's addresses, so it must not be shared, evicted or
 /// regrown while the graph lives, as [`twell_ffn`]'s cache may). Its spill buffer holds the
 /// worst case, so every forward is exact with no status read: nothing waits on the host.
+/// At up to `DECODE_DISPATCH_TOKENS` tokens it runs the decode kernels instead
+/// ([`super::decode::decode_ffn`]: the same values, no packed format, two launches where the
+/// TwELL forward takes four; its scratch is allocated per call, from the graph's pool when
+/// captured).
 pub struct TwellStaticFfn {
     kernels: Arc<TwellKernels>,
-    ws: TwellWorkspace,
+    /// `None`: the decode kernels take these N.
+    ws: Option<TwellWorkspace>,
 }
 
 impl TwellStaticFfn {
@@ -584,15 +589,32 @@ impl TwellStaticFfn {
     /// [`TwellLaunch::for_tokens`] picks.
     pub fn new(n: i64, d: i64, h: i64, device: Device) -> Result<Self> {
         let launch = TwellLaunch::for_tokens(n);
+        let ws = if super::decode::decode_dispatch(n, d) {
+            None
+        } else {
+            Some(TwellWorkspace::new(
+                n,
+                d,
+                h,
+                launch.tw,
+                launch.chunk,
+                None,
+                SLOT_CAP,
+                device,
+            )?)
+        };
         Ok(TwellStaticFfn {
             kernels: TwellKernels::for_device(device)?,
-            ws: TwellWorkspace::new(n, d, h, launch.tw, launch.chunk, None, SLOT_CAP, device)?,
+            ws,
         })
     }
 
     /// `y: [N, D]` bf16 for `x: [N, D]` and `Wg, Wu, WdT: [H, D]`, all bf16 contiguous.
     pub fn forward(&self, x: &Tensor, wg: &Tensor, wu: &Tensor, wdt: &Tensor) -> Result<Tensor> {
-        self.kernels.ffn_forward(&self.ws, x, wg, wu, wdt)
+        match &self.ws {
+            Some(ws) => self.kernels.ffn_forward(ws, x, wg, wu, wdt),
+            None => super::decode::decode_ffn(x, wg, wu, wdt),
+        }
     }
 }
 

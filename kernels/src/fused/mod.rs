@@ -9,6 +9,7 @@
 //! - [`rope`]: rotary embeddings fused with the head split of the stacked q/k/v GEMM (and,
 //!   decoding, with the KV-cache write).
 //! - [`attention`]: decode attention over the KV cache up to a position held on the device.
+//! - [`linear`]: `x W^T` for inference, a decode step's few rows through the decode kernel.
 //! - [`norm`]: the residual add fused with RMSNorm.
 //! - [`adamw`]: ATen's multi-tensor AdamW and gradient norms.
 use std::ffi::c_char;
@@ -17,6 +18,7 @@ use crate::torch::{read_err, ERR_LEN};
 
 pub mod adamw;
 pub mod attention;
+pub mod linear;
 pub mod linear_cross_entropy;
 pub mod master_weights;
 pub mod norm;

@@ -9,9 +9,11 @@
 //! kernels/cuda/twell.cu called directly (`sparse_kernels::cuda::twell_ffn`, no statistics);
 //! the column "op" is the same forward through `sparse_ffn(.., FfnPath::Twell)` under
 //! no_grad, which also computes the active-unit statistics (one synchronising
-//! `masked_select`); "op nostat" the op with `statistics: false`, as inference runs it.
-//! Before timing, each layer's TwELL output is checked against an fp32 dense reference on
-//! the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
+//! `masked_select`); "op nostat" the op with `statistics: false`, as inference runs it;
+//! "decode ms" (N <= 8) the decode kernels a captured decode step runs at N <= 2
+//! (`sparse_kernels::cuda::decode::decode_ffn`: no packed format, two launches).
+//! Before timing, each layer's TwELL (and decode) output is checked against an fp32 dense
+//! reference on the same bf16 inputs: max|err| / max|ref| above 2e-2 is an error.
 //!
 //! `--mode train`: per layer `loss = sum(y * dy) + 1e-4 * l1_sum` and the gradients of x, Wg,
 //! Wu, Wd^T (bf16 leaves). Dense = tch bf16 autograd (cuBLAS); hybrid = `sparse_ffn(..,
@@ -23,6 +25,7 @@
 //! fwd+bwd (y, the saved activations, dx and the weight gradients included), and the bytes the
 //! hybrid forward keeps for its backward.
 use anyhow::{bail, Context, Result};
+use sparse_kernels::cuda::decode::{decode_ffn, decode_supports};
 use sparse_kernels::cuda::{twell_ffn, TwellKernels, TwellLaunch};
 use sparse_kernels::testing::{imposed_sparsity_layer, Layer};
 use sparse_kernels::{FfnPath, FfnWeights};
@@ -271,7 +274,7 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
         setup.gate_kernel()
     );
     println!(
-        "{:>6} | {:>13} | {:>9} {:>9} | {:>9} | {:>9} | {:>8} | {:>9} | {:>9}",
+        "{:>6} | {:>13} | {:>9} {:>9} | {:>9} | {:>9} | {:>8} | {:>9} | {:>9} | {:>9} {:>9}",
         "N",
         "actives/tok",
         "err/max",
@@ -280,7 +283,9 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
         "TwELL ms",
         "dense/TW",
         "op ms",
-        "op nostat"
+        "op nostat",
+        "decode ms",
+        "dense/dec"
     );
     let counts = FfnBenchSetup::layers_per_count(args, |n| {
         Ok(imposed_sparsity_layer(n, d, h, args.sparsity, device)?)
@@ -299,6 +304,17 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
             );
         }
         let acts = format!("{:.1} ({})", worst.2, worst.3);
+        let decode_sized = decode_supports(n, d);
+        if decode_sized {
+            for l in &layers {
+                let (want, _) = reference_f32(l);
+                let y = decode_ffn(&l.x, &l.wg, &l.wu, &l.wd)?;
+                let e = sparse_kernels::testing::relative_error(&y, &want);
+                if e > 2e-2 {
+                    bail!("N = {n}: decode FFN off the fp32 reference: max|err|/max|ref| = {e:.3e} > 2e-2");
+                }
+            }
+        }
         if worst.0 > 2e-2 {
             bail!(
                 "N = {n}: TwELL output off the fp32 reference: max|err|/max|ref| = {:.3e} > 2e-2",
@@ -332,8 +348,16 @@ pub fn run_ffn(args: &BenchFfnArgs) -> Result<()> {
         };
         let op = op_with(true)?;
         let op_quiet = op_with(false)?;
+        let decode = if decode_sized {
+            let ms = time_ms(device, w, r, &layers, |l| {
+                Ok(decode_ffn(&l.x, &l.wg, &l.wu, &l.wd)?)
+            })?;
+            format!("{ms:>9.4} {:>8.2}x", dense / ms)
+        } else {
+            format!("{:>9} {:>9}", "-", "-")
+        };
         println!(
-            "{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | {dense:>9.4} | {twell:>9.4} | {:>7.2}x | {op:>9.4} | {op_quiet:>9.4}",
+            "{n:>6} | {acts:>13} | {:>9.2e} {:>9.2e} | {dense:>9.4} | {twell:>9.4} | {:>7.2}x | {op:>9.4} | {op_quiet:>9.4} | {decode}",
             worst.0,
             worst.1,
             dense / twell

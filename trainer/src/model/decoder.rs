@@ -308,6 +308,7 @@ impl<'m> Decoder<'m> {
         let ffn = |l: usize, blk: &InferenceBlock, x: &Tensor| self.ffn(blk, x, self.paths[l]);
         let last = self.weights.blocks_forward(m, tokens, attend, ffn)?;
         let h = last.narrow(1, t - 1, 1).squeeze_dim(1);
+        // The head through cuBLAS: at 201 MB (1.5b) its GEMM reads at 3.9 TB/s already.
         Ok(h.matmul(&self.weights.head.tr()).to_kind(Kind::Float))
     }
 

@@ -10,6 +10,7 @@
 use super::attention::attend_rotated;
 use super::llama::Llama;
 use anyhow::Result;
+use sparse_kernels::fused::linear::inference_linear;
 use sparse_kernels::fused::norm::add_rms_norm;
 use sparse_kernels::fused::rope::rope_qkv;
 use sparse_kernels::{try_sparse_ffn, FfnPath, FfnWeights, SparseFfnConfig};
@@ -88,8 +89,8 @@ impl InferenceWeights {
         let mut pending: Option<Tensor> = None;
         for (l, blk) in self.blocks.iter().enumerate() {
             let normed = add_rms_norm(&x, pending.as_ref(), &blk.input_norm, eps, compute)?;
-            let qkv = normed.normed.matmul(&blk.qkv.tr());
-            let a = attend(l, &qkv)?.matmul(&blk.o.tr());
+            let qkv = inference_linear(&normed.normed, &blk.qkv)?;
+            let a = inference_linear(&attend(l, &qkv)?, &blk.o)?;
             let normed = add_rms_norm(&normed.residual, Some(&a), &blk.post_norm, eps, compute)?;
             let y = ffn(l, blk, &normed.normed.view([b * t, d]))?;
             x = normed.residual;
